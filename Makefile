@@ -1,0 +1,32 @@
+# The two commands of the README. Both set up .venv on first use (and again when the
+# dependencies change), so a fresh clone needs nothing but python3.11 and make.
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+
+.PHONY: demo test lint bench setup clean
+
+demo: $(STAMP)
+	$(VENV)/bin/fedslm simulate configs/demo.yaml --out runs/demo --overwrite
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m bench.run_all
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	# torch first and exactly: a looser spec would pull the multi-GB CUDA build
+	$(VENV)/bin/pip install --quiet -c constraints.txt torch==2.13.0
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""The site side on Flower: the ClientApp that runs fedslm's local training (``fedslm.clients``)."""

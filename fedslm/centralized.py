@@ -1,0 +1,100 @@
+"""``fedslm centralized``: the baseline that pools every site's data in one place.
+
+Same model, LoRA, optimizer, privacy settings and training budget as the federated job (the
+same number of passes over the data), so the gap between the two is what federation costs.
+Runs in-process with the same ``Site`` and ``Coordinator`` code, without Flower.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedslm.coordinator import SiteEval, SiteReport
+from fedslm.data import SiteFiles, read_rows, write_rows
+from fedslm.job import PreparedJob, make_coordinator
+from fedslm.progress import Reporter
+from fedslm.site import Site, SiteUpdate
+
+POOLED = "pooled"
+
+
+def pooled_job(prepared: PreparedJob) -> PreparedJob:
+    """The prepared job with all sites' files concatenated into one ``pooled`` site."""
+    job = prepared.job
+    if job.train.local_steps is not None:
+        # same number of examples seen: K sites' steps become one site's steps
+        train = job.train.model_copy(
+            update={"local_steps": job.train.local_steps * len(prepared.sites)}
+        )
+        job = job.model_copy(update={"train": train})
+    federation = job.federation.model_copy(update={"sites": [POOLED], "min_sites": None})
+    job = job.model_copy(update={"federation": federation})
+    d = job.data
+    columns = (
+        [d.text_column, d.label_column]
+        if job.task.type == "classification"
+        else [d.prompt_column, d.response_column]
+    )
+    folder = prepared.site_dir(POOLED) / "data"
+    files = {}
+    for split in ("train", "eval"):
+        rows = [row for s in prepared.sites for row in read_rows(getattr(s, split), columns)]
+        files[split] = folder / f"{split}.jsonl"
+        write_rows(rows, files[split])
+    sites = [SiteFiles(POOLED, files["train"], files["eval"])]
+    return PreparedJob(job, prepared.source, prepared.out, sites, prepared.labels, prepared.model)
+
+
+def to_report(site: Site, u: SiteUpdate, bytes_sent: int = 0) -> SiteReport:
+    """A site's update as the coordinator sees it, without a network in between."""
+    p = site.plan
+    return SiteReport(
+        site.name,
+        u.state,
+        u.num_examples,
+        u.train_loss,
+        u.steps,
+        u.seconds,
+        bytes_sent,
+        u.segment,
+        u.epsilon,
+        p.delta if p.enabled else None,
+        p.accountant if p.enabled else None,
+        p.max_grad_norm if p.enabled else None,
+    )
+
+
+def run_centralized(prepared: PreparedJob, reporter: Reporter) -> dict[str, Any]:
+    """Train on the pooled data for ``federation.rounds`` rounds; write the usual outputs."""
+    pooled = pooled_job(prepared)
+    files = pooled.sites[0]
+    site = Site(
+        pooled.job,
+        POOLED,
+        pooled.model,
+        pooled.labels,
+        files.train,
+        files.eval,
+        source=pooled.source,
+    )
+    coordinator = make_coordinator(pooled)
+    rounds = pooled.job.federation.rounds
+    spent = []
+    for r in range(1, rounds + 1):
+        coordinator.start_round(r)
+        update = site.train_round(
+            r,
+            coordinator.state,
+            spent,
+            on_step=lambda step, steps, loss, r=r: reporter.step(POOLED, r, step, steps, loss),
+        )
+        if update.segment is not None:
+            spent.append(update.segment)
+        coordinator.aggregate(r, [to_report(site, update)], [])
+        ev = site.evaluate(coordinator.state)
+        coordinator.record_evaluation([SiteEval(POOLED, ev.loss, ev.accuracy, ev.examples)], [])
+        reporter.round_done(coordinator.end_round(), rounds)
+    return coordinator.finish()
+
+
+__all__ = ["POOLED", "pooled_job", "run_centralized", "to_report"]

@@ -1,0 +1,161 @@
+"""The ``fedslm`` command line.
+
+Errors caused by input (config, data, model folder) print one clear message and exit 2; a
+traceback means a bug in fedslm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedslm.errors import FedSLMError
+
+if TYPE_CHECKING:
+    from fedslm.progress import Reporter
+
+# Flower must not phone home, check for updates or build environments at run time (offline).
+for _key, _value in {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML job config")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/<config name>)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.batch_size=16 (repeatable)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run in --out instead of refusing",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, exposed for the docs and tests."""
+    parser = argparse.ArgumentParser(prog="fedslm", description=__doc__.splitlines()[0])
+    from fedslm import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedslm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_args(sub.add_parser("simulate", help="run a federated job with simulated sites"))
+    _run_args(sub.add_parser("centralized", help="the same job on the pooled data (baseline)"))
+    synth = sub.add_parser("synth", help="write the synthetic bank-messages data set")
+    synth.add_argument("out", type=Path, help="output file (.csv, .jsonl or .parquet)")
+    synth.add_argument("--sites", type=int, default=3)
+    synth.add_argument("--rows-per-site", type=int, default=400)
+    synth.add_argument("--skew", type=float, default=1.0)
+    synth.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedslm`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("simulate", "centralized"):
+            return _run(args)
+        if args.command == "synth":
+            return _synth(args)
+    except FedSLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedslm.config import load_config
+    from fedslm.job import prepare_job
+    from fedslm.progress import Reporter
+    from fedslm.site import check_delta
+
+    job = load_config(args.config, args.overrides)
+    out: Path = args.out or Path("runs") / args.config.stem
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise FedSLMError(
+                f"{out} already holds a run; choose another --out or pass --overwrite"
+            )
+        shutil.rmtree(out)
+    reporter = Reporter(quiet=args.quiet)
+    created = not out.exists()
+    try:
+        prepared = prepare_job(job, str(args.config), out)
+        for files in prepared.sites:
+            check_delta(job, _count_rows(files.train), f"{args.config} (site {files.name})")
+    except FedSLMError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    reporter.info(
+        f"{args.command}: {len(prepared.sites)} sites, {job.federation.rounds} rounds, "
+        f"model {prepared.model.name}, DP {'on' if job.privacy.enabled else 'OFF'} -> {out}"
+    )
+    if args.command == "simulate":
+        from fedslm.server.simulation import simulate
+
+        simulate(prepared, reporter)
+    else:
+        from fedslm.centralized import run_centralized
+
+        run_centralized(prepared, reporter)
+    _print_summary(out, reporter)
+    return 0
+
+
+def _count_rows(path: Path) -> int:
+    with path.open(encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def _print_summary(out: Path, reporter: Reporter) -> None:
+    import json
+
+    from fedslm.artifacts import read_jsonl
+
+    last = read_jsonl(out / "metrics.jsonl")[-1]
+    privacy = json.loads((out / "privacy.json").read_text())
+    reporter.info(
+        f"final eval loss {last.get('eval_loss')}, eval accuracy {last.get('eval_accuracy')}"
+    )
+    for site, p in privacy["sites"].items():
+        if p.get("dp_enabled"):
+            reporter.info(
+                f"  {site}: epsilon {p['epsilon']:.3f} ({p['accountant']}), "
+                f"recomputed {p['epsilon_recomputed_pld']:.3f} (pld) "
+                f"[{p['epsilon_check']}], delta {p['delta']:g}"
+            )
+        else:
+            reporter.info(f"  {site}: no DP")
+    reporter.info(f"outputs: {out}/adapter, metrics.jsonl, privacy.json, checkpoints/")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from fedslm.data import generate_bank_messages, write_rows
+
+    names = [f"site-{i + 1}" for i in range(args.sites)]
+    rows = generate_bank_messages(names, args.rows_per_site, args.seed, args.skew)
+    write_rows(rows, args.out)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

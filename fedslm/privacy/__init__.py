@@ -1,0 +1,1 @@
+"""Differential privacy: accounting (pure math) and the DP-SGD step (Opacus)."""

@@ -1,0 +1,216 @@
+"""One site's side of a job: its data, its model, its privacy plan, and one round of training.
+
+A ``Site`` is built once per process and reused for every round (loading a model is the
+expensive part). Its privacy spend is *not* kept here: the caller passes the segments spent so
+far and stores the new one, so the spend survives a fresh process per message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedslm.batching import Encoded, encode_classification, encode_instructions
+from fedslm.config import JobConfig
+from fedslm.data import read_examples, read_instructions
+from fedslm.errors import ConfigError
+from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
+from fedslm.models.registry import ResolvedModel
+from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon
+from fedslm.privacy.dp_sgd import per_sample_module
+from fedslm.training import (
+    DPSettings,
+    EvalResult,
+    StepCallback,
+    evaluate,
+    make_optimizer,
+    train_steps,
+)
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The DP parameters a site uses for every step of the job, fixed before round 1."""
+
+    enabled: bool
+    records: int
+    sample_rate: float
+    steps_per_round: int
+    total_steps: int
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    target_epsilon: float | None
+
+
+def plan_privacy(job: JobConfig, records: int, source: str) -> PrivacyPlan:
+    """Sampling rate, steps and noise for a site with ``records`` training rows.
+
+    The noise is calibrated so that all of the job's local steps together meet
+    ``privacy.target_epsilon``. ``source`` names the config file in errors.
+    """
+    p = job.privacy
+    q = min(1.0, job.train.batch_size / records)
+    steps = job.train.steps_per_round(q)
+    total = steps * job.federation.rounds
+    sigma = 0.0
+    if p.enabled:
+        check_delta(job, records, source)
+        if p.noise_multiplier is not None:
+            sigma = p.noise_multiplier
+        else:
+            assert p.target_epsilon is not None
+            sigma = calibrate_noise(p.target_epsilon, p.delta, q, total, p.accountant)
+    return PrivacyPlan(
+        p.enabled,
+        records,
+        q,
+        steps,
+        total,
+        sigma,
+        p.max_grad_norm,
+        p.delta,
+        p.accountant,
+        p.target_epsilon if p.enabled else None,
+    )
+
+
+def check_delta(job: JobConfig, records: int, source: str) -> None:
+    """Refuse a delta that is not below 1/N: it would allow leaking whole records."""
+    delta = job.privacy.delta
+    if job.privacy.enabled and delta >= 1.0 / records:
+        raise ConfigError(
+            f"{source}: privacy.delta={delta:g} must be below 1/N = {1 / records:.3g} "
+            f"for a site with N={records} training records; use at most "
+            f"{min(1e-5, 1 / (10 * records)):.3g}"
+        )
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """What a site returns after a round: its adapter and the numbers that describe the round."""
+
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    steps: int
+    empty_batches: int
+    segment: Segment | None
+    epsilon: float | None
+    seconds: float
+
+
+class Site:
+    """A site's model and data for one job."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        name: str,
+        model: ResolvedModel,
+        labels: list[str],
+        train_file: Path,
+        eval_file: Path,
+        source: str = "<job config>",
+    ) -> None:
+        self.job = job
+        self.name = name
+        self.labels = labels
+        device = _device(job)
+        self.loaded: LoadedModel = load_model(
+            model.path, job.task.type, job.lora, labels, device, seed=job.seed
+        )
+        self.train_data = self._encode(train_file)
+        self.eval_data = self._encode(eval_file)
+        self.plan = plan_privacy(job, len(self.train_data), source)
+        # Opacus hooks are attached once, after LoRA and before any optimizer exists
+        self.module: torch.nn.Module = (
+            per_sample_module(self.loaded.model) if self.plan.enabled else self.loaded.model
+        )
+
+    def _encode(self, path: Path) -> Encoded:
+        d, tok, n = self.job.data, self.loaded.tokenizer, self.job.train.max_length
+        if self.job.task.type == "classification":
+            ex = read_examples(path, d.text_column, d.label_column, labels=self.labels)
+            return encode_classification(
+                tok, ex.texts, ex.labels, {label: i for i, label in enumerate(self.labels)}, n
+            )
+        ins = read_instructions(path, d.prompt_column, d.response_column)
+        return encode_instructions(tok, ins.prompts, ins.responses, n)
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The adapter as initialised from the job seed (identical at every site)."""
+        return get_adapter_state(self.loaded.model)
+
+    def train_round(
+        self,
+        round_num: int,
+        global_state: dict[str, torch.Tensor],
+        spent: list[Segment],
+        on_step: StepCallback | None = None,
+    ) -> SiteUpdate:
+        """Load the global adapter, train one round, and return the new adapter.
+
+        ``spent`` is this site's privacy spend on this job so far; the returned ``epsilon``
+        covers it plus this round's segment.
+        """
+        set_adapter_state(self.loaded.model, global_state)
+        plan, t = self.plan, self.job.train
+        params = [p for p in self.loaded.model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, t.optimizer, t.learning_rate, t.weight_decay)
+        dp = None
+        if plan.enabled:
+            dp = DPSettings(
+                plan.noise_multiplier,
+                plan.max_grad_norm,
+                max(1, round(plan.sample_rate * plan.records)),
+            )
+        start = time.perf_counter()
+        result = train_steps(
+            self.module,
+            self.train_data,
+            steps=plan.steps_per_round,
+            sample_rate=plan.sample_rate,
+            optimizer=optimizer,
+            device=self.loaded.device,
+            dp=dp,
+            seed=self._seed(round_num),
+            on_step=on_step,
+        )
+        segment = eps = None
+        if plan.enabled:
+            segment = Segment(plan.sample_rate, plan.noise_multiplier, result.steps)
+            eps = epsilon([*spent, segment], plan.delta, plan.accountant)  # type: ignore[arg-type]
+        return SiteUpdate(
+            state=get_adapter_state(self.loaded.model),
+            num_examples=len(self.train_data),
+            train_loss=result.mean_loss,
+            steps=result.steps,
+            empty_batches=result.empty_batches,
+            segment=segment,
+            epsilon=eps,
+            seconds=time.perf_counter() - start,
+        )
+
+    def evaluate(self, global_state: dict[str, torch.Tensor]) -> EvalResult:
+        """Loss and accuracy of the global adapter on this site's held-out split."""
+        set_adapter_state(self.loaded.model, global_state)
+        return evaluate(
+            self.loaded.model, self.eval_data, self.job.train.eval_batch_size, self.loaded.device
+        )
+
+    def _seed(self, round_num: int) -> int:
+        # Independent of site order and of Python's hash randomisation, so reruns match.
+        digest = hashlib.sha256(f"{self.job.seed}/{self.name}/{round_num}".encode()).digest()
+        return int.from_bytes(digest[:6], "big")
+
+
+def _device(job: JobConfig) -> torch.device:
+    from fedslm.models import select_device
+
+    return select_device(job.model.device)

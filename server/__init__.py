@@ -1,0 +1,1 @@
+"""The coordinator side on Flower: ServerApp, strategy and simulation (``fedslm.server``)."""

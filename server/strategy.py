@@ -1,0 +1,117 @@
+"""fedslm's strategy in the shape of ``flwr.serverapp.strategy``: four hooks and a summary.
+
+The hooks only translate between Flower messages and ``fedslm.coordinator.Coordinator``,
+which decides and records everything. Every site takes part in every round (cross-silo).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from fedslm.clients.codec import decode_eval, decode_update, state_to_arrays
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedslm.coordinator import Coordinator
+from fedslm.errors import FederationError
+from fedslm.progress import Reporter
+
+
+class FedSLMStrategy(Strategy):
+    """Send the global adapter to all sites, FedAvg the replies through the coordinator."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        num_sites: int,
+        reporter: Reporter,
+        connect_timeout_s: float = 300.0,
+    ) -> None:
+        self.coordinator = coordinator
+        self.num_sites = num_sites
+        self.reporter = reporter
+        self.connect_timeout_s = connect_timeout_s
+
+    def summary(self) -> None:
+        """Describe the strategy in the log."""
+        job = self.coordinator.job
+        self.reporter.info(
+            f"strategy: {job.federation.aggregation} over {self.num_sites} sites, "
+            f"{job.federation.rounds} rounds, min_sites {job.federation.required_sites}"
+        )
+
+    def _nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.connect_timeout_s
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.num_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"only {len(nodes)} of {self.num_sites} sites connected within "
+                    f"{self.connect_timeout_s:.0f} s"
+                )
+            time.sleep(1.0)
+
+    def _messages(
+        self, kind: str, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        return [
+            Message(
+                content=RecordDict({"arrays": arrays, "config": config}),
+                message_type=kind,
+                dst_node_id=node,
+            )
+            for node in self._nodes(grid)
+        ]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every site trains on the current global adapter."""
+        self.coordinator.start_round(server_round)
+        config["round"] = server_round
+        return self._messages(MessageType.TRAIN, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode replies, let the coordinator check and average them."""
+        reports, failures = [], []
+        for reply in replies:
+            if reply.has_error():
+                failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            try:
+                reports.append(decode_update(reply.content))
+            except (KeyError, TypeError, ValueError) as exc:
+                failures.append(f"node {reply.metadata.src_node_id}: malformed reply ({exc!r})")
+        state = self.coordinator.aggregate(server_round, reports, failures)
+        if state is None:
+            return None, None
+        loss = self.coordinator._round.get("train_loss")
+        return state_to_arrays(state), MetricRecord(
+            {"train-loss": loss if loss is not None else -1.0}
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every site evaluates the current global adapter on its held-out split."""
+        config["round"] = server_round
+        return self._messages(MessageType.EVALUATE, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Fold evaluations into the round's record (weighted by held-out examples)."""
+        evals, failures = [], []
+        for reply in replies:
+            if reply.has_error():
+                failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            evals.append(decode_eval(reply.content))
+        metrics = self.coordinator.record_evaluation(evals, failures)
+        return MetricRecord(metrics) if metrics else None

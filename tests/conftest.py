@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny models built offline into a per-session cache, and paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fedslm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep built tiny models out of the user's cache (inherited by subprocesses too)."""
+    home = Path(os.environ.get("FEDSLM_TEST_HOME") or tmp_path_factory.mktemp("fedslm-home"))
+    os.environ["FEDSLM_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(fedslm_home: Path) -> Path:
+    """Folder of the tiny BERT (random weights, WordPiece tokenizer trained here)."""
+    from fedslm.models.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("tiny-bert", fedslm_home / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(fedslm_home: Path) -> Path:
+    """Folder of the tiny Llama (random weights, byte-level BPE tokenizer trained here)."""
+    from fedslm.models.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("tiny-llama", fedslm_home / "models")
