@@ -82,14 +82,14 @@ class Coordinator:
         self.state = initial_state
         self.metadata = metadata
         self.privacy: dict[str, _SitePrivacy] = {}
-        self._round: dict[str, Any] = {}
+        self.record: dict[str, Any] = {}  # the current round, as it will be written
         self._round_start = time.perf_counter()
 
     # -- per round --------------------------------------------------------------------------
 
     def start_round(self, round_num: int) -> None:
         """Mark the start of a round (wall time is measured from here)."""
-        self._round = {"round": round_num, "sites": {}, "failures": []}
+        self.record = {"round": round_num, "sites": {}, "failures": []}
         self._round_start = time.perf_counter()
 
     def aggregate(
@@ -100,7 +100,7 @@ class Coordinator:
         A round with fewer than ``federation.min_sites`` good updates is not aggregated: the
         global adapter stays as it was and the reason is recorded. Returns the new state or None.
         """
-        rec = self._round
+        rec = self.record
         rec["failures"] = list(failures)
         good: list[SiteReport] = []
         for r in reports:
@@ -135,7 +135,7 @@ class Coordinator:
 
     def record_evaluation(self, evals: list[SiteEval], failures: list[str]) -> dict[str, float]:
         """Fold the sites' evaluations of the global adapter into this round's record."""
-        rec = self._round
+        rec = self.record
         for e in evals:
             rec["sites"].setdefault(e.site, {}).update(
                 eval_loss=e.loss, eval_accuracy=e.accuracy, eval_examples=e.num_examples
@@ -147,7 +147,7 @@ class Coordinator:
 
     def end_round(self) -> dict[str, Any]:
         """Write this round's checkpoint and its line of ``metrics.jsonl``; return the line."""
-        rec = self._round
+        rec = self.record
         rec["wall_seconds"] = time.perf_counter() - self._round_start
         rec["epsilon"] = {s: p.reported_epsilon for s, p in self.privacy.items()}
         export_adapter(

@@ -170,6 +170,8 @@ class Site:
                 plan.max_grad_norm,
                 max(1, round(plan.sample_rate * plan.records)),
             )
+        # dropout draws from the global generator; seeding it makes a round reproducible
+        torch.manual_seed(self._seed(round_num))
         start = time.perf_counter()
         result = train_steps(
             self.module,

@@ -91,7 +91,7 @@ class FedSLMStrategy(Strategy):
         state = self.coordinator.aggregate(server_round, reports, failures)
         if state is None:
             return None, None
-        loss = self.coordinator._round.get("train_loss")
+        loss = self.coordinator.record.get("train_loss")
         return state_to_arrays(state), MetricRecord(
             {"train-loss": loss if loss is not None else -1.0}
         )

@@ -1,0 +1,1 @@
+"""fedslm benchmarks: run one with ``python -m bench.NAME`` from the repository root."""

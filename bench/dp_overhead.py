@@ -1,0 +1,203 @@
+"""DP-SGD step time ÷ non-DP step time on the default model (goal: ≤ 1.2 on CPU).
+
+Two models are built the way a fedslm site builds them (``load_model`` with the same seed; the
+DP one wrapped by ``per_sample_module``, its optimizer by ``dp_optimizer``). Both take full
+steps (forward, per-example loss, backward, optimizer step) on the same fixed batches of
+synthetic bank messages. DP and non-DP steps alternate, so a burst of load from another process
+hits both sides alike; the first steps are warm-up and not timed; medians are reported.
+
+    python -m bench.dp_overhead [--steps 20] [--warmup 3] [--threads 2 1] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import OtherLoad, machine, median, spread, table, wait_for_quiet, write_json
+from fedslm.batching import Encoded, collate, encode_classification
+from fedslm.config import LoraConfig, ModelConfig
+from fedslm.data import INTENTS, generate_bank_messages
+from fedslm.losses import per_example_loss
+from fedslm.models import load_model, resolve_model
+from fedslm.privacy.dp_sgd import dp_optimizer, per_sample_module
+from fedslm.training import make_optimizer
+
+# The default job: minilm, classification, LoRA r=8 on query,value, batch 32, max_length 48.
+BATCH = 32
+MAX_LENGTH = 48
+LR = 0.005
+SEED = 0
+
+
+@dataclass
+class Side:
+    """One side of the ratio: a model and its optimizer, ready to step."""
+
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def build_sides(labels: list[str]) -> tuple[Side, Side]:
+    """The DP and the non-DP model with their optimizers, built in fedslm's order."""
+    path = resolve_model(ModelConfig(name="minilm")).path
+    lora = LoraConfig(r=8, alpha=16, target_modules=["query", "value"])
+    cpu = torch.device("cpu")
+    sides = []
+    for dp in (True, False):
+        loaded = load_model(path, "classification", lora, labels, cpu, seed=SEED)
+        model = per_sample_module(loaded.model) if dp else loaded.model
+        params = [p for p in loaded.model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, "adamw", LR, 0.0)
+        if dp:
+            # noise on, as in a real run: its cost (one randn per trainable tensor) is part of DP
+            gen = torch.Generator().manual_seed(SEED + 1)
+            opt = dp_optimizer(opt, 1.0, 1.0, BATCH, gen)
+        model.train()
+        sides.append(Side("DP-SGD" if dp else "non-DP", model, opt))
+    return sides[0], sides[1]
+
+
+def fixed_batches(n_batches: int) -> tuple[list[str], list[dict[str, torch.Tensor]]]:
+    """``n_batches`` batches of exactly ``BATCH`` synthetic messages, tokenised once."""
+    rows = generate_bank_messages(["site-1"], BATCH * n_batches, seed=SEED)
+    labels = list(INTENTS)
+    path = resolve_model(ModelConfig(name="minilm")).path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    data: Encoded = encode_classification(
+        tok,
+        [r["text"] for r in rows],
+        [r["label"] for r in rows],
+        {label: i for i, label in enumerate(labels)},
+        MAX_LENGTH,
+    )
+    cpu = torch.device("cpu")
+    batches = [collate(data, list(range(i, i + BATCH)), cpu) for i in range(0, len(data), BATCH)]
+    return labels, batches
+
+
+def step(side: Side, batch: dict[str, torch.Tensor]) -> float:
+    """One full training step; returns its wall time in seconds."""
+    inputs = dict(batch)
+    labels = inputs.pop("labels")
+    start = time.perf_counter()
+    side.optimizer.zero_grad(set_to_none=True)
+    loss = per_example_loss(side.model(**inputs).logits, labels).mean()
+    loss.backward()
+    side.optimizer.step()
+    float(loss.detach())  # the training loop reads the loss every step too
+    return time.perf_counter() - start
+
+
+def measure(
+    dp: Side, plain: Side, batches: list[dict[str, torch.Tensor]], warmup: int, steps: int
+) -> dict[str, list[float]]:
+    """Interleaved timings: DP then non-DP on the same batch, order swapped every step."""
+    times: dict[str, list[float]] = {dp.name: [], plain.name: []}
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        pair = (dp, plain) if i % 2 == 0 else (plain, dp)  # neither side always goes first
+        for side in pair:
+            t = step(side, batch)
+            if i >= warmup:
+                times[side.name].append(t)
+    return times
+
+
+def run(steps: int, warmup: int, threads: list[int], max_wait: float) -> dict:
+    """Measure every thread setting; print the table and return the raw results."""
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    labels, batches = fixed_batches(8)
+    dp, plain = build_sides(labels)
+    results = []
+    for n in threads:
+        torch.set_num_threads(n)
+        wait_for_quiet(max_wait)
+        with OtherLoad() as load:
+            times = measure(dp, plain, batches, warmup, steps)
+        dp_ms = [t * 1e3 for t in times[dp.name]]
+        plain_ms = [t * 1e3 for t in times[plain.name]]
+        results.append(
+            {
+                "threads": n,
+                "dp_ms": dp_ms,
+                "nodp_ms": plain_ms,
+                "dp_median_ms": median(dp_ms),
+                "nodp_median_ms": median(plain_ms),
+                "ratio": median(dp_ms) / median(plain_ms),
+                # each pair ran back to back, so its ratio sees the same machine state
+                "pair_ratio_median": median([a / b for a, b in zip(dp_ms, plain_ms, strict=True)]),
+                "other_load_cores": load.cores,
+            }
+        )
+    print(
+        f"DP-SGD overhead: minilm, LoRA r=8 query,value, batch {BATCH}, max_length "
+        f"{MAX_LENGTH}, {steps} timed steps each after {warmup} warm-up (goal ratio <= 1.2)"
+    )
+    print(format_table(results))
+    return {
+        "benchmark": "dp_overhead",
+        "machine": machine(),
+        "batch": BATCH,
+        "max_length": MAX_LENGTH,
+        "steps": steps,
+        "warmup": warmup,
+        "results": results,
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    """The Markdown table of ``run``'s results."""
+    headers = [
+        "torch threads",
+        "DP ms/step (median)",
+        "DP range",
+        "non-DP ms/step (median)",
+        "non-DP range",
+        "ratio of medians",
+        "median of pair ratios",
+        "others' CPU (cores)",
+    ]
+    rows = [
+        [
+            r["threads"],
+            r["dp_median_ms"],
+            spread(r["dp_ms"]),
+            r["nodp_median_ms"],
+            spread(r["nodp_ms"]),
+            r["ratio"],
+            r["pair_ratio_median"],
+            "n/a" if r["other_load_cores"] is None else f"{r['other_load_cores']:.2f}",
+        ]
+        for r in results
+    ]
+    return table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m bench.dp_overhead``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="torch thread counts")
+    ap.add_argument(
+        "--max-wait", type=float, default=300, help="seconds to wait for a quiet machine first"
+    )
+    ap.add_argument("--json", type=Path, help="also write the raw timings here")
+    args = ap.parse_args(argv)
+    result = run(args.steps, args.warmup, args.threads, args.max_wait)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
