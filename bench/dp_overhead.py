@@ -3,8 +3,10 @@
 Two models are built the way a fedslm site builds them (``load_model`` with the same seed; the
 DP one wrapped by ``per_sample_module``, its optimizer by ``dp_optimizer``). Both take full
 steps (forward, per-example loss, backward, optimizer step) on the same fixed batches of
-synthetic bank messages. DP and non-DP steps alternate, so a burst of load from another process
-hits both sides alike; the first steps are warm-up and not timed; medians are reported.
+synthetic bank messages. DP and non-DP steps alternate (a pair: one of each, back to back,
+order swapped every pair), so load from another process hits both sides alike; a pair during
+which other processes were busy is dropped and redone (the machine is shared). The first steps
+are warm-up and not timed; medians are reported.
 
     python -m bench.dp_overhead [--steps 20] [--warmup 3] [--threads 2 1] [--json FILE]
 """
@@ -97,22 +99,58 @@ def step(side: Side, batch: dict[str, torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
+@dataclass
+class Timings:
+    """Step times in ms per side, for the pairs kept, and what was thrown away."""
+
+    dp_ms: list[float]
+    plain_ms: list[float]
+    pair_loads: list[float | None]  # others' CPU (cores) during each kept pair
+    discarded: int  # pairs dropped because another process was busy meanwhile
+
+
 def measure(
-    dp: Side, plain: Side, batches: list[dict[str, torch.Tensor]], warmup: int, steps: int
-) -> dict[str, list[float]]:
-    """Interleaved timings: DP then non-DP on the same batch, order swapped every step."""
-    times: dict[str, list[float]] = {dp.name: [], plain.name: []}
-    for i in range(warmup + steps):
+    dp: Side,
+    plain: Side,
+    batches: list[dict[str, torch.Tensor]],
+    warmup: int,
+    steps: int,
+    quiet: float,
+    budget: float,
+) -> Timings:
+    """``steps`` pairs (one DP, one non-DP step on the same batch, order swapped every pair).
+
+    The machine is shared: a pair during which other processes used more than ``quiet`` cores
+    is dropped and redone, until ``steps`` quiet pairs are in or ``budget`` seconds have passed
+    (then the busy pairs are kept too, and the table says so).
+    """
+    for i in range(warmup):
+        for side in (dp, plain):
+            step(side, batches[i % len(batches)])
+    kept: list[tuple[float, float, float | None]] = []
+    busy: list[tuple[float, float, float | None]] = []
+    deadline = time.monotonic() + budget
+    i = 0
+    while len(kept) < steps:
         batch = batches[i % len(batches)]
-        pair = (dp, plain) if i % 2 == 0 else (plain, dp)  # neither side always goes first
-        for side in pair:
-            t = step(side, batch)
-            if i >= warmup:
-                times[side.name].append(t)
-    return times
+        with OtherLoad() as load:
+            if i % 2 == 0:  # neither side always goes first
+                t_dp, t_plain = step(dp, batch), step(plain, batch)
+            else:
+                t_plain, t_dp = step(plain, batch), step(dp, batch)
+        pair = (t_dp * 1e3, t_plain * 1e3, load.cores)
+        (busy if load.cores is not None and load.cores > quiet else kept).append(pair)
+        i += 1
+        if time.monotonic() > deadline and len(kept) + len(busy) >= steps:
+            # out of time: fill up with the least disturbed of the busy pairs
+            kept += sorted(busy, key=lambda b: b[2] or 0.0)[: steps - len(kept)]
+            break
+    return Timings([k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept], i - len(kept))
 
 
-def run(steps: int, warmup: int, threads: list[int], max_wait: float) -> dict:
+def run(
+    steps: int, warmup: int, threads: list[int], max_wait: float, quiet: float, budget: float
+) -> dict:
     """Measure every thread setting; print the table and return the raw results."""
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     labels, batches = fixed_batches(8)
@@ -120,27 +158,28 @@ def run(steps: int, warmup: int, threads: list[int], max_wait: float) -> dict:
     results = []
     for n in threads:
         torch.set_num_threads(n)
-        wait_for_quiet(max_wait)
-        with OtherLoad() as load:
-            times = measure(dp, plain, batches, warmup, steps)
-        dp_ms = [t * 1e3 for t in times[dp.name]]
-        plain_ms = [t * 1e3 for t in times[plain.name]]
+        wait_for_quiet(max_wait, threshold=quiet)
+        t = measure(dp, plain, batches, warmup, steps, quiet, budget)
+        loads = [x for x in t.pair_loads if x is not None]
         results.append(
             {
                 "threads": n,
-                "dp_ms": dp_ms,
-                "nodp_ms": plain_ms,
-                "dp_median_ms": median(dp_ms),
-                "nodp_median_ms": median(plain_ms),
-                "ratio": median(dp_ms) / median(plain_ms),
+                "dp_ms": t.dp_ms,
+                "nodp_ms": t.plain_ms,
+                "dp_median_ms": median(t.dp_ms),
+                "nodp_median_ms": median(t.plain_ms),
+                "ratio": median(t.dp_ms) / median(t.plain_ms),
                 # each pair ran back to back, so its ratio sees the same machine state
-                "pair_ratio_median": median([a / b for a, b in zip(dp_ms, plain_ms, strict=True)]),
-                "other_load_cores": load.cores,
+                "pair_ratio_median": median(
+                    [a / b for a, b in zip(t.dp_ms, t.plain_ms, strict=True)]
+                ),
+                "other_load_cores_max": max(loads) if loads else None,
+                "pairs_discarded": t.discarded,
             }
         )
     print(
         f"DP-SGD overhead: minilm, LoRA r=8 query,value, batch {BATCH}, max_length "
-        f"{MAX_LENGTH}, {steps} timed steps each after {warmup} warm-up (goal ratio <= 1.2)"
+        f"{MAX_LENGTH}, {steps} timed pairs after {warmup} warm-up (goal ratio <= 1.2)"
     )
     print(format_table(results))
     return {
@@ -150,6 +189,7 @@ def run(steps: int, warmup: int, threads: list[int], max_wait: float) -> dict:
         "max_length": MAX_LENGTH,
         "steps": steps,
         "warmup": warmup,
+        "quiet_threshold_cores": quiet,
         "results": results,
     }
 
@@ -164,7 +204,8 @@ def format_table(results: list[dict]) -> str:
         "non-DP range",
         "ratio of medians",
         "median of pair ratios",
-        "others' CPU (cores)",
+        "others' CPU, max (cores)",
+        "busy pairs dropped",
     ]
     rows = [
         [
@@ -175,7 +216,8 @@ def format_table(results: list[dict]) -> str:
             spread(r["nodp_ms"]),
             r["ratio"],
             r["pair_ratio_median"],
-            "n/a" if r["other_load_cores"] is None else f"{r['other_load_cores']:.2f}",
+            "n/a" if r["other_load_cores_max"] is None else f"{r['other_load_cores_max']:.2f}",
+            r["pairs_discarded"],
         ]
         for r in results
     ]
@@ -185,15 +227,21 @@ def format_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m bench.dp_overhead``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per side")
+    ap.add_argument("--steps", type=int, default=20, help="timed pairs (one step per side)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="torch thread counts")
     ap.add_argument(
         "--max-wait", type=float, default=300, help="seconds to wait for a quiet machine first"
     )
+    ap.add_argument(
+        "--quiet", type=float, default=0.25, help="most cores other processes may use in a pair"
+    )
+    ap.add_argument(
+        "--budget", type=float, default=600, help="seconds per thread setting to find quiet pairs"
+    )
     ap.add_argument("--json", type=Path, help="also write the raw timings here")
     args = ap.parse_args(argv)
-    result = run(args.steps, args.warmup, args.threads, args.max_wait)
+    result = run(args.steps, args.warmup, args.threads, args.max_wait, args.quiet, args.budget)
     if args.json:
         write_json(args.json, result)
     return 0
