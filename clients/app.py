@@ -14,6 +14,7 @@ from fedslm.clients.codec import arrays_to_state, encode_eval, encode_update
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedslm.errors import FedSLMError
 from fedslm.job import PreparedJob
 from fedslm.privacy.accounting import Segment
 from fedslm.progress import Reporter
@@ -28,6 +29,10 @@ _SPENT_KEY = "fedslm-privacy-spend"
 def _site(msg: Message, context: Context) -> Site:
     manifest = Path(str(msg.content["config"]["manifest"]))
     prepared = PreparedJob.load(manifest)
+    if "partition-id" not in context.node_config:
+        raise FedSLMError(
+            "this ClientApp runs simulated sites only (node_config has no partition-id)"
+        )
     files = prepared.sites[int(context.node_config["partition-id"])]
     key = (str(manifest), files.name)
     if key not in _SITES:

@@ -82,6 +82,7 @@ class Coordinator:
         self.state = initial_state
         self.metadata = metadata
         self.privacy: dict[str, _SitePrivacy] = {}
+        self.aggregated_rounds = 0
         self.record: dict[str, Any] = {}  # the current round, as it will be written
         self._round_start = time.perf_counter()
 
@@ -130,6 +131,7 @@ class Coordinator:
             )
             return None
         self.state = fedavg((r.state, float(r.num_examples)) for r in good)
+        self.aggregated_rounds += 1
         rec["aggregated"] = True
         return self.state
 

@@ -9,6 +9,7 @@ from fedslm.server.strategy import FedSLMStrategy
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedslm.errors import FederationError
 from fedslm.job import PreparedJob, make_coordinator
 from fedslm.progress import Reporter
 
@@ -36,7 +37,13 @@ def run_job(grid: Grid, manifest: Path, reporter: Reporter) -> dict:
         evaluate_config=ConfigRecord(dict(config)),
         evaluate_fn=end_of_round,
     )
-    return coordinator.finish()
+    summary = coordinator.finish()  # the record is written even when every round failed
+    if coordinator.aggregated_rounds == 0:
+        raise FederationError(
+            "no round was aggregated: too few sites returned a usable update in every round; "
+            f"the failures are listed in {prepared.out / 'metrics.jsonl'}"
+        )
+    return summary
 
 
 def make_server_app(manifest: Path, reporter: Reporter) -> ServerApp:

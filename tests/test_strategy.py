@@ -1,0 +1,72 @@
+"""The Flower strategy adapter: error replies and malformed replies never reach the average."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fedslm.clients.codec import decode_update, encode_update, state_to_arrays
+from fedslm.server.strategy import FedSLMStrategy
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from fedslm.config import JobConfig
+from fedslm.coordinator import Coordinator
+from fedslm.privacy.accounting import Segment
+from fedslm.progress import Reporter
+from fedslm.site import SiteUpdate
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages need the identity of a running task; Flower sets it when an app runs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _strategy(tmp_path: Path, min_sites: int) -> FedSLMStrategy:
+    job = JobConfig.model_validate({"federation": {"sites": 3, "min_sites": min_sites}})
+    coordinator = Coordinator(job, tmp_path, torch.nn.Module(), {"w": torch.zeros(2)}, {})
+    coordinator.start_round(1)
+    return FedSLMStrategy(coordinator, 3, Reporter(quiet=True))
+
+
+def _request(node: int) -> Message:
+    content = RecordDict({"arrays": state_to_arrays({"w": torch.zeros(2)}),
+                          "config": ConfigRecord({"round": 1})})
+    return Message(content=content, dst_node_id=node, message_type="train")
+
+
+def _ok(node: int, site: str, value: float) -> Message:
+    update = SiteUpdate({"w": torch.full((2,), value)}, 10, 1.5, 4, 0, Segment(0.1, 1.0, 4),
+                        0.5, 0.2)
+    return Message(content=encode_update(site, update, 1e-5, "prv", 1.0), reply_to=_request(node))
+
+
+def test_codec_round_trip() -> None:
+    report = decode_update(_ok(1, "site-1", 2.0).content)
+    assert report.site == "site-1" and report.num_examples == 10
+    assert report.segment == Segment(0.1, 1.0, 4) and report.accountant == "prv"
+    assert report.bytes_sent > 8
+    torch.testing.assert_close(report.state["w"], torch.full((2,), 2.0))
+
+
+def test_error_and_malformed_replies_are_failures(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, min_sites=2)
+    error = Message(Error(code=1, reason="site crashed"), reply_to=_request(2))
+    malformed = Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=_request(3))
+    arrays, _ = strategy.aggregate_train(1, [_ok(1, "site-1", 2.0), error, malformed])
+    assert arrays is None  # 1 usable update < min_sites 2
+    failures = strategy.coordinator.record["failures"]
+    assert any("site crashed" in f for f in failures)
+    assert any("malformed" in f for f in failures)
+
+
+def test_enough_replies_are_averaged(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, min_sites=2)
+    error = Message(Error(code=1, reason="site crashed"), reply_to=_request(3))
+    arrays, metrics = strategy.aggregate_train(
+        1, [_ok(1, "site-1", 2.0), _ok(2, "site-2", 4.0), error])
+    assert arrays is not None and metrics is not None
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((2,), 3.0))
