@@ -1,0 +1,186 @@
+"""Site policy: what a site allows, decided by the site and never by the coordinator.
+
+A policy is a YAML file the site owns. Before the first round the site checks the whole job
+against it (``check_job``), and before every round it checks that round (``check_round``). A
+refusal trains nothing and sends no weights; its reasons go back to the coordinator, which can
+log them but never override them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedslm.errors import ConfigError
+from fedslm.privacy.accounting import Segment, epsilon
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class PrivacyLimits(BaseModel):
+    """The site's privacy limits, per data set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lifetime_epsilon: PositiveFloat = Field(
+        default=10.0, description="Total epsilon this data set may ever spend, over all jobs."
+    )
+    max_epsilon_per_job: PositiveFloat = Field(
+        default=8.0, description="Largest epsilon one job may spend on this data set."
+    )
+    max_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    allow_no_dp: bool = Field(default=False, description="Whether a job may train without DP.")
+    min_noise_multiplier: Annotated[float, Field(ge=0)] = 0.3
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacyLimits:
+        if self.max_epsilon_per_job > self.lifetime_epsilon:
+            raise ValueError(
+                f"privacy.max_epsilon_per_job ({self.max_epsilon_per_job}) is larger than "
+                f"privacy.lifetime_epsilon ({self.lifetime_epsilon}); a job could never use it"
+            )
+        return self
+
+
+class SitePolicy(BaseModel):
+    """Everything a site allows. Paths are the site's own; they never leave it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    privacy: PrivacyLimits = PrivacyLimits()
+    allowed_base_models: list[str] | None = Field(
+        default=None,
+        description="sha256 of the weights of every base model the site accepts "
+        "(None: any model the site has locally).",
+    )
+    allowed_tasks: list[str] = ["classification", "causal-lm"]
+    max_rounds: Annotated[int, Field(ge=1)] = 100
+    max_bytes_per_round: Annotated[int, Field(ge=1)] = 200_000_000
+    data: str | None = Field(default=None, description="The site's data file.")
+    ledger: str | None = Field(default=None, description="The site's privacy ledger file.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SitePolicy:
+        for sha in self.allowed_base_models or []:
+            if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+                raise ValueError(f"allowed_base_models: {sha!r} is not a lowercase sha256")
+        unknown = set(self.allowed_tasks) - {"classification", "causal-lm"}
+        if unknown:
+            raise ValueError(f"allowed_tasks: unknown task(s) {sorted(unknown)}")
+        return self
+
+
+def load_policy(path: str | Path, overrides: dict[str, Any] | None = None) -> SitePolicy:
+    """Read and validate a site policy file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: site policy file not found") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: site policy is not valid YAML text: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a site policy is a mapping of keys")
+    return policy_from_mapping(_merge(raw, overrides or {}), str(path))
+
+
+def policy_from_mapping(raw: dict[str, Any], source: str) -> SitePolicy:
+    """Validate an already-parsed policy; ``source`` names it in errors."""
+    try:
+        return SitePolicy.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid site policy:"]
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  - {key}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def check_job(
+    policy: SitePolicy,
+    *,
+    task: str,
+    rounds: int,
+    model_sha256: str,
+    dp_enabled: bool,
+    delta: float,
+    noise_multiplier: float,
+    planned: Sequence[Segment],
+    spent: Sequence[Segment],
+    accountant: str,
+) -> list[str]:
+    """Reasons to refuse the whole job before round 1 (empty: the job is allowed).
+
+    ``planned`` is every segment the job would spend on this site's data; ``spent`` is what the
+    data set has already spent in earlier jobs (from the ledger).
+    """
+    reasons: list[str] = []
+    limits = policy.privacy
+    if task not in policy.allowed_tasks:
+        reasons.append(f"task {task!r} is not in the site's allowed_tasks {policy.allowed_tasks}")
+    if rounds > policy.max_rounds:
+        reasons.append(f"the job asks for {rounds} rounds; the site allows {policy.max_rounds}")
+    if policy.allowed_base_models is not None and model_sha256 not in policy.allowed_base_models:
+        reasons.append(f"base model sha256 {model_sha256[:12]}… is not in allowed_base_models")
+    if not dp_enabled:
+        if not limits.allow_no_dp:
+            reasons.append("the job turns DP off; the site's policy requires DP")
+        return reasons
+    if delta > limits.max_delta:
+        reasons.append(f"delta {delta:g} is above the site's max_delta {limits.max_delta:g}")
+    if noise_multiplier < limits.min_noise_multiplier:
+        reasons.append(
+            f"noise multiplier {noise_multiplier:.3g} is below the site's minimum "
+            f"{limits.min_noise_multiplier:.3g}"
+        )
+    job_eps = epsilon(list(planned), delta, accountant)  # type: ignore[arg-type]
+    if job_eps > limits.max_epsilon_per_job * (1 + 1e-9):
+        reasons.append(
+            f"the job would spend epsilon {job_eps:.3f} ({accountant}); the site allows "
+            f"{limits.max_epsilon_per_job:g} per job"
+        )
+    total = epsilon([*spent, *planned], delta, accountant)  # type: ignore[arg-type]
+    if total > limits.lifetime_epsilon * (1 + 1e-9):
+        already = epsilon(list(spent), delta, accountant)  # type: ignore[arg-type]
+        reasons.append(
+            f"the data set has spent epsilon {already:.3f} and this job would bring it to "
+            f"{total:.3f} ({accountant}); the site's lifetime budget is {limits.lifetime_epsilon:g}"
+        )
+    return reasons
+
+
+def check_round(policy: SitePolicy, *, bytes_to_send: int, lifetime_epsilon_after: float,
+                job_epsilon_after: float) -> list[str]:
+    """Reasons to refuse this round (empty: allowed).
+
+    Epsilons are those the data set and the job would have spent once this round is counted.
+    """
+    reasons: list[str] = []
+    limits = policy.privacy
+    if bytes_to_send > policy.max_bytes_per_round:
+        reasons.append(
+            f"the reply would send {bytes_to_send:,} bytes; the site allows "
+            f"{policy.max_bytes_per_round:,} per round"
+        )
+    if lifetime_epsilon_after > limits.lifetime_epsilon * (1 + 1e-9):
+        reasons.append(
+            f"this round would bring the data set's spend to epsilon "
+            f"{lifetime_epsilon_after:.3f}; the lifetime budget is {limits.lifetime_epsilon:g}"
+        )
+    if job_epsilon_after > limits.max_epsilon_per_job * (1 + 1e-9):
+        reasons.append(
+            f"this round would bring the job's spend to epsilon {job_epsilon_after:.3f}; "
+            f"the site allows {limits.max_epsilon_per_job:g} per job"
+        )
+    return reasons
