@@ -50,6 +50,8 @@ def encode_update(
             delta=delta,
             accountant=accountant,
             max_grad_norm=max_grad_norm,
+            lifetime_epsilon=_finite(u.lifetime_epsilon),
+            ledger_head=u.ledger_head or "",
         )
     return RecordDict(
         {
@@ -81,7 +83,23 @@ def decode_update(content: RecordDict) -> SiteReport:
         delta=float(info["delta"]) if segment else None,
         accountant=str(info["accountant"]) if segment else None,
         max_grad_norm=float(info["max_grad_norm"]) if segment else None,
+        lifetime_epsilon=float(info["lifetime_epsilon"]) if segment else None,
+        ledger_head=str(info["ledger_head"]) if segment else None,
     )
+
+
+def encode_refusal(site: str, reasons: list[str]) -> RecordDict:
+    """A refusal: the site's name and its policy's reasons; no tensors."""
+    info = ConfigRecord({"site": site, "refused": True, "reasons": list(reasons)})
+    return RecordDict({"site": info})
+
+
+def decode_refusal(content: RecordDict) -> tuple[str, list[str]] | None:
+    """``(site, reasons)`` if ``content`` is a refusal, else None."""
+    info = content.get("site")
+    if not isinstance(info, ConfigRecord) or not info.get("refused"):
+        return None
+    return str(info["site"]), [str(r) for r in info["reasons"]]
 
 
 def encode_eval(site: str, r: EvalResult) -> RecordDict:

@@ -11,7 +11,8 @@ from typing import Any
 
 from fedslm.coordinator import SiteEval, SiteReport
 from fedslm.data import SiteFiles, read_rows, write_rows
-from fedslm.job import PreparedJob, make_coordinator
+from fedslm.job import PreparedJob, SiteSetup, make_coordinator
+from fedslm.policy import SitePolicy
 from fedslm.progress import Reporter
 from fedslm.site import Site, SiteUpdate
 
@@ -38,11 +39,15 @@ def pooled_job(prepared: PreparedJob) -> PreparedJob:
     folder = prepared.site_dir(POOLED) / "data"
     files = {}
     for split in ("train", "eval"):
-        rows = [row for s in prepared.sites for row in read_rows(getattr(s, split), columns)]
+        rows = [row for s in prepared.sites for row in read_rows(getattr(s.files, split), columns)]
         files[split] = folder / f"{split}.jsonl"
         write_rows(rows, files[split])
-    sites = [SiteFiles(POOLED, files["train"], files["eval"])]
-    return PreparedJob(job, prepared.source, prepared.out, sites, prepared.labels, prepared.model)
+    # The pooled data set is a baseline, not a site: no site policy applies, but its DP spend
+    # is still recorded in a ledger like any other.
+    setup = SiteSetup(SiteFiles(POOLED, files["train"], files["eval"]), SitePolicy(),
+                      prepared.site_dir(POOLED) / "ledger.db")
+    return PreparedJob(job, prepared.source, prepared.out, prepared.job_id, [setup],
+                       prepared.labels, prepared.model)
 
 
 def to_report(site: Site, u: SiteUpdate, bytes_sent: int = 0) -> SiteReport:
@@ -61,35 +66,35 @@ def to_report(site: Site, u: SiteUpdate, bytes_sent: int = 0) -> SiteReport:
         p.delta if p.enabled else None,
         p.accountant if p.enabled else None,
         p.max_grad_norm if p.enabled else None,
+        u.lifetime_epsilon,
+        u.ledger_head,
     )
 
 
 def run_centralized(prepared: PreparedJob, reporter: Reporter) -> dict[str, Any]:
     """Train on the pooled data for ``federation.rounds`` rounds; write the usual outputs."""
     pooled = pooled_job(prepared)
-    files = pooled.sites[0]
+    setup = pooled.sites[0]
     site = Site(
         pooled.job,
         POOLED,
         pooled.model,
         pooled.labels,
-        files.train,
-        files.eval,
+        setup.files.train,
+        setup.files.eval,
+        ledger=setup.ledger,
+        job_id=pooled.job_id,
         source=pooled.source,
     )
     coordinator = make_coordinator(pooled)
     rounds = pooled.job.federation.rounds
-    spent = []
     for r in range(1, rounds + 1):
         coordinator.start_round(r)
         update = site.train_round(
             r,
             coordinator.state,
-            spent,
             on_step=lambda step, steps, loss, r=r: reporter.step(POOLED, r, step, steps, loss),
         )
-        if update.segment is not None:
-            spent.append(update.segment)
         coordinator.aggregate(r, [to_report(site, update)], [])
         ev = site.evaluate(coordinator.state)
         coordinator.record_evaluation([SiteEval(POOLED, ev.loss, ev.accuracy, ev.examples)], [])

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--rows-per-site", type=int, default=400)
     synth.add_argument("--skew", type=float, default=1.0)
     synth.add_argument("--seed", type=int, default=0)
+    from fedslm.privacy.ledger import add_cli as add_ledger_cli
+
+    add_ledger_cli(sub)
     return parser
 
 
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "synth":
             return _synth(args)
+        if args.command == "ledger":
+            return args.handler(args)
     except FedSLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -98,8 +103,8 @@ def _run(args: argparse.Namespace) -> int:
     created = not out.exists()
     try:
         prepared = prepare_job(job, str(args.config), out)
-        for files in prepared.sites:
-            check_delta(job, _count_rows(files.train), f"{args.config} (site {files.name})")
+        for site in prepared.sites:
+            check_delta(job, _count_rows(site.files.train), f"{args.config} (site {site.name})")
     except FedSLMError:
         if created:
             shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left behind
@@ -142,6 +147,8 @@ def _print_summary(out: Path, reporter: Reporter) -> None:
                 f"recomputed {p['epsilon_recomputed_pld']:.3f} (pld) "
                 f"[{p['epsilon_check']}], delta {p['delta']:g}"
             )
+        elif p.get("refusals"):
+            reporter.info(f"  {site}: refused ({p['refusals'][-1]})")
         else:
             reporter.info(f"  {site}: no DP")
     reporter.info(f"outputs: {out}/adapter, metrics.jsonl, privacy.json, checkpoints/")

@@ -198,6 +198,16 @@ class DataConfig(_Section):
         return self
 
 
+class SimulatedPolicies(_Section):
+    """Simulation only: the site policy of each simulated site (``fedslm.policy.SitePolicy``
+    keys). A real site owns its policy file; a coordinator never sends one."""
+
+    default: dict[str, Any] = Field(default_factory=dict, description="Every site's policy.")
+    sites: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-site overrides, merged over the default."
+    )
+
+
 class JobConfig(_Section):
     """A whole federated job. This is the single source of truth the CLI, sites and coordinator
     share; ``fingerprint`` identifies it in outputs."""
@@ -209,10 +219,14 @@ class JobConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
     data: DataConfig = DataConfig(synthetic=SyntheticConfig())
+    policy: SimulatedPolicies = SimulatedPolicies()
     seed: int = 0
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobConfig:
+        unknown = sorted(set(self.policy.sites) - set(self.federation.site_names))
+        if unknown:
+            raise ValueError(f"policy.sites names unknown sites {unknown}")
         sites = self.data.sites
         if sites is not None and set(sites) != set(self.federation.site_names):
             raise ValueError(

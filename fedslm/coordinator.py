@@ -41,6 +41,8 @@ class SiteReport:
     delta: float | None
     accountant: str | None
     max_grad_norm: float | None
+    lifetime_epsilon: float | None = None
+    ledger_head: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,11 @@ class _SitePrivacy:
     delta: float | None = None
     accountant: str | None = None
     max_grad_norm: float | None = None
+    lifetime_epsilon: float | None = None
+    ledger_head: str | None = None
     records: int = 0
     rounds: int = 0
+    refusals: list[str] = field(default_factory=list)
 
 
 class Coordinator:
@@ -94,15 +99,25 @@ class Coordinator:
         self._round_start = time.perf_counter()
 
     def aggregate(
-        self, round_num: int, reports: list[SiteReport], failures: list[str]
+        self,
+        round_num: int,
+        reports: list[SiteReport],
+        failures: list[str],
+        refusals: dict[str, list[str]] | None = None,
     ) -> AdapterState | None:
         """Check each update, then FedAvg them weighted by training records.
 
-        A round with fewer than ``federation.min_sites`` good updates is not aggregated: the
-        global adapter stays as it was and the reason is recorded. Returns the new state or None.
+        ``refusals`` are sites whose policy refused the round (they trained nothing). A round
+        with fewer than ``federation.min_sites`` good updates is not aggregated: the global
+        adapter stays as it was and the reason is recorded. Returns the new state or None.
         """
         rec = self.record
         rec["failures"] = list(failures)
+        rec["refusals"] = dict(refusals or {})
+        for site, reasons in rec["refusals"].items():
+            self.privacy.setdefault(site, _SitePrivacy()).refusals.append(
+                f"round {round_num}: {'; '.join(reasons)}"
+            )
         good: list[SiteReport] = []
         for r in reports:
             try:
@@ -125,9 +140,10 @@ class Coordinator:
         rec["bytes_sent"] = {r.site: r.bytes_sent for r in good}
         if len(good) < needed:
             rec["aggregated"] = False
+            asked = len(reports) + len(failures) + len(rec["refusals"])
             rec["reason"] = (
-                f"only {len(good)} of {len(reports) + len(failures)} sites returned a "
-                f"usable update; federation.min_sites is {needed}"
+                f"only {len(good)} of {asked} sites returned a usable update "
+                f"({len(rec['refusals'])} refused); federation.min_sites is {needed}"
             )
             return None
         self.state = fedavg((r.state, float(r.num_examples)) for r in good)
@@ -178,6 +194,7 @@ class Coordinator:
                 "records": p.records,
                 "rounds": p.rounds,
                 "dp_enabled": bool(p.segments),
+                "refusals": p.refusals,
             }
             if p.segments and p.delta is not None:
                 pld = epsilon(p.segments, p.delta, "pld")
@@ -202,6 +219,8 @@ class Coordinator:
                     sample_rate=seg0.q,
                     dp_steps=sum(s.steps for s in p.segments),
                     segments=[s.to_dict() for s in p.segments],
+                    lifetime_epsilon_site_reported=p.lifetime_epsilon,
+                    ledger_head=p.ledger_head,
                 )
             sites[name] = entry
         return {
@@ -225,3 +244,4 @@ class Coordinator:
             p.segments.append(r.segment)
             p.reported_epsilon = r.epsilon
             p.delta, p.accountant, p.max_grad_norm = r.delta, r.accountant, r.max_grad_norm
+            p.lifetime_epsilon, p.ledger_head = r.lifetime_epsilon, r.ledger_head

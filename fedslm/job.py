@@ -1,40 +1,60 @@
-"""Preparing a job on this machine: site data files, labels, the base model, the coordinator.
+"""Preparing a job on this machine: site data, site policies, the base model, the coordinator.
 
 Shared by ``fedslm simulate`` and ``fedslm centralized``. Everything is validated before the
-first file is written, so a bad config or data file leaves the output folder untouched.
+first file is written, so a bad config, policy or data file leaves the output folder untouched.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedslm import __version__
+from fedslm.artifacts import write_json
 from fedslm.config import JobConfig
 from fedslm.coordinator import Coordinator
 from fedslm.data import SiteFiles, infer_labels, materialize_sites
 from fedslm.errors import ConfigError
 from fedslm.models import get_adapter_state, load_model, resolve_model, select_device
 from fedslm.models.registry import ResolvedModel
+from fedslm.policy import SitePolicy, merge_mappings, policy_from_mapping
 
 MANIFEST = "job.json"
 
 
 @dataclass(frozen=True)
+class SiteSetup:
+    """One simulated site: its data files, its own policy, and where its ledger lives."""
+
+    files: SiteFiles
+    policy: SitePolicy
+    ledger: Path
+
+    @property
+    def name(self) -> str:
+        """The site's name."""
+        return self.files.name
+
+
+@dataclass(frozen=True)
 class PreparedJob:
-    """A validated job with its site files on disk and its base model resolved."""
+    """A validated job with its sites set up on disk and its base model resolved."""
 
     job: JobConfig
     source: str
     out: Path
-    sites: list[SiteFiles]
+    job_id: str
+    sites: list[SiteSetup]
     labels: list[str]
     model: ResolvedModel
 
     def site_dir(self, name: str) -> Path:
-        """Where a simulated site keeps what is its own (data now; later ledger, egress)."""
+        """Where a simulated site keeps what is its own: data, policy, ledger."""
         return self.out / "sites" / name
 
     def save(self) -> Path:
@@ -43,16 +63,14 @@ class PreparedJob:
         data = {
             "config": self.job.model_dump(mode="json"),
             "source": self.source,
+            "job_id": self.job_id,
             "labels": self.labels,
-            "model": {
-                "path": str(self.model.path),
-                "name": self.model.name,
-                "sha256": self.model.sha256,
-            },
-            "sites": [{k: str(v) for k, v in asdict(s).items()} for s in self.sites],
+            "model": {"path": str(self.model.path), "name": self.model.name,
+                      "sha256": self.model.sha256},
+            "sites": [{"name": s.name, "train": str(s.files.train), "eval": str(s.files.eval),
+                       "policy": s.policy.model_dump(mode="json"), "ledger": str(s.ledger)}
+                      for s in self.sites],
         }
-        from fedslm.artifacts import write_json
-
         write_json(path, data)
         return path
 
@@ -64,27 +82,47 @@ class PreparedJob:
             job=JobConfig.model_validate(data["config"]),
             source=data["source"],
             out=Path(path).parent,
-            sites=[SiteFiles(s["name"], Path(s["train"]), Path(s["eval"])) for s in data["sites"]],
+            job_id=data["job_id"],
+            sites=[SiteSetup(SiteFiles(s["name"], Path(s["train"]), Path(s["eval"])),
+                             SitePolicy.model_validate(s["policy"]), Path(s["ledger"]))
+                   for s in data["sites"]],
             labels=data["labels"],
-            model=ResolvedModel(
-                Path(data["model"]["path"]), data["model"]["name"], data["model"]["sha256"]
-            ),
+            model=ResolvedModel(Path(data["model"]["path"]), data["model"]["name"],
+                                data["model"]["sha256"]),
         )
 
 
-def prepare_job(
-    job: JobConfig, source: str, out: Path, site_names: list[str] | None = None
-) -> PreparedJob:
-    """Resolve the model, split and validate each site's data into ``out/sites/SITE/data``."""
+def site_policies(job: JobConfig, source: str) -> dict[str, SitePolicy]:
+    """Each simulated site's policy: ``policy.default`` with ``policy.sites.NAME`` over it."""
+    out = {}
+    for name in job.federation.site_names:
+        raw = merge_mappings(job.policy.default, job.policy.sites.get(name, {}))
+        where = f"policy.sites.{name}" if name in job.policy.sites else "policy.default"
+        out[name] = policy_from_mapping(raw, f"{source} ({where})")
+    return out
+
+
+def prepare_job(job: JobConfig, source: str, out: Path) -> PreparedJob:
+    """Validate policies, resolve the model, and write each site's data, policy and ledger
+    location under ``out/sites/SITE``."""
+    policies = site_policies(job, source)  # before anything is written
     model = resolve_model(job.model)
-    names = site_names or job.federation.site_names
-    sites = materialize_sites(job.data, names, job.task.type, job.seed, out / "sites")
+    files = materialize_sites(job.data, job.federation.site_names, job.task.type, job.seed,
+                              out / "sites")
     labels: list[str] = []
     if job.task.type == "classification":
-        labels = job.data.labels or infer_labels(sites, job.data.label_column)
+        labels = job.data.labels or infer_labels(files, job.data.label_column)
         if len(labels) < 2:
             raise ConfigError(f"{source}: classification needs at least 2 labels, found {labels}")
-    return PreparedJob(job, source, out, sites, labels, model)
+    sites = []
+    for f in files:
+        policy = policies[f.name]
+        folder = out / "sites" / f.name
+        (folder / "policy.yaml").write_text(yaml.safe_dump(policy.model_dump(mode="json")))
+        ledger = Path(policy.ledger) if policy.ledger else folder / "ledger.db"
+        sites.append(SiteSetup(f, policy, ledger))
+    job_id = f"{job.fingerprint()[:12]}-{uuid.uuid4().hex[:8]}"
+    return PreparedJob(job, source, out, job_id, sites, labels, model)
 
 
 def adapter_metadata(p: PreparedJob) -> dict[str, Any]:
@@ -98,13 +136,13 @@ def adapter_metadata(p: PreparedJob) -> dict[str, Any]:
         "lora": p.job.lora.model_dump(mode="json"),
         "max_length": p.job.train.max_length,
         "job_fingerprint": p.job.fingerprint(),
+        "job_id": p.job_id,
     }
 
 
 def make_coordinator(p: PreparedJob) -> Coordinator:
     """A coordinator holding the job's initial adapter (same seed as every site)."""
-    loaded = load_model(
-        p.model.path, p.job.task.type, p.job.lora, p.labels, select_device("cpu"), seed=p.job.seed
-    )
+    loaded = load_model(p.model.path, p.job.task.type, p.job.lora, p.labels,
+                        select_device("cpu"), seed=p.job.seed)
     meta = adapter_metadata(p) | {"pad_token_id": loaded.tokenizer.pad_token_id}
     return Coordinator(p.job, p.out, loaded.model, get_adapter_state(loaded.model), meta)

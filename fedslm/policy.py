@@ -85,7 +85,7 @@ def load_policy(path: str | Path, overrides: dict[str, Any] | None = None) -> Si
         raise ConfigError(f"{path}: site policy is not valid YAML text: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a site policy is a mapping of keys")
-    return policy_from_mapping(_merge(raw, overrides or {}), str(path))
+    return policy_from_mapping(merge_mappings(raw, overrides or {}), str(path))
 
 
 def policy_from_mapping(raw: dict[str, Any], source: str) -> SitePolicy:
@@ -100,10 +100,12 @@ def policy_from_mapping(raw: dict[str, Any], source: str) -> SitePolicy:
         raise ConfigError("\n".join(lines)) from None
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_mappings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``, section by section (for per-site policy overrides)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        both = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = merge_mappings(out[k], v) if both else v
     return out
 
 

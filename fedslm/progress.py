@@ -43,6 +43,8 @@ class Reporter:
         """Summary of a finished round, one line per site."""
         if not rec.get("aggregated", False):
             self.warn(f"round {rec['round']} not aggregated: {rec.get('reason')}")
+        for site, reasons in rec.get("refusals", {}).items():
+            self.warn(f"round {rec['round']}: {site} refused: {'; '.join(reasons)}")
         for failure in rec.get("failures", []):
             self.warn(f"round {rec['round']}: {failure}")
         if self.quiet:

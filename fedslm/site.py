@@ -1,8 +1,11 @@
-"""One site's side of a job: its data, its model, its privacy plan, and one round of training.
+"""One site's side of a job: its data, model, policy, privacy ledger, and one round of training.
 
 A ``Site`` is built once per process and reused for every round (loading a model is the
-expensive part). Its privacy spend is *not* kept here: the caller passes the segments spent so
-far and stores the new one, so the spend survives a fresh process per message.
+expensive part). Its privacy spend is not kept in memory: every round is recorded in the site's
+ledger (``fedslm.privacy.ledger``) before training starts, so the spend survives a fresh process
+per message, a crash, and the next job on the same data. The site's policy
+(``fedslm.policy``) is checked for the whole job and again for every round; a refusal trains
+nothing.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import torch
 from fedslm.batching import Encoded, encode_classification, encode_instructions
 from fedslm.config import JobConfig
 from fedslm.data import read_examples, read_instructions
-from fedslm.errors import ConfigError
+from fedslm.errors import ConfigError, FedSLMError
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
 from fedslm.models.registry import ResolvedModel
+from fedslm.policy import SitePolicy, check_job, check_round
 from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon
 from fedslm.privacy.dp_sgd import per_sample_module
+from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger
 from fedslm.training import (
     DPSettings,
     EvalResult,
@@ -91,9 +96,21 @@ def check_delta(job: JobConfig, records: int, source: str) -> None:
         )
 
 
+class SiteRefusal(FedSLMError):
+    """The site's policy forbids this job or this round; nothing was trained."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+
+
 @dataclass(frozen=True)
 class SiteUpdate:
-    """What a site returns after a round: its adapter and the numbers that describe the round."""
+    """What a site returns after a round: its adapter and the numbers that describe the round.
+
+    ``epsilon`` is this job's spend so far; ``lifetime_epsilon`` is the data set's spend over
+    every job recorded in the site's ledger (equal when this is the data set's first job).
+    """
 
     state: dict[str, torch.Tensor]
     num_examples: int
@@ -102,11 +119,14 @@ class SiteUpdate:
     empty_batches: int
     segment: Segment | None
     epsilon: float | None
+    lifetime_epsilon: float | None
+    ledger_head: str | None
     seconds: float
 
 
 class Site:
-    """A site's model and data for one job."""
+    """A site's model, data, policy and ledger for one job. ``policy=None`` (the pooled
+    baseline) checks nothing but still records its DP spend in the ledger."""
 
     def __init__(
         self,
@@ -116,11 +136,21 @@ class Site:
         labels: list[str],
         train_file: Path,
         eval_file: Path,
+        *,
+        ledger: Path,
+        job_id: str,
+        policy: SitePolicy | None = None,
         source: str = "<job config>",
     ) -> None:
         self.job = job
         self.name = name
         self.labels = labels
+        self.model_sha256 = model.sha256
+        self.policy = policy
+        self.job_id = job_id
+        self.ledger_path = ledger
+        self.dataset = DatasetFingerprint.of_file(train_file)
+        self._job_refusal: list[str] | None = None
         device = _device(job)
         self.loaded: LoadedModel = load_model(
             model.path, job.task.type, job.lora, labels, device, seed=job.seed
@@ -147,20 +177,68 @@ class Site:
         """The adapter as initialised from the job seed (identical at every site)."""
         return get_adapter_state(self.loaded.model)
 
+    def adapter_bytes(self) -> int:
+        """Bytes of adapter tensors a training reply carries (float32)."""
+        return sum(4 * t.numel() for t in get_adapter_state(self.loaded.model).values())
+
+    def refusal(self, round_num: int) -> list[str]:
+        """Reasons the site's policy gives not to train ``round_num`` (empty: go ahead).
+
+        The whole job is checked once per process (every planned step against the per-job and
+        lifetime budgets, model, task, rounds, delta, noise); then this round against what the
+        ledger holds, the lifetime and per-job budgets, and the bytes the reply would carry.
+        """
+        if self.policy is None:
+            return []
+        plan = self.plan
+        with self._ledger() as ledger:
+            prior = ledger.entries(self.dataset)
+        others = [e.segment for e in prior if e.job_id != self.job_id]
+        mine = [e.segment for e in prior if e.job_id == self.job_id and e.round != round_num]
+        if self._job_refusal is None:
+            self._job_refusal = check_job(
+                self.policy, task=self.job.task.type, rounds=self.job.federation.rounds,
+                model_sha256=self.model_sha256, dp_enabled=plan.enabled, delta=plan.delta,
+                noise_multiplier=plan.noise_multiplier,
+                planned=[Segment(plan.sample_rate, plan.noise_multiplier, plan.total_steps)]
+                if plan.enabled else [],
+                spent=others, accountant=plan.accountant,
+            )
+        if self._job_refusal:
+            return self._job_refusal
+        job_eps = lifetime_eps = 0.0
+        if plan.enabled:
+            seg = self._segment()
+            job_eps = self._epsilon([*mine, seg])
+            lifetime_eps = self._epsilon([*others, *mine, seg]) if others else job_eps
+        return check_round(self.policy, bytes_to_send=self.adapter_bytes(),
+                           lifetime_epsilon_after=lifetime_eps, job_epsilon_after=job_eps)
+
     def train_round(
         self,
         round_num: int,
         global_state: dict[str, torch.Tensor],
-        spent: list[Segment],
         on_step: StepCallback | None = None,
     ) -> SiteUpdate:
-        """Load the global adapter, train one round, and return the new adapter.
+        """Check the policy, record the round in the ledger, train, return the new adapter.
 
-        ``spent`` is this site's privacy spend on this job so far; the returned ``epsilon``
-        covers it plus this round's segment.
+        Raises ``SiteRefusal`` (having trained nothing) when the policy forbids the round.
+        The ledger entry is written before training: a crash afterwards can over-count one
+        round, never under-count, and a retried round is not counted twice.
         """
-        set_adapter_state(self.loaded.model, global_state)
+        reasons = self.refusal(round_num)
+        if reasons:
+            raise SiteRefusal(reasons)
         plan, t = self.plan, self.job.train
+        entry = None
+        if plan.enabled:
+            with self._ledger() as ledger:
+                entry = ledger.record(self.dataset, self.job_id, round_num, self._segment(),
+                                      plan.delta, plan.accountant)  # type: ignore[arg-type]
+                job_segments = [e.segment for e in ledger.entries(self.dataset)
+                                if e.job_id == self.job_id]
+                alone = all(e.job_id == self.job_id for e in ledger.entries(self.dataset))
+        set_adapter_state(self.loaded.model, global_state)
         params = [p for p in self.loaded.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, t.optimizer, t.learning_rate, t.weight_decay)
         dp = None
@@ -184,20 +262,31 @@ class Site:
             seed=self._seed(round_num),
             on_step=on_step,
         )
-        segment = eps = None
-        if plan.enabled:
-            segment = Segment(plan.sample_rate, plan.noise_multiplier, result.steps)
-            eps = epsilon([*spent, segment], plan.delta, plan.accountant)  # type: ignore[arg-type]
+        job_eps = None
+        if entry is not None:
+            job_eps = entry.epsilon if alone else self._epsilon(job_segments)
         return SiteUpdate(
             state=get_adapter_state(self.loaded.model),
             num_examples=len(self.train_data),
             train_loss=result.mean_loss,
             steps=result.steps,
             empty_batches=result.empty_batches,
-            segment=segment,
-            epsilon=eps,
+            segment=entry.segment if entry is not None else None,
+            epsilon=job_eps,
+            lifetime_epsilon=entry.epsilon if entry is not None else None,
+            ledger_head=entry.hash if entry is not None else None,
             seconds=time.perf_counter() - start,
         )
+
+    def _segment(self) -> Segment:
+        plan = self.plan
+        return Segment(plan.sample_rate, plan.noise_multiplier, plan.steps_per_round)
+
+    def _epsilon(self, segments: list[Segment]) -> float:
+        return epsilon(segments, self.plan.delta, self.plan.accountant)  # type: ignore[arg-type]
+
+    def _ledger(self) -> PrivacyLedger:
+        return PrivacyLedger.open(self.ledger_path, self.dataset)
 
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> EvalResult:
         """Loss and accuracy of the global adapter on this site's held-out split."""

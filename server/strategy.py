@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from fedslm.clients.codec import decode_eval, decode_update, state_to_arrays
+from fedslm.clients.codec import decode_eval, decode_refusal, decode_update, state_to_arrays
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -79,16 +79,20 @@ class FedSLMStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode replies, let the coordinator check and average them."""
-        reports, failures = [], []
+        reports, failures, refusals = [], [], {}
         for reply in replies:
             if reply.has_error():
                 failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            refusal = decode_refusal(reply.content)
+            if refusal is not None:
+                refusals[refusal[0]] = refusal[1]
                 continue
             try:
                 reports.append(decode_update(reply.content))
             except (KeyError, TypeError, ValueError) as exc:
                 failures.append(f"node {reply.metadata.src_node_id}: malformed reply ({exc!r})")
-        state = self.coordinator.aggregate(server_round, reports, failures)
+        state = self.coordinator.aggregate(server_round, reports, failures, refusals)
         if state is None:
             return None, None
         loss = self.coordinator.record.get("train_loss")

@@ -177,6 +177,39 @@ def test_exported_adapter_reloads_in_plain_peft_with_the_evaluated_logits(
         assert loss == pytest.approx(evaluated[site]["eval_loss"], rel=1e-5, abs=1e-6)
 
 
+def test_ledgers_hold_every_round_and_verify(bert_run: Path) -> None:
+    from fedslm.privacy.ledger import PrivacyLedger
+
+    privacy = json.loads((bert_run / "privacy.json").read_text())
+    for site in ("site-1", "site-2", "site-3"):
+        path = bert_run / "sites" / site / "ledger.db"
+        with PrivacyLedger.open(path, create=False) as ledger:
+            assert ledger.verify() == []
+            entries = ledger.entries()
+        assert [e.round for e in entries] == [1, 2]
+        assert entries[-1].hash == privacy["sites"][site]["ledger_head"]
+        assert entries[-1].epsilon == pytest.approx(privacy["sites"][site]["epsilon"], rel=1e-9)
+        assert run_cli("ledger", "verify", str(path)).returncode == 0
+
+
+def test_a_site_policy_refusal_trains_nothing(tmp_path: Path, tiny_bert: Path) -> None:
+    out = tmp_path / "run"
+    run_cli("simulate", str(SMOKE), "--out", str(out), "-q", "--set", "federation.rounds=1",
+            "--set", "data.synthetic.rows_per_site=200",
+            "--set", "policy.sites.site-3.privacy.max_epsilon_per_job=1")
+    (rnd,) = read_jsonl(out / "metrics.jsonl")
+    assert rnd["aggregated"] is True
+    assert "site allows 1 per job" in rnd["refusals"]["site-3"][0]
+    assert "site-3" not in rnd["bytes_sent"]
+    from fedslm.privacy.ledger import PrivacyLedger
+
+    with PrivacyLedger.open(out / "sites" / "site-3" / "ledger.db", create=False) as ledger:
+        assert ledger.entries() == []  # nothing trained, nothing spent
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["sites"]["site-3"]["refusals"]
+    assert privacy["sites"]["site-3"]["dp_enabled"] is False
+
+
 def test_causal_lm_path_end_to_end(llama_run: Path) -> None:
     rounds = read_jsonl(llama_run / "metrics.jsonl")
     assert len(rounds) == 2 and all(r["aggregated"] for r in rounds)

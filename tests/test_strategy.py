@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedslm.clients.codec import decode_update, encode_update, state_to_arrays
+from fedslm.clients.codec import decode_update, encode_refusal, encode_update, state_to_arrays
 from fedslm.server.strategy import FedSLMStrategy
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
@@ -40,7 +40,7 @@ def _request(node: int) -> Message:
 
 def _ok(node: int, site: str, value: float) -> Message:
     update = SiteUpdate({"w": torch.full((2,), value)}, 10, 1.5, 4, 0, Segment(0.1, 1.0, 4),
-                        0.5, 0.2)
+                        epsilon=0.5, lifetime_epsilon=0.7, ledger_head="ab" * 32, seconds=0.2)
     return Message(content=encode_update(site, update, 1e-5, "prv", 1.0), reply_to=_request(node))
 
 
@@ -48,6 +48,7 @@ def test_codec_round_trip() -> None:
     report = decode_update(_ok(1, "site-1", 2.0).content)
     assert report.site == "site-1" and report.num_examples == 10
     assert report.segment == Segment(0.1, 1.0, 4) and report.accountant == "prv"
+    assert report.lifetime_epsilon == 0.7 and report.ledger_head == "ab" * 32
     assert report.bytes_sent > 8
     torch.testing.assert_close(report.state["w"], torch.full((2,), 2.0))
 
@@ -61,6 +62,16 @@ def test_error_and_malformed_replies_are_failures(tmp_path: Path) -> None:
     failures = strategy.coordinator.record["failures"]
     assert any("site crashed" in f for f in failures)
     assert any("malformed" in f for f in failures)
+
+
+def test_refusals_are_recorded_with_their_reasons(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, min_sites=2)
+    refusal = Message(encode_refusal("site-3", ["over budget"]), reply_to=_request(3))
+    arrays, _ = strategy.aggregate_train(
+        1, [_ok(1, "site-1", 2.0), _ok(2, "site-2", 4.0), refusal])
+    assert arrays is not None
+    assert strategy.coordinator.record["refusals"] == {"site-3": ["over budget"]}
+    assert strategy.coordinator.privacy["site-3"].refusals == ["round 1: over budget"]
 
 
 def test_enough_replies_are_averaged(tmp_path: Path) -> None:
