@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--rows-per-site", type=int, default=400)
     synth.add_argument("--skew", type=float, default=1.0)
     synth.add_argument("--seed", type=int, default=0)
-    from fedslm.privacy.ledger import add_cli as add_ledger_cli
+    from fedslm.privacy.ledger_cli import add_cli as add_ledger_cli
 
     add_ledger_cli(sub)
     return parser

@@ -26,11 +26,9 @@ from fedslm.privacy.ledger import (
     LedgerEntry,
     LedgerError,
     PrivacyLedger,
-    add_cli,
     entry_hash,
-    show_text,
-    verify_file,
 )
+from fedslm.privacy.ledger_cli import add_cli, show_text, verify_file
 
 # sigma 4 keeps PLD at ~20 ms per call, so tests exercise the real accountants cheaply
 SEG = Segment(0.01, 4.0, 10)

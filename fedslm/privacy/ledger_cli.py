@@ -1,0 +1,129 @@
+"""``fedslm ledger show|verify LEDGER``: what a site operator or auditor runs on a ledger file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedslm.privacy import accounting
+from fedslm.privacy.ledger import (
+    EPSILON_PLD_REL_TOL,
+    EPSILON_REL_TOL,
+    LedgerEntry,
+    LedgerError,
+    PrivacyLedger,
+    format_time,
+)
+
+
+def show_text(path: str | Path, budget: float | None = None) -> str:
+    """Human-readable summary: per data set its entries, jobs, steps, and spend vs budget.
+
+    Spend is recomputed from the segments (one line per delta and accountant used on that data
+    set). A broken chain is reported at the top instead of failing, so an operator can still
+    see what is in the file. Raises ``LedgerError`` if the file cannot be read.
+    """
+    with PrivacyLedger.open(path, create=False) as ledger:
+        entries, problems = ledger._snapshot()
+        bound = ledger.bound_dataset
+    lines = [f"privacy ledger {path}: {_plural(len(entries), 'entry', 'entries')}"]
+    lines.append(f"  bound to data set {bound}" if bound else "  not bound to one data set")
+    if problems:
+        lines.append(
+            f"  WARNING: integrity check failed: {problems[0]}. Figures below are from the file "
+            "as it is; run `fedslm ledger verify`."
+        )
+    else:
+        lines.append("  hash chain intact (`fedslm ledger verify` also recomputes epsilons)")
+    by_ds: dict[str, list[LedgerEntry]] = {}
+    for e in entries:
+        by_ds.setdefault(e.dataset, []).append(e)
+    for key, ds_entries in by_ds.items():
+        lines.append("")
+        lines.append(f"data set {key}")
+        try:
+            lines.extend(_show_dataset(ds_entries, budget))
+        except (ValueError, TypeError) as exc:  # values a tamperer wrote; verify names them
+            lines.append(f"  cannot compute the spend from these entries: {exc}")
+    if not by_ds:
+        lines.append("  (no entries)")
+    return "\n".join(lines)
+
+
+def _show_dataset(ds_entries: list[LedgerEntry], budget: float | None) -> list[str]:
+    lines: list[str] = []
+    segs = [e.segment for e in ds_entries]
+    jobs = sorted({e.job_id for e in ds_entries})
+    lines.append(
+        f"  {_plural(len(ds_entries), 'entry', 'entries')}, "
+        f"{_plural(len(jobs), 'job', 'jobs')} ({', '.join(jobs)}), "
+        f"{sum(s.steps for s in segs)} steps; last at {format_time(ds_entries[-1].time)}"
+    )
+    readings = sorted({(e.delta, e.accountant) for e in ds_entries}, reverse=True)
+    for delta, acc in readings:
+        eps = accounting.epsilon(segs, delta, acc)  # type: ignore[arg-type]
+        line = f"  spent epsilon {eps:.4f} at delta {delta:g} ({acc})"
+        if budget is not None:
+            left = budget - eps
+            state = "EXHAUSTED" if left <= 0 else f"left {left:.4f}"
+            line += f"; budget {budget:g}: {state}"
+        lines.append(line)
+    return lines
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def verify_file(path: str | Path) -> int:
+    """Verify a ledger file and print the outcome. Exit code: 0 ok, 1 discrepancy, 2 unreadable."""
+    try:
+        with PrivacyLedger.open(path, create=False) as ledger:
+            problems = ledger.verify()
+            count = len(ledger.entries())
+    except LedgerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if problems:
+        print(f"ledger {path}: verification FAILED: {problems[0]}", file=sys.stderr)
+        return 1
+    print(
+        f"ledger {path}: OK, {_plural(count, 'entry', 'entries')}, hash chain intact, every "
+        "epsilon recomputed "
+        f"(stored accountant within {EPSILON_REL_TOL:.0%}, pld within {EPSILON_PLD_REL_TOL:g})"
+    )
+    return 0
+
+
+def _show_cmd(args: argparse.Namespace) -> int:
+    print(show_text(args.ledger, args.budget))
+    return 0
+
+
+def _verify_cmd(args: argparse.Namespace) -> int:
+    return verify_file(args.ledger)
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``ledger show`` and ``ledger verify`` on the CLI's sub-parsers.
+
+    Each leaf parser stores its handler with ``set_defaults(handler=...)``; the handler takes
+    the parsed ``argparse.Namespace`` and returns the exit code. ``show`` raises
+    ``LedgerError`` (a ``FedSLMError``) for an unreadable file; ``verify`` reports it itself
+    and returns 2.
+    """
+    ledger = subparsers.add_parser("ledger", help="show or verify a site's privacy ledger")
+    sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    show = sub.add_parser("show", help="spend and budget per data set")
+    show.add_argument("ledger", type=Path, help="ledger file (SQLite)")
+    show.add_argument(
+        "--budget", type=float, metavar="EPS", help="policy epsilon budget to compare against"
+    )
+    show.set_defaults(handler=_show_cmd)
+    verify = sub.add_parser(
+        "verify", help="check the hash chain and recompute every epsilon (exit 1 on mismatch)"
+    )
+    verify.add_argument("ledger", type=Path, help="ledger file (SQLite)")
+    verify.set_defaults(handler=_verify_cmd)
