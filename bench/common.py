@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,12 +70,11 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _cpu_times() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, summed over cores."""
+def _busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot, summed over cores."""
     fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    hz = os.sysconf("SC_CLK_TCK")
     idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields) - idle) / hz, sum(fields) / hz
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class OtherLoad:
@@ -86,9 +86,9 @@ class OtherLoad:
 
     def __enter__(self) -> OtherLoad:
         self.cores: float | None = None
-        self.machine_cores: float | None = None  # everything, this process included
+        self._busy: float | None
         try:
-            self._busy, _ = _cpu_times()
+            self._busy = _busy_seconds()
         except (OSError, ValueError):
             self._busy = None
         self._own = _own_cpu()
@@ -98,13 +98,11 @@ class OtherLoad:
     def __exit__(self, *exc: object) -> None:
         if self._busy is None:
             return
-        busy, _ = _cpu_times()
         wall = time.perf_counter() - self._wall
         if wall <= 0:
             return
-        others = (busy - self._busy) - (_own_cpu() - self._own)
+        others = (_busy_seconds() - self._busy) - (_own_cpu() - self._own)
         self.cores = max(0.0, others / wall)
-        self.machine_cores = (busy - self._busy) / wall
 
 
 def _own_cpu() -> float:
@@ -112,15 +110,13 @@ def _own_cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def wait_for_quiet(max_wait: float, threshold: float = 0.3, window: float = 5.0) -> float | None:
+def wait_for_quiet(max_wait: float, threshold: float = 0.25, window: float = 5.0) -> float | None:
     """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` cores.
 
     The machine is shared: a busy neighbour makes two torch threads on two cores several times
     slower (OpenMP threads wait on each other), so a benchmark started under load measures the
     neighbour. Returns the last load seen (cores), or None where it cannot be measured.
     """
-    import sys
-
     deadline = time.monotonic() + max_wait
     while True:
         with OtherLoad() as load:

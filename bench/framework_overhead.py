@@ -12,7 +12,9 @@ number of local steps, the same sites, seeds and rounds.
   then ``Site.evaluate`` for each site. Model loading happens before the clock starts.
 
 Round 1 is reported apart (the simulation pays Ray start-up and model loading there); the ratio
-uses rounds ≥ 2. ``--repeats`` alternates simulated and standalone runs.
+uses rounds ≥ 2. Simulated and standalone runs alternate (``--repeats`` pairs, more up to
+``--max-repeats`` until ``--need`` quiet rounds per side); a round during which processes
+outside this benchmark used more than ``--quiet`` cores is left out (the machine is shared).
 
     python -m bench.framework_overhead [--rounds 3] [--local-steps 10] [--rows-per-site 200]
 """
@@ -20,6 +22,8 @@ uses rounds ≥ 2. ``--repeats`` alternates simulated and standalone runs.
 from __future__ import annotations
 
 import argparse
+import inspect
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +33,8 @@ from typing import Any
 import torch
 import yaml
 
-from bench.common import REPO, OtherLoad, machine, median, table, wait_for_quiet, write_json
+from bench.common import REPO, machine, median, table, wait_for_quiet, write_json
+from bench.procload import ForeignLoad
 from fedslm.aggregation import fedavg
 from fedslm.artifacts import read_jsonl
 from fedslm.job import PreparedJob
@@ -74,80 +79,143 @@ def write_config(out: Path, rounds: int, local_steps: int, rows_per_site: int) -
     return path
 
 
-def run_simulated(config: Path, out: Path) -> dict[str, Any]:
-    """Run ``fedslm simulate`` in a subprocess; return per-round wall seconds and the total."""
-    cmd = [sys.executable, "-m", "fedslm.cli", "simulate", str(config)]
-    cmd += ["--out", str(out), "--overwrite", "-q"]
-    start = time.perf_counter()
-    with OtherLoad() as load:
-        subprocess.run(cmd, cwd=REPO, check=True)
-    total = time.perf_counter() - start
-    records = read_jsonl(out / "metrics.jsonl")
-    return {
-        "round_seconds": [r["wall_seconds"] for r in records],
-        "site_train_seconds": [
-            {s: v.get("seconds") for s, v in r["sites"].items()} for r in records
-        ],
-        "site_steps": [{s: v.get("steps") for s, v in r["sites"].items()} for r in records],
-        "process_seconds": total,
-        # Ray's workers are not this process's waited-for children, so "others" would count
-        # them: report the whole machine's use instead (2.0 = both cores busy).
-        "machine_cores": load.machine_cores,
-    }
+def run_simulated(config: Path, out: Path, monitor: ForeignLoad) -> list[dict[str, Any]]:
+    """Run ``fedslm simulate`` in a subprocess; return one record per round.
+
+    A round's end is when its line appears in ``metrics.jsonl`` (polled); its start is that
+    minus its ``wall_seconds``. That window is what the foreign load is measured over.
+    """
+    shutil.rmtree(out, ignore_errors=True)
+    metrics = out / "metrics.jsonl"
+    cmd = [sys.executable, "-m", "fedslm.cli", "simulate", str(config), "--out", str(out), "-q"]
+    ends: list[float] = []
+    with subprocess.Popen(cmd, cwd=REPO) as proc:
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if metrics.exists():
+                lines = metrics.read_text().count("\n")
+                ends += [time.monotonic()] * (lines - len(ends))
+    if proc.returncode:
+        raise SystemExit(f"fedslm simulate failed (exit {proc.returncode}); see its output above")
+    rounds = []
+    for rec, end in zip(read_jsonl(metrics), ends, strict=True):
+        sec = rec["wall_seconds"]
+        rounds.append(
+            {
+                "round": rec["round"],
+                "seconds": sec,
+                "foreign_cores": monitor.cores(end - sec, end),
+                "site_train_seconds": {s: v.get("seconds") for s, v in rec["sites"].items()},
+                "site_steps": {s: v.get("steps") for s, v in rec["sites"].items()},
+            }
+        )
+    return rounds
 
 
-def build_sites(prepared: PreparedJob) -> list[Site]:
-    """The job's sites, built exactly as the ClientApp builds them (model loading included)."""
-    return [
-        Site(p.job, f.name, p.model, p.labels, f.train, f.eval, source=p.source)
-        for p in [prepared]
-        for f in p.sites
-    ]
+def build_sites(prepared: PreparedJob, ledgers: Path) -> list[Site]:
+    """The job's sites, built as the ClientApp builds them (model loading included).
+
+    Each site gets a fresh privacy ledger under ``ledgers`` and its own job id, so the standalone
+    rounds neither collide with the simulated run's ledger entries nor count against its budget.
+    """
+    p = prepared
+    sites = []
+    for setup in p.sites:
+        # the Site API is gaining a privacy ledger and a policy while this is written: pass them
+        # when Site takes them (as clients/app.py does), and work with the older API too
+        files = getattr(setup, "files", setup)
+        extra: dict[str, Any] = {}
+        params = inspect.signature(Site).parameters
+        if "ledger" in params:
+            ledgers.mkdir(parents=True, exist_ok=True)
+            extra = {"ledger": ledgers / f"{files.name}.db", "job_id": f"{p.job_id}-standalone"}
+            if "policy" in params:
+                extra["policy"] = getattr(setup, "policy", None)
+        sites.append(
+            Site(
+                p.job,
+                files.name,
+                p.model,
+                p.labels,
+                files.train,
+                files.eval,
+                source=p.source,
+                **extra,
+            )
+        )
+    return sites
 
 
-def run_standalone(sites: list[Site], rounds: int) -> dict[str, Any]:
-    """Time each round's local work, site after site, in this process."""
+def run_standalone(sites: list[Site], rounds: int, monitor: ForeignLoad) -> list[dict[str, Any]]:
+    """Time each round's local work, site after site, in this process; one record per round."""
     state = sites[0].initial_state()
+    carries_spend = "spent" in inspect.signature(Site.train_round).parameters
     spent: dict[str, list[Segment]] = {s.name: [] for s in sites}
-    round_seconds, train_seconds = [], []
-    with OtherLoad() as load:
-        for r in range(1, rounds + 1):
-            start = time.perf_counter()
-            updates = []
-            for site in sites:
+    records = []
+    for r in range(1, rounds + 1):
+        start = time.monotonic()
+        updates = []
+        for site in sites:
+            if carries_spend:  # older API: the caller carries the privacy spend
                 u = site.train_round(r, state, spent[site.name])
                 if u.segment is not None:
                     spent[site.name].append(u.segment)
-                updates.append(u)
-            # FedAvg so that round r+1 trains from the same kind of state as the simulation
-            state = fedavg((u.state, float(u.num_examples)) for u in updates)
-            for site in sites:
-                site.evaluate(state)
-            round_seconds.append(time.perf_counter() - start)
-            train_seconds.append({s.name: u.seconds for s, u in zip(sites, updates, strict=True)})
-    return {
-        "round_seconds": round_seconds,
-        "site_train_seconds": train_seconds,
-        "other_load_cores": load.cores,
-        "machine_cores": load.machine_cores,
-    }
+            else:  # the site's ledger carries it
+                u = site.train_round(r, state)
+            updates.append(u)
+        # FedAvg (well under a millisecond) so round r+1 starts from an aggregated adapter, as
+        # in the simulation
+        state = fedavg((u.state, float(u.num_examples)) for u in updates)
+        for site in sites:
+            site.evaluate(state)
+        end = time.monotonic()
+        records.append(
+            {
+                "round": r,
+                "seconds": end - start,
+                "foreign_cores": monitor.cores(start, end),
+                "site_train_seconds": {
+                    s.name: u.seconds for s, u in zip(sites, updates, strict=True)
+                },
+                "site_steps": {s.name: u.steps for s, u in zip(sites, updates, strict=True)},
+            }
+        )
+    return records
 
 
-def summarize(sim: list[dict[str, Any]], alone: list[dict[str, Any]]) -> dict[str, Any]:
-    """Round 1 and the median of rounds ≥ 2 on each side, and their ratio."""
-    sim_later = [s for run in sim for s in run["round_seconds"][1:]]
-    alone_later = [s for run in alone for s in run["round_seconds"][1:]]
-    sim_first = median([run["round_seconds"][0] for run in sim])
-    alone_first = median([run["round_seconds"][0] for run in alone])
-    return {
-        "sim_round1_s": sim_first,
-        "standalone_round1_s": alone_first,
-        "sim_later_median_s": median(sim_later) if sim_later else None,
-        "standalone_later_median_s": median(alone_later) if alone_later else None,
-        "ratio_later": median(sim_later) / median(alone_later) if sim_later else None,
-        "ratio_round1": sim_first / alone_first,
-        "sim_process_s": median([run["process_seconds"] for run in sim]),
-    }
+def _clean(rounds: list[dict[str, Any]], quiet: float) -> list[dict[str, Any]]:
+    return [r for r in rounds if r["foreign_cores"] is not None and r["foreign_cores"] <= quiet]
+
+
+def _quiet_later(runs: list[list[dict[str, Any]]], quiet: float) -> int:
+    """How many rounds ≥ 2 of these runs were quiet."""
+    return len(_clean([r for run in runs for r in run[1:]], quiet))
+
+
+def summarize(
+    sim: list[list[dict[str, Any]]], alone: list[list[dict[str, Any]]], quiet: float
+) -> dict[str, Any]:
+    """Medians of round 1 and of the quiet rounds ≥ 2 on each side, and their ratios.
+
+    If a side has no quiet round ≥ 2, all its rounds ≥ 2 are used and ``disturbed`` says so.
+    """
+    out: dict[str, Any] = {"quiet_threshold_cores": quiet}
+    for side, runs in (("sim", sim), ("standalone", alone)):
+        later = [r for run in runs for r in run[1:]]
+        clean = _clean(later, quiet)
+        used = clean or later
+        out[f"{side}_later_median_s"] = median([r["seconds"] for r in used]) if used else None
+        out[f"{side}_later_rounds_used"] = len(used)
+        out[f"{side}_later_rounds_total"] = len(later)
+        out[f"{side}_later_disturbed"] = not clean
+        out[f"{side}_round1_s"] = median([run[0]["seconds"] for run in runs])
+        site_times = [t for r in used for t in r["site_train_seconds"].values()]
+        out[f"{side}_site_train_median_s"] = median(site_times) if site_times else None
+    a, b = out["sim_later_median_s"], out["standalone_later_median_s"]
+    out["ratio_later"] = a / b if a and b else None
+    out["ratio_round1"] = out["sim_round1_s"] / out["standalone_round1_s"]
+    out["ratio_site_train"] = out["sim_site_train_median_s"] / out["standalone_site_train_median_s"]
+    return out
 
 
 def format_table(s: dict[str, Any]) -> str:
@@ -156,20 +224,43 @@ def format_table(s: dict[str, Any]) -> str:
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.2f}"
 
+    def used(side: str) -> str:
+        flag = " (all disturbed)" if s[f"{side}_later_disturbed"] else ""
+        return f"{s[f'{side}_later_rounds_used']}/{s[f'{side}_later_rounds_total']}{flag}"
+
     rows = [
         [
-            "rounds ≥ 2 (median)",
+            "round ≥ 2, median of quiet rounds",
             fmt(s["sim_later_median_s"]),
             fmt(s["standalone_later_median_s"]),
             fmt(s["ratio_later"]),
+            f"sim {used('sim')}, standalone {used('standalone')}",
         ],
-        ["round 1", fmt(s["sim_round1_s"]), fmt(s["standalone_round1_s"]), fmt(s["ratio_round1"])],
+        [
+            "round 1 (median over runs)",
+            fmt(s["sim_round1_s"]),
+            fmt(s["standalone_round1_s"]),
+            fmt(s["ratio_round1"]),
+            "all runs",
+        ],
+        [
+            "one site's train_round, in those rounds ≥ 2",
+            fmt(s["sim_site_train_median_s"]),
+            fmt(s["standalone_site_train_median_s"]),
+            fmt(s["ratio_site_train"]),
+            "1 thread per site vs 2 threads",
+        ],
     ]
-    return table(["round", "simulated s", "standalone s", "ratio"], rows)
+    return table(["what (seconds)", "simulated", "standalone", "ratio", "rounds used"], rows)
 
 
-def _cores(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def _rounds_line(name: str, run: list[dict[str, Any]]) -> str:
+    parts = [
+        f"{r['seconds']:.2f}"
+        + ("" if r["foreign_cores"] is None else f" ({r['foreign_cores']:.2f})")
+        for r in run
+    ]
+    return f"  {name}: round seconds (foreign cores): " + ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,48 +269,68 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--rows-per-site", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=1, help="simulated/standalone pairs, alternated")
+    ap.add_argument("--repeats", type=int, default=2, help="simulated/standalone pairs, at least")
+    ap.add_argument(
+        "--max-repeats", type=int, default=4, help="at most, while quiet rounds are missing"
+    )
+    ap.add_argument("--need", type=int, default=3, help="quiet rounds >= 2 wanted per side")
+    ap.add_argument(
+        "--quiet", type=float, default=0.25, help="most cores foreign processes may use in a round"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench-framework"), help="work folder")
-    ap.add_argument("--max-wait", type=float, default=300, help="seconds to wait for quiet")
+    ap.add_argument("--max-wait", type=float, default=120, help="seconds to wait for quiet")
     ap.add_argument("--json", type=Path, help="write the raw results here")
     args = ap.parse_args(argv)
 
     out = args.out.resolve()
     config = write_config(out, args.rounds, args.local_steps, args.rows_per_site)
-    sim_runs: list[dict[str, Any]] = []
-    alone_runs: list[dict[str, Any]] = []
+    monitor = ForeignLoad()
+    monitor.start()
+    sim_runs: list[list[dict[str, Any]]] = []
+    alone_runs: list[list[dict[str, Any]]] = []
     sites: list[Site] | None = None
-    for i in range(args.repeats):
+    i = 0
+    while i < args.repeats or (
+        i < args.max_repeats
+        and min(_quiet_later(sim_runs, args.quiet), _quiet_later(alone_runs, args.quiet))
+        < args.need
+    ):
+        i += 1
         wait_for_quiet(args.max_wait)
-        print(f"[{i + 1}/{args.repeats}] simulated run ...", file=sys.stderr)
-        sim_runs.append(run_simulated(config, out / "sim"))
-        if sites is None:
-            # built once: loading models is not what either side's later rounds measure
-            sites = build_sites(PreparedJob.load(out / "sim" / "job.json"))
+        print(f"[{i}] simulated run ...", file=sys.stderr, flush=True)
+        sim_runs.append(run_simulated(config, out / "sim", monitor))
+        # Fresh sites with fresh, empty ledgers for every standalone run: a ledger that already
+        # holds a round skips recomputing its epsilon (seconds per site), which the simulated
+        # run, with its new ledgers, always pays. Model loading here is not timed.
+        sites = None  # let the previous run's models go before loading new ones
+        ledgers = out / "ledgers" / f"run-{i}"
+        shutil.rmtree(ledgers, ignore_errors=True)
+        sites = build_sites(PreparedJob.load(out / "sim" / "job.json"), ledgers)
         wait_for_quiet(args.max_wait)
-        print(f"[{i + 1}/{args.repeats}] standalone run ...", file=sys.stderr)
-        alone_runs.append(run_standalone(sites, args.rounds))
-    summary = summarize(sim_runs, alone_runs)
+        print(f"[{i}] standalone run ...", file=sys.stderr, flush=True)
+        alone_runs.append(run_standalone(sites, args.rounds, monitor))
+    monitor.stop()
+    summary = summarize(sim_runs, alone_runs, args.quiet)
+    steps = sorted({v for run in sim_runs for r in run for v in r["site_steps"].values()})
     print(
         f"Framework overhead: minilm, DP on, {len(sites or [])} sites x {args.rows_per_site} rows, "
-        f"{args.local_steps} local steps, {args.rounds} rounds, {args.repeats} repeat(s); "
-        f"standalone torch threads {torch.get_num_threads()} (goal ratio <= 1.10)"
+        f"local steps per round {steps}, {args.rounds} rounds, {i} simulated/standalone pairs; "
+        f"standalone torch threads {torch.get_num_threads()}; quiet = foreign processes used "
+        f"<= {args.quiet} cores (goal ratio <= 1.10)"
     )
     print(format_table(summary))
     for name, runs in (("simulated", sim_runs), ("standalone", alone_runs)):
         for run in runs:
-            rounds = ", ".join(f"{x:.2f}" for x in run["round_seconds"])
-            print(
-                f"  {name}: rounds [{rounds}] s; machine CPU use {_cores(run['machine_cores'])}"
-                f" cores, of which other processes {_cores(run.get('other_load_cores'))}"
-            )
+            print(_rounds_line(name, run))
     if args.json:
         write_json(
             args.json,
             {
                 "benchmark": "framework_overhead",
                 "machine": machine(),
-                "settings": vars(args) | {"out": str(args.out), "json": str(args.json)},
+                "settings": {
+                    k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                },
                 "simulated": sim_runs,
                 "standalone": alone_runs,
                 "summary": summary,

@@ -36,7 +36,11 @@ def score_adapter(
     """Accuracy and mean loss of the adapter on ``test_csv`` (``rows`` evenly spaced rows if set;
     the official files are sorted by intent, so a prefix would hold only a few intents)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # load_exported builds the bare base model first, and transformers reports the
+    # classification head as missing; PEFT then loads it from the adapter (modules_to_save)
+    hf_logging.set_verbosity_error()
     meta = json.loads((Path(adapter_dir) / METADATA_FILE).read_text())
     id2label = {int(k): v for k, v in meta["id2label"].items()}
     label2id = {v: k for k, v in id2label.items()}

@@ -75,8 +75,13 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _epochs_or_steps(self) -> TrainConfig:
-        if self.local_steps is not None and "local_epochs" in self.model_fields_set:
-            raise ValueError("set train.local_epochs or train.local_steps, not both")
+        if self.local_steps is not None:
+            if "local_epochs" in self.model_fields_set and self.local_epochs is not None:
+                raise ValueError("set train.local_epochs or train.local_steps, not both")
+            # written out as null, so a saved config validates again to the same thing
+            object.__setattr__(self, "local_epochs", None)
+        elif self.local_epochs is None:
+            raise ValueError("set train.local_epochs or train.local_steps")
         return self
 
     def steps_per_round(self, sample_rate: float) -> int:

@@ -100,6 +100,15 @@ def test_delta_must_be_below_one_over_n() -> None:
     assert "job.yaml" in str(err.value) and "privacy.delta" in str(err.value)
 
 
+def test_a_validated_config_round_trips_through_its_json() -> None:
+    """Simulated sites read the job back from the manifest: it must validate to the same job."""
+    for raw in ({"train": {"local_steps": 10}}, {"privacy": {"noise_multiplier": 1.1}}, {}):
+        job = JobConfig.model_validate(raw)
+        again = JobConfig.model_validate(job.model_dump(mode="json"))
+        assert again == job and again.fingerprint() == job.fingerprint()
+    assert JobConfig.model_validate({"train": {"local_steps": 10}}).train.local_epochs is None
+
+
 def test_fingerprint_changes_with_content() -> None:
     a = JobConfig()
     b = JobConfig.model_validate({"seed": 1})

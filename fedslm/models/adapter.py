@@ -101,6 +101,9 @@ def load_exported(adapter_dir: Path, base_dir: Path) -> torch.nn.Module:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from fedslm.models.loading import quiet_transformers
+
+    quiet_transformers()  # its "classifier MISSING" report is expected: the adapter holds it
     meta = json.loads((Path(adapter_dir) / METADATA_FILE).read_text())
     if meta["task"] == "classification":
         id2label = {int(k): v for k, v in meta["id2label"].items()}

@@ -70,7 +70,7 @@ def load_model(
         AutoTokenizer,
     )
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -117,7 +117,7 @@ def load_model(
     return LoadedModel(model, tokenizer, task, labels, device, family)
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """transformers prints a load report and progress bars per model; a site loads one model
     per process and its operators need fedslm's own lines, not these."""
     import warnings

@@ -1,0 +1,61 @@
+"""Run the benchmarks one after another and print their tables (``make bench``).
+
+Each benchmark runs in its own process, so one cannot leave torch threads or Ray state behind
+for the next. Raw results go to ``--out`` as JSON.
+
+    python -m bench.run_all [--with-utility] [--quick] [--out runs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import REPO
+
+
+def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list[str]]]:
+    """(name, argv) of each benchmark to run, in order."""
+    dp = ["--json", str(out / "dp_overhead.json")]
+    fw = ["--json", str(out / "framework_overhead.json"), "--out", str(out / "framework")]
+    util = ["--out", str(out / ("banking77-quick" if quick else "banking77"))]
+    if quick:
+        # a check that every benchmark runs, not a measurement
+        dp += ["--steps", "3", "--warmup", "1", "--budget", "30", "--max-wait", "0"]
+        fw += ["--rounds", "2", "--local-steps", "2", "--repeats", "1", "--max-repeats", "1"]
+        fw += ["--max-wait", "0"]
+        util += ["--quick"]
+    runs = [("dp_overhead", dp), ("framework_overhead", fw)]
+    if with_utility:
+        runs.append(("utility_banking77", util))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m bench.run_all``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for JSON results")
+    ap.add_argument(
+        "--with-utility", action="store_true", help="also run BANKING77 (about an hour)"
+    )
+    ap.add_argument("--quick", action="store_true", help="tiny settings: check, don't measure")
+    args = ap.parse_args(argv)
+    out = args.out.resolve()
+    failed = []
+    for name, extra in commands(out, args.with_utility, args.quick):
+        print(f"\n== {name} ==", flush=True)
+        start = time.perf_counter()
+        code = subprocess.run([sys.executable, "-m", f"bench.{name}", *extra], cwd=REPO).returncode
+        print(f"({name}: {time.perf_counter() - start:.0f} s, exit {code})", flush=True)
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
