@@ -155,6 +155,9 @@ class Site:
         self.loaded: LoadedModel = load_model(
             model.path, job.task.type, job.lora, labels, device, seed=job.seed
         )
+        # a training reply carries every adapter tensor as float32
+        initial = get_adapter_state(self.loaded.model)
+        self.adapter_bytes = sum(4 * t.numel() for t in initial.values())
         self.train_data = self._encode(train_file)
         self.eval_data = self._encode(eval_file)
         self.plan = plan_privacy(job, len(self.train_data), source)
@@ -176,10 +179,6 @@ class Site:
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The adapter as initialised from the job seed (identical at every site)."""
         return get_adapter_state(self.loaded.model)
-
-    def adapter_bytes(self) -> int:
-        """Bytes of adapter tensors a training reply carries (float32)."""
-        return sum(4 * t.numel() for t in get_adapter_state(self.loaded.model).values())
 
     def refusal(self, round_num: int) -> list[str]:
         """Reasons the site's policy gives not to train ``round_num`` (empty: go ahead).
@@ -211,7 +210,7 @@ class Site:
             seg = self._segment()
             job_eps = self._epsilon([*mine, seg])
             lifetime_eps = self._epsilon([*others, *mine, seg]) if others else job_eps
-        return check_round(self.policy, bytes_to_send=self.adapter_bytes(),
+        return check_round(self.policy, bytes_to_send=self.adapter_bytes,
                            lifetime_epsilon_after=lifetime_eps, job_epsilon_after=job_eps)
 
     def train_round(
@@ -235,9 +234,9 @@ class Site:
             with self._ledger() as ledger:
                 entry = ledger.record(self.dataset, self.job_id, round_num, self._segment(),
                                       plan.delta, plan.accountant)  # type: ignore[arg-type]
-                job_segments = [e.segment for e in ledger.entries(self.dataset)
-                                if e.job_id == self.job_id]
-                alone = all(e.job_id == self.job_id for e in ledger.entries(self.dataset))
+                recorded = ledger.entries(self.dataset)
+            job_segments = [e.segment for e in recorded if e.job_id == self.job_id]
+            alone = len(job_segments) == len(recorded)
         set_adapter_state(self.loaded.model, global_state)
         params = [p for p in self.loaded.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, t.optimizer, t.learning_rate, t.weight_decay)
@@ -286,7 +285,7 @@ class Site:
         return epsilon(segments, self.plan.delta, self.plan.accountant)  # type: ignore[arg-type]
 
     def _ledger(self) -> PrivacyLedger:
-        return PrivacyLedger.open(self.ledger_path, self.dataset)
+        return PrivacyLedger(self.ledger_path, self.dataset)
 
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> EvalResult:
         """Loss and accuracy of the global adapter on this site's held-out split."""

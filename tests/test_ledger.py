@@ -43,7 +43,7 @@ def ledger_path(tmp_path: Path) -> Path:
 
 
 def _fill(path: Path, n: int = 4, dataset: str = DS) -> list[LedgerEntry]:
-    with PrivacyLedger.open(path) as ledger:
+    with PrivacyLedger(path) as ledger:
         return [
             ledger.record(dataset, f"job-{i // 2}", i % 2 + 1, SEG, DELTA, "pld") for i in range(n)
         ]
@@ -87,7 +87,7 @@ def test_fingerprint_of_jsonl_and_csv(tmp_path: Path) -> None:
 
 
 def test_entries_chain_and_epsilons(ledger_path: Path) -> None:
-    with PrivacyLedger.open(ledger_path) as ledger:
+    with PrivacyLedger(ledger_path) as ledger:
         e1 = ledger.record(DS, "job-1", 1, SEG, DELTA, "pld", now=1000.0)
         e2 = ledger.record(DS, "job-1", 2, Segment(0.02, 4.0, 5), DELTA, "rdp", now=1001.0)
         e3 = ledger.record(OTHER, "job-9", 1, SEG, 1e-6, "pld", now=1002.0)
@@ -112,7 +112,7 @@ def test_entries_chain_and_epsilons(ledger_path: Path) -> None:
     assert e3.epsilon == epsilon([SEG], 1e-6, "pld")  # the other data set starts from zero
 
     # survives closing and reopening (a fresh process per message in deployment)
-    with PrivacyLedger.open(ledger_path) as again:
+    with PrivacyLedger(ledger_path) as again:
         assert again.entries() == [e1, e2, e3]
         again.record(DS, "job-2", 1, SEG, DELTA, "pld")
         assert again.verify() == []
@@ -121,7 +121,7 @@ def test_entries_chain_and_epsilons(ledger_path: Path) -> None:
 
 def test_record_computes_and_checks_the_callers_epsilon(ledger_path: Path) -> None:
     seg = Segment(0.05, 1.0, 20)  # PRV is quick at epsilons near 1
-    with PrivacyLedger.open(ledger_path) as ledger:
+    with PrivacyLedger(ledger_path) as ledger:
         eps = epsilon([seg], DELTA, "prv")
         entry = ledger.record(DS, "j", 1, seg, DELTA, "prv", epsilon=eps)
         assert entry.epsilon == pytest.approx(eps, rel=1e-9)
@@ -133,7 +133,7 @@ def test_record_computes_and_checks_the_callers_epsilon(ledger_path: Path) -> No
 
 
 def test_recording_the_same_round_twice_counts_once(ledger_path: Path) -> None:
-    with PrivacyLedger.open(ledger_path) as ledger:
+    with PrivacyLedger(ledger_path) as ledger:
         first = ledger.record(DS, "job", 3, SEG, DELTA, "pld", now=10.0)
         again = ledger.record(DS, "job", 3, SEG, DELTA, "pld", now=20.0)
         assert again == first
@@ -149,10 +149,10 @@ def test_recording_the_same_round_twice_counts_once(ledger_path: Path) -> None:
 
 
 def test_clock_going_backwards_is_refused_and_nothing_written(ledger_path: Path) -> None:
-    with PrivacyLedger.open(ledger_path) as ledger:
+    with PrivacyLedger(ledger_path) as ledger:
         ledger.record(DS, "job", 1, SEG, DELTA, "pld", now=5000.0)
     before = ledger_path.read_bytes()
-    with PrivacyLedger.open(ledger_path) as ledger:
+    with PrivacyLedger(ledger_path) as ledger:
         with pytest.raises(LedgerError, match="clock went backwards"):
             ledger.record(DS, "job", 2, SEG, DELTA, "pld", now=4999.0)
         # the chain is per file, so another data set cannot go back in time either
@@ -240,7 +240,7 @@ def test_tampering_is_detected(
     _fill(ledger_path)
     tamper, message = TAMPERS[name]
     tamper(ledger_path)
-    with PrivacyLedger.open(ledger_path) as ledger:
+    with PrivacyLedger(ledger_path) as ledger:
         problems = ledger.verify()
         assert len(problems) == 1, problems
         assert re.search(message, problems[0]), problems[0]
@@ -264,7 +264,7 @@ def test_corrupted_file_is_refused_and_left_unchanged(tmp_path: Path) -> None:
     junk = random.Random(1).randbytes(8192)
     path.write_bytes(junk)
     with pytest.raises(LedgerError, match=r"ledger\.sqlite.*not a readable.*not modified"):
-        PrivacyLedger.open(path)
+        PrivacyLedger(path)
     assert path.read_bytes() == junk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.sqlite"]  # no -wal, -shm
     assert verify_file(path) == 2
@@ -275,7 +275,7 @@ def test_corrupted_file_is_refused_and_left_unchanged(tmp_path: Path) -> None:
     data = bytearray(good.read_bytes())
     data[4096 : 4096 + 2048] = random.Random(2).randbytes(2048)
     good.write_bytes(bytes(data))
-    with pytest.raises(LedgerError, match=r"good\.sqlite"), PrivacyLedger.open(good) as ledger:
+    with pytest.raises(LedgerError, match=r"good\.sqlite"), PrivacyLedger(good) as ledger:
         ledger.verify()
 
 
@@ -287,13 +287,13 @@ def test_foreign_sqlite_file_and_empty_file_are_refused(tmp_path: Path) -> None:
     conn.close()
     before = foreign.read_bytes()
     with pytest.raises(LedgerError, match=r"app\.db.*not a fedslm privacy ledger.*not modified"):
-        PrivacyLedger.open(foreign)
+        PrivacyLedger(foreign)
     assert foreign.read_bytes() == before  # in particular, not switched to WAL
 
     empty = tmp_path / "empty.sqlite"
     empty.write_bytes(b"")
     with pytest.raises(LedgerError, match="empty"):
-        PrivacyLedger.open(empty)
+        PrivacyLedger(empty)
     assert empty.read_bytes() == b""
 
 
@@ -305,14 +305,14 @@ def test_locked_ledger_gives_a_clear_error_and_stays_intact(ledger_path: Path) -
         t0 = time.monotonic()
         with (
             pytest.raises(LedgerError, match=r"ledger\.sqlite: ledger is locked by another"),
-            PrivacyLedger.open(ledger_path, timeout=0.3) as ledger,
+            PrivacyLedger(ledger_path, timeout=0.3) as ledger,
         ):
             ledger.record(DS, "job-5", 1, SEG, DELTA, "pld")
         assert time.monotonic() - t0 < 5
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    with PrivacyLedger.open(ledger_path) as ledger:
+    with PrivacyLedger(ledger_path) as ledger:
         assert ledger.entries() == entries
         assert ledger.verify() == []
         ledger.record(DS, "job-5", 1, SEG, DELTA, "pld")
@@ -324,27 +324,27 @@ def test_ledger_of_another_data_set_is_refused(tmp_path: Path) -> None:
     data_b.write_text('{"t": 1}\n')
     fp_a, fp_b = DatasetFingerprint.of_file(data_a), DatasetFingerprint.of_file(data_b)
     path = tmp_path / "ledger.sqlite"
-    with PrivacyLedger.open(path, fp_a) as ledger:
+    with PrivacyLedger(path, fp_a) as ledger:
         assert ledger.bound_dataset == fp_a.key
         ledger.record(fp_a, "job", 1, SEG, DELTA, "pld")
         with pytest.raises(LedgerError, match="belongs to data set"):
             ledger.record(fp_b, "job", 1, SEG, DELTA, "pld")
     before = path.read_bytes()
     with pytest.raises(LedgerError, match=f"belongs to data set {fp_a.key}, not {fp_b.key}"):
-        PrivacyLedger.open(path, fp_b)
+        PrivacyLedger(path, fp_b)
     assert path.read_bytes() == before
     # the data file changed (a row appended): its fingerprint no longer matches the ledger
     data_a.write_text('{"t": 1}\n{"t": 2}\n{"t": 3}\n')
     with pytest.raises(LedgerError, match="belongs to data set"):
-        PrivacyLedger.open(path, DatasetFingerprint.of_file(data_a))
-    with PrivacyLedger.open(path, fp_a) as ledger:
+        PrivacyLedger(path, DatasetFingerprint.of_file(data_a))
+    with PrivacyLedger(path, fp_a) as ledger:
         assert len(ledger.entries()) == 1
 
     # an unbound ledger holding other data sets cannot be bound to one of them afterwards
     shared = tmp_path / "shared.sqlite"
     _fill(shared, 1, dataset=OTHER)
     with pytest.raises(LedgerError, match="already holds entries"):
-        PrivacyLedger.open(shared, fp_a)
+        PrivacyLedger(shared, fp_a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,7 +353,7 @@ def test_ledger_of_another_data_set_is_refused(tmp_path: Path) -> None:
 
 def test_budget_arithmetic_matches_the_accountant(ledger_path: Path) -> None:
     segs = [Segment(0.01, 4.0, 200), Segment(0.02, 3.0, 100)]
-    with PrivacyLedger.open(ledger_path) as ledger:
+    with PrivacyLedger(ledger_path) as ledger:
         assert ledger.spent(DS, DELTA) == 0.0
         for i, s in enumerate(segs):
             ledger.record(DS, "job", i + 1, s, DELTA, "pld")
@@ -451,7 +451,7 @@ class SlowCommit:
 
 path, dataset, job, mode = sys.argv[1:5]
 epsilon([Segment(0.01, 4.0, 10)], 1e-5, "pld")  # import dp-accounting before the clock starts
-with PrivacyLedger.open(path, dataset) as ledger:
+with PrivacyLedger(path, dataset) as ledger:
     if mode == "slow":
         ledger._conn = SlowCommit(ledger._conn)
     print("ready", flush=True)
@@ -507,7 +507,7 @@ def test_sigkill_loses_no_committed_entry_and_counts_no_step_twice(ledger_path: 
                 run_seqs.append(seq)
                 assert reported.setdefault(seq, (job, rnd)) == (job, rnd)  # seq keeps meaning
 
-        with PrivacyLedger.open(ledger_path, DS) as ledger:
+        with PrivacyLedger(ledger_path, DS) as ledger:
             entries = ledger.entries()
             assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
             keys = [(e.dataset, e.job_id, e.round) for e in entries]
@@ -524,7 +524,7 @@ def test_sigkill_loses_no_committed_entry_and_counts_no_step_twice(ledger_path: 
                 assert len(entries) == max([count, *run_seqs]), f"half-written entry, kill {run}"
             count = len(entries)
     assert len(reported) >= 6, "the child hardly got to record; raise the sleep"
-    with PrivacyLedger.open(ledger_path) as ledger:
+    with PrivacyLedger(ledger_path) as ledger:
         assert ledger.verify() == []
         entries = ledger.entries()
         # every step counted exactly once: the composed spend is that of the distinct rounds

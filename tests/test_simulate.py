@@ -183,7 +183,7 @@ def test_ledgers_hold_every_round_and_verify(bert_run: Path) -> None:
     privacy = json.loads((bert_run / "privacy.json").read_text())
     for site in ("site-1", "site-2", "site-3"):
         path = bert_run / "sites" / site / "ledger.db"
-        with PrivacyLedger.open(path, create=False) as ledger:
+        with PrivacyLedger(path, create=False) as ledger:
             assert ledger.verify() == []
             entries = ledger.entries()
         assert [e.round for e in entries] == [1, 2]
@@ -203,7 +203,7 @@ def test_a_site_policy_refusal_trains_nothing(tmp_path: Path, tiny_bert: Path) -
     assert "site-3" not in rnd["bytes_sent"]
     from fedslm.privacy.ledger import PrivacyLedger
 
-    with PrivacyLedger.open(out / "sites" / "site-3" / "ledger.db", create=False) as ledger:
+    with PrivacyLedger(out / "sites" / "site-3" / "ledger.db", create=False) as ledger:
         assert ledger.entries() == []  # nothing trained, nothing spent
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["sites"]["site-3"]["refusals"]

@@ -29,7 +29,7 @@ Stored epsilons are informational; every budget decision recomputes from the seg
 A site, each round::
 
     fp = DatasetFingerprint.of_file(train_file)
-    with PrivacyLedger.open(ledger_file, fp) as ledger:
+    with PrivacyLedger(ledger_file, fp) as ledger:
         ledger.check_budget(fp, [planned], budget, delta)  # BudgetExhaustedError: do not train
         ledger.record(fp, job_id, round, planned, delta)   # before the update leaves the site
         ...train, reply...
@@ -293,7 +293,7 @@ def _check_delta(delta: float) -> float:
 class PrivacyLedger:
     """A privacy ledger file; see the module docstring for its guarantees.
 
-    ``PrivacyLedger(path)`` or ``PrivacyLedger.open(path)`` creates the file if it does not
+    ``PrivacyLedger(path)`` or ``PrivacyLedger(path)`` creates the file if it does not
     exist. With ``dataset`` given, the file is bound to that data set on first use and refuses
     any other afterwards. ``timeout`` is how long to wait for another process's write before
     reporting the ledger as locked. Use it as a context manager or call :meth:`close`.
@@ -350,21 +350,6 @@ class PrivacyLedger:
             conn.close()
             self._conn = None
             raise
-
-    @classmethod
-    def open(
-        cls,
-        path: str | Path,
-        dataset: DatasetFingerprint | str | None = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        create: bool = True,
-    ) -> PrivacyLedger:
-        """Open the ledger at ``path``, creating it unless ``create`` is False.
-
-        Same as the constructor.
-        """
-        return cls(path, dataset, timeout=timeout, create=create)
 
     # ---- lifecycle
 

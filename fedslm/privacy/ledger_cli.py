@@ -25,7 +25,7 @@ def show_text(path: str | Path, budget: float | None = None) -> str:
     set). A broken chain is reported at the top instead of failing, so an operator can still
     see what is in the file. Raises ``LedgerError`` if the file cannot be read.
     """
-    with PrivacyLedger.open(path, create=False) as ledger:
+    with PrivacyLedger(path, create=False) as ledger:
         entries, problems = ledger._snapshot()
         bound = ledger.bound_dataset
     lines = [f"privacy ledger {path}: {_plural(len(entries), 'entry', 'entries')}"]
@@ -80,7 +80,7 @@ def _plural(n: int, one: str, many: str) -> str:
 def verify_file(path: str | Path) -> int:
     """Verify a ledger file and print the outcome. Exit code: 0 ok, 1 discrepancy, 2 unreadable."""
     try:
-        with PrivacyLedger.open(path, create=False) as ledger:
+        with PrivacyLedger(path, create=False) as ledger:
             problems = ledger.verify()
             count = len(ledger.entries())
     except LedgerError as exc:
