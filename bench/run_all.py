@@ -22,13 +22,25 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
     dp = ["--json", str(out / "dp_overhead.json")]
     fw = ["--json", str(out / "framework_overhead.json"), "--out", str(out / "framework")]
     util = ["--out", str(out / ("banking77-quick" if quick else "banking77"))]
+    ledger = ["--json", str(out / "ledger_overhead.json")]
+    families = ["--json", str(out / "families.json")]
+    aggregation = ["--json", str(out / "aggregation_throughput.json")]
     if quick:
         # a check that every benchmark runs, not a measurement
         dp += ["--steps", "3", "--warmup", "1", "--budget", "30", "--max-wait", "0"]
         fw += ["--rounds", "2", "--local-steps", "2", "--repeats", "1", "--max-repeats", "1"]
         fw += ["--max-wait", "0"]
         util += ["--quick"]
-    runs = [("dp_overhead", dp), ("framework_overhead", fw)]
+        ledger += ["--rows", "150", "--rounds", "2", "--max-wait", "0"]
+        families += ["--steps", "2", "--warmup", "1", "--max-wait", "0", "--budget", "10"]
+        aggregation += ["--counts", "2", "4", "--repeats", "1", "--max-wait", "0"]
+    runs = [
+        ("dp_overhead", dp),
+        ("framework_overhead", fw),
+        ("ledger_overhead", ledger),
+        ("families", families),
+        ("aggregation_throughput", aggregation),
+    ]
     if with_utility:
         runs.append(("utility_banking77", util))
     return runs

@@ -14,6 +14,11 @@ outside the repository, and only results, metrics, privacy reports and adapters 
 
     python -m bench.utility_banking77            # full run: ~40 min on 2 idle cores, ~60 busy
     python -m bench.utility_banking77 --quick    # a couple of minutes: checks the pipeline
+
+``--study aggregation`` runs the LoRA aggregation comparison instead (issue 6): federated,
+without DP and at epsilon 8, with ``fedavg-factors``, ``ffa`` and ``exact``. ``exact`` runs
+the five sites at different ranks (4, 8, 8, 16, 16; global rank 16); the two factor-averaging
+rules need one rank everywhere and run at rank 8 (the job default).
 """
 
 from __future__ import annotations
@@ -40,6 +45,27 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "federated-nodp": ("simulate", ["privacy.enabled=false"]),
     "federated-dp-eps8": ("simulate", ["privacy.target_epsilon=8.0"]),
     "federated-dp-eps3": ("simulate", ["privacy.target_epsilon=3.0"]),
+}
+
+# rank per site for the heterogeneous-rank 'exact' runs (5 sites)
+EXACT = [
+    "federation.aggregation=exact",
+    "lora.r=16",
+    "lora.alpha=32",
+    "federation.site_ranks={site-1: 4, site-2: 8, site-3: 8, site-4: 16, site-5: 16}",
+]
+AGGREGATION_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "nodp-fedavg-factors": ("simulate", ["privacy.enabled=false"]),
+    "nodp-ffa": ("simulate", ["privacy.enabled=false", "federation.aggregation=ffa"]),
+    "nodp-exact": ("simulate", ["privacy.enabled=false", *EXACT]),
+    "dp8-fedavg-factors": ("simulate", ["privacy.target_epsilon=8.0"]),
+    "dp8-ffa": ("simulate", ["privacy.target_epsilon=8.0", "federation.aggregation=ffa"]),
+    "dp8-exact": ("simulate", ["privacy.target_epsilon=8.0", *EXACT]),
+}
+VARIANTS.update(AGGREGATION_VARIANTS)
+STUDIES = {
+    "utility": [k for k in VARIANTS if k not in AGGREGATION_VARIANTS],
+    "aggregation": list(AGGREGATION_VARIANTS),
 }
 
 
@@ -69,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--test-rows", type=int, help="score only N evenly spaced test rows")
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants")
     ap.add_argument(
+        "--study",
+        choices=list(STUDIES),
+        default="utility",
+        help="utility: centralized vs federated vs DP; aggregation: fedavg-factors/ffa/exact",
+    )
+    ap.add_argument(
         "--quick",
         action="store_true",
         help="tiny settings (1,000 train rows, 1 round, 300 test rows) to check the pipeline",
@@ -80,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rounds, args.local_epochs, args.batch_size = 1, 0.25, 32
         if args.out == Path("runs/bench-banking77"):
             args.out = Path("runs/bench-banking77-quick")
+    if args.study != "utility" and args.out.name.startswith("bench-banking77"):
+        args.out = args.out.with_name(args.out.name.replace("banking77", f"{args.study}-banking77"))
     return args
 
 
@@ -183,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     started = time.perf_counter()
     try:
-        for name in args.only or list(VARIANTS):
+        for name in args.only or STUDIES[args.study]:
             res = run_variant(name, config, work, out)
             res |= summarize_run(out / name)
             t = time.perf_counter()

@@ -39,6 +39,7 @@ def encode_update(
         "train-loss": _finite(u.train_loss),
         "steps": u.steps,
         "seconds": u.seconds,
+        "privacy-seconds": u.privacy_seconds,
     }
     info: dict[str, str | int | float | bool] = {"site": site, "dp": u.segment is not None}
     if u.segment is not None and u.epsilon is not None:
@@ -77,6 +78,7 @@ def decode_update(content: RecordDict) -> SiteReport:
         train_loss=loss if loss >= 0 else math.nan,
         steps=int(m["steps"]),
         seconds=float(m["seconds"]),
+        privacy_seconds=float(m.get("privacy-seconds", 0.0)),
         bytes_sent=arrays.count_bytes() + m.count_bytes() + info.count_bytes(),
         segment=segment,
         epsilon=float(info["epsilon"]) if segment else None,

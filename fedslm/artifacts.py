@@ -41,6 +41,23 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
+def write_torch(path: Path, data: Any) -> None:
+    """``torch.save`` ``data`` to ``path`` atomically (tensors, numbers, dicts only)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON object as one line, flushed to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)

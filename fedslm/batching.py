@@ -8,8 +8,11 @@ what the accountant assumes, so batch sizes vary and a batch can be empty.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from fedslm.errors import ModelError
 
 IGNORE = -100  # label value the loss skips (prompt tokens, padding)
 
@@ -34,18 +37,69 @@ def encode_classification(
     return Encoded(ids, [label_ids[label] for label in labels], tokenizer.pad_token_id)
 
 
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How one prompt/response pair becomes a token sequence.
+
+    ``chat``: the tokenizer's own chat template renders a user turn holding the prompt and an
+    assistant turn holding the response; the response tokens are what the full conversation adds
+    after the generation prompt (so they end with the template's own end-of-turn tokens).
+    ``plain``: the prompt is put into ``text`` at ``{prompt}`` and tokenised with the
+    tokenizer's special tokens (e.g. bos); the response follows, then eos. ``{prompt}`` alone is
+    the prompt as written in the data.
+    """
+
+    kind: Literal["chat", "plain"]
+    text: str = "{prompt}"
+
+    def describe(self) -> str:
+        """A short description for logs and metadata."""
+        return "the checkpoint's chat template" if self.kind == "chat" else repr(self.text)
+
+    def pair_ids(self, tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+        """Token ids of the prompt part and of the response part (which carries the labels)."""
+        if self.kind == "plain":
+            p = tokenizer(self.text.replace("{prompt}", prompt))["input_ids"]
+            r = tokenizer(response, add_special_tokens=False)["input_ids"]
+            return p, [*r, tokenizer.eos_token_id]
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            [*user, {"role": "assistant", "content": response}], tokenize=False
+        )
+        if not full.startswith(head):
+            # e.g. templates that rewrite earlier turns once an answer follows: the prompt tokens
+            # seen in training would not be the ones the model is prompted with later
+            raise ModelError(
+                "the tokenizer's chat template renders the prompt differently once a response "
+                "follows, so prompt and response cannot be separated; set model.prompt_template "
+                "to a plain template such as '{prompt}'"
+            )
+        # the template writes its own special tokens (bos, turn markers): add none here
+        p = tokenizer(head, add_special_tokens=False)["input_ids"]
+        r = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
+        return p, r
+
+
+RAW_PROMPT = PromptTemplate("plain", "{prompt}")
+
+
 def encode_instructions(
-    tokenizer, prompts: list[str], responses: list[str], max_length: int
+    tokenizer,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    template: PromptTemplate | None = None,
 ) -> Encoded:
-    """Tokenise prompt+response pairs; only response tokens (and the final eos) carry labels.
+    """Tokenise prompt+response pairs; only response tokens (and the final eos or end-of-turn
+    tokens) carry labels. ``template`` (default: the raw prompt) says how a pair is laid out.
 
     When a pair is too long the prompt is cut from the left, so the response is always learned.
     """
+    template = template or RAW_PROMPT
     input_ids, targets = [], []
-    eos = tokenizer.eos_token_id
     for prompt, response in zip(prompts, responses, strict=True):
-        p = tokenizer(prompt)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
+        p, r = template.pair_ids(tokenizer, prompt, response)
         r = r[: max_length - 1]
         p = p[-(max_length - len(r)) :] if len(p) + len(r) > max_length else p
         input_ids.append(p + r)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedslm.coordinator import SiteEval, SiteReport
+from fedslm.coordinator import SiteEval
 from fedslm.data import SiteFiles, read_rows, write_rows
+from fedslm.inprocess import to_report
 from fedslm.job import PreparedJob, SiteSetup, make_coordinator
 from fedslm.policy import SitePolicy
 from fedslm.progress import Reporter
-from fedslm.site import Site, SiteUpdate
+from fedslm.site import Site
 
 POOLED = "pooled"
 
@@ -44,30 +45,19 @@ def pooled_job(prepared: PreparedJob) -> PreparedJob:
         write_rows(rows, files[split])
     # The pooled data set is a baseline, not a site: no site policy applies, but its DP spend
     # is still recorded in a ledger like any other.
-    setup = SiteSetup(SiteFiles(POOLED, files["train"], files["eval"]), SitePolicy(),
-                      prepared.site_dir(POOLED) / "ledger.db")
-    return PreparedJob(job, prepared.source, prepared.out, prepared.job_id, [setup],
-                       prepared.labels, prepared.model)
-
-
-def to_report(site: Site, u: SiteUpdate, bytes_sent: int = 0) -> SiteReport:
-    """A site's update as the coordinator sees it, without a network in between."""
-    p = site.plan
-    return SiteReport(
-        site.name,
-        u.state,
-        u.num_examples,
-        u.train_loss,
-        u.steps,
-        u.seconds,
-        bytes_sent,
-        u.segment,
-        u.epsilon,
-        p.delta if p.enabled else None,
-        p.accountant if p.enabled else None,
-        p.max_grad_norm if p.enabled else None,
-        u.lifetime_epsilon,
-        u.ledger_head,
+    setup = SiteSetup(
+        SiteFiles(POOLED, files["train"], files["eval"]),
+        SitePolicy(),
+        prepared.site_dir(POOLED) / "ledger.db",
+    )
+    return PreparedJob(
+        job,
+        prepared.source,
+        prepared.out,
+        prepared.job_id,
+        [setup],
+        prepared.labels,
+        prepared.model,
     )
 
 

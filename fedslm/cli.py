@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     from fedslm.privacy.ledger_cli import add_cli as add_ledger_cli
 
     add_ledger_cli(sub)
+    from fedslm.policy_cli import add_cli as add_policy_cli
+
+    add_policy_cli(sub)
+    model = sub.add_parser("model", help="facts about a local model folder")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    sha = model_sub.add_parser(
+        "sha256", help="the weights hash a site policy's allowed_base_models lists"
+    )
+    sha.add_argument("folder", type=Path, help="a Hugging Face model folder")
+    sha.set_defaults(handler=_model_sha256)
     return parser
 
 
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "synth":
             return _synth(args)
-        if args.command == "ledger":
+        if args.command in ("ledger", "policy", "model"):
             return args.handler(args)
     except FedSLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -151,7 +161,24 @@ def _print_summary(out: Path, reporter: Reporter) -> None:
             reporter.info(f"  {site}: refused ({p['refusals'][-1]})")
         else:
             reporter.info(f"  {site}: no DP")
+    central = privacy.get("central")
+    if central:
+        reporter.info(
+            f"  site-level (central DP): epsilon {central['epsilon']:.3f} "
+            f"({central['accountant']}), exact {central['epsilon_analytic']:.3f} "
+            f"[{central['epsilon_check']}], delta {central['delta']:g}, "
+            f"{central['rounds_released']} rounds released"
+        )
     reporter.info(f"outputs: {out}/adapter, metrics.jsonl, privacy.json, checkpoints/")
+
+
+def _model_sha256(args: argparse.Namespace) -> int:
+    from fedslm.models.registry import weights_sha256
+
+    if not (args.folder / "config.json").is_file():
+        raise FedSLMError(f"{args.folder}: not a Hugging Face model folder (no config.json)")
+    print(f"{weights_sha256(args.folder)}  {args.folder}")
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:

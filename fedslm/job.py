@@ -65,11 +65,21 @@ class PreparedJob:
             "source": self.source,
             "job_id": self.job_id,
             "labels": self.labels,
-            "model": {"path": str(self.model.path), "name": self.model.name,
-                      "sha256": self.model.sha256},
-            "sites": [{"name": s.name, "train": str(s.files.train), "eval": str(s.files.eval),
-                       "policy": s.policy.model_dump(mode="json"), "ledger": str(s.ledger)}
-                      for s in self.sites],
+            "model": {
+                "path": str(self.model.path),
+                "name": self.model.name,
+                "sha256": self.model.sha256,
+            },
+            "sites": [
+                {
+                    "name": s.name,
+                    "train": str(s.files.train),
+                    "eval": str(s.files.eval),
+                    "policy": s.policy.model_dump(mode="json"),
+                    "ledger": str(s.ledger),
+                }
+                for s in self.sites
+            ],
         }
         write_json(path, data)
         return path
@@ -83,12 +93,18 @@ class PreparedJob:
             source=data["source"],
             out=Path(path).parent,
             job_id=data["job_id"],
-            sites=[SiteSetup(SiteFiles(s["name"], Path(s["train"]), Path(s["eval"])),
-                             SitePolicy.model_validate(s["policy"]), Path(s["ledger"]))
-                   for s in data["sites"]],
+            sites=[
+                SiteSetup(
+                    SiteFiles(s["name"], Path(s["train"]), Path(s["eval"])),
+                    SitePolicy.model_validate(s["policy"]),
+                    Path(s["ledger"]),
+                )
+                for s in data["sites"]
+            ],
             labels=data["labels"],
-            model=ResolvedModel(Path(data["model"]["path"]), data["model"]["name"],
-                                data["model"]["sha256"]),
+            model=ResolvedModel(
+                Path(data["model"]["path"]), data["model"]["name"], data["model"]["sha256"]
+            ),
         )
 
 
@@ -107,8 +123,9 @@ def prepare_job(job: JobConfig, source: str, out: Path) -> PreparedJob:
     location under ``out/sites/SITE``."""
     policies = site_policies(job, source)  # before anything is written
     model = resolve_model(job.model)
-    files = materialize_sites(job.data, job.federation.site_names, job.task.type, job.seed,
-                              out / "sites")
+    files = materialize_sites(
+        job.data, job.federation.site_names, job.task.type, job.seed, out / "sites"
+    )
     labels: list[str] = []
     if job.task.type == "classification":
         labels = job.data.labels or infer_labels(files, job.data.label_column)
@@ -142,7 +159,17 @@ def adapter_metadata(p: PreparedJob) -> dict[str, Any]:
 
 def make_coordinator(p: PreparedJob) -> Coordinator:
     """A coordinator holding the job's initial adapter (same seed as every site)."""
-    loaded = load_model(p.model.path, p.job.task.type, p.job.lora, p.labels,
-                        select_device("cpu"), seed=p.job.seed)
+    loaded = load_model(
+        p.model.path,
+        p.job.task.type,
+        p.job.lora,
+        p.labels,
+        select_device("cpu"),
+        seed=p.job.seed,
+        options=p.job.model,
+    )
     meta = adapter_metadata(p) | {"pad_token_id": loaded.tokenizer.pad_token_id}
+    if loaded.defaults is not None:
+        # what was trained and how: targets, head, pad token, prompt template
+        meta["family_defaults"] = loaded.defaults.describe()
     return Coordinator(p.job, p.out, loaded.model, get_adapter_state(loaded.model), meta)

@@ -59,9 +59,25 @@ class SitePolicy(BaseModel):
     )
     allowed_tasks: list[str] = ["classification", "causal-lm"]
     max_rounds: Annotated[int, Field(ge=1)] = 100
+    max_lora_rank: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="Largest LoRA rank the site trains (bounds what its updates can carry). "
+        "With aggregation 'exact' the site trains at this rank instead; otherwise a job asking "
+        "for more is refused.",
+    )
     max_bytes_per_round: Annotated[int, Field(ge=1)] = 200_000_000
     data: str | None = Field(default=None, description="The site's data file.")
-    ledger: str | None = Field(default=None, description="The site's privacy ledger file.")
+    ledger: str | None = Field(
+        default=None,
+        description="The site's privacy ledger file (default: ledger.db next to the data file; "
+        "in simulation OUT/sites/SITE/ledger.db).",
+    )
+
+    def ledger_file(self) -> Path | None:
+        """Where this site's ledger lives: ``ledger``, else ``ledger.db`` beside ``data``."""
+        if self.ledger is not None:
+            return Path(self.ledger)
+        return Path(self.data).parent / "ledger.db" if self.data is not None else None
 
     @model_validator(mode="after")
     def _consistent(self) -> SitePolicy:
@@ -85,7 +101,12 @@ def load_policy(path: str | Path, overrides: dict[str, Any] | None = None) -> Si
         raise ConfigError(f"{path}: site policy is not valid YAML text: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a site policy is a mapping of keys")
-    return policy_from_mapping(merge_mappings(raw, overrides or {}), str(path))
+    raw = merge_mappings(raw, overrides or {})
+    for key in ("data", "ledger"):
+        # relative to the policy file, so the site daemon can run from any folder
+        if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
+            raw[key] = str((path.parent / raw[key]).resolve())
+    return policy_from_mapping(raw, str(path))
 
 
 def policy_from_mapping(raw: dict[str, Any], source: str) -> SitePolicy:
@@ -121,11 +142,13 @@ def check_job(
     planned: Sequence[Segment],
     spent: Sequence[Segment],
     accountant: str,
+    lora_rank: int | None = None,
 ) -> list[str]:
     """Reasons to refuse the whole job before round 1 (empty: the job is allowed).
 
     ``planned`` is every segment the job would spend on this site's data; ``spent`` is what the
-    data set has already spent in earlier jobs (from the ledger).
+    data set has already spent in earlier jobs (from the ledger). ``lora_rank`` is the rank the
+    site would train at (None: not checked).
     """
     reasons: list[str] = []
     limits = policy.privacy
@@ -133,6 +156,15 @@ def check_job(
         reasons.append(f"task {task!r} is not in the site's allowed_tasks {policy.allowed_tasks}")
     if rounds > policy.max_rounds:
         reasons.append(f"the job asks for {rounds} rounds; the site allows {policy.max_rounds}")
+    if (
+        lora_rank is not None
+        and policy.max_lora_rank is not None
+        and lora_rank > policy.max_lora_rank
+    ):
+        reasons.append(
+            f"the job asks for LoRA rank {lora_rank}; the site allows at most "
+            f"{policy.max_lora_rank}"
+        )
     if policy.allowed_base_models is not None and model_sha256 not in policy.allowed_base_models:
         reasons.append(f"base model sha256 {model_sha256[:12]}… is not in allowed_base_models")
     if not dp_enabled:
@@ -162,8 +194,13 @@ def check_job(
     return reasons
 
 
-def check_round(policy: SitePolicy, *, bytes_to_send: int, lifetime_epsilon_after: float,
-                job_epsilon_after: float) -> list[str]:
+def check_round(
+    policy: SitePolicy,
+    *,
+    bytes_to_send: int,
+    lifetime_epsilon_after: float,
+    job_epsilon_after: float,
+) -> list[str]:
     """Reasons to refuse this round (empty: allowed).
 
     Epsilons are those the data set and the job would have spent once this round is counted.

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from fedslm.batching import Encoded, encode_classification, encode_instructions
-from fedslm.config import JobConfig
+from fedslm.config import JobConfig, LoraConfig
 from fedslm.data import read_examples, read_instructions
 from fedslm.errors import ConfigError, FedSLMError
+from fedslm.lora_math import to_site_rank
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
+from fedslm.models.adapter import freeze_lora_a
 from fedslm.models.registry import ResolvedModel
 from fedslm.policy import SitePolicy, check_job, check_round
 from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon
@@ -30,6 +32,7 @@ from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger
 from fedslm.training import (
     DPSettings,
     EvalResult,
+    Proximal,
     StepCallback,
     evaluate,
     make_optimizer,
@@ -85,6 +88,49 @@ def plan_privacy(job: JobConfig, records: int, source: str) -> PrivacyPlan:
     )
 
 
+def site_lora(job: JobConfig, site: str, policy: SitePolicy | None) -> LoraConfig:
+    """The LoRA shape ``site`` trains: the job's, at the site's rank.
+
+    With aggregation ``exact`` each site may have its own rank (``federation.site_ranks``) and
+    its policy's ``max_lora_rank`` lowers it; the other rules need the job's rank everywhere,
+    and a policy that caps it below refuses the job instead (``job_refusal``).
+    """
+    rank = job.federation.site_ranks.get(site, job.lora.r)
+    cap = policy.max_lora_rank if policy is not None else None
+    if job.federation.aggregation == "exact" and cap is not None:
+        rank = min(rank, cap)
+    return job.lora.model_copy(update={"r": rank})
+
+
+def job_refusal(
+    policy: SitePolicy,
+    job: JobConfig,
+    plan: PrivacyPlan,
+    model_sha256: str,
+    spent: list[Segment],
+    lora_rank: int | None = None,
+) -> list[str]:
+    """Reasons ``policy`` refuses the whole job before round 1 (empty: accepted).
+
+    Every step the job plans is costed on top of ``spent``, what the data set has already
+    spent in other jobs (from the ledger).
+    """
+    planned = [Segment(plan.sample_rate, plan.noise_multiplier, plan.total_steps)]
+    return check_job(
+        policy,
+        task=job.task.type,
+        rounds=job.federation.rounds,
+        model_sha256=model_sha256,
+        dp_enabled=plan.enabled,
+        delta=plan.delta,
+        noise_multiplier=plan.noise_multiplier,
+        planned=planned if plan.enabled else [],
+        spent=spent,
+        accountant=plan.accountant,
+        lora_rank=lora_rank,
+    )
+
+
 def check_delta(job: JobConfig, records: int, source: str) -> None:
     """Refuse a delta that is not below 1/N: it would allow leaking whole records."""
     delta = job.privacy.delta
@@ -121,7 +167,8 @@ class SiteUpdate:
     epsilon: float | None
     lifetime_epsilon: float | None
     ledger_head: str | None
-    seconds: float
+    seconds: float  # local training
+    privacy_seconds: float  # policy check, ledger read and write, every epsilon computed
 
 
 class Site:
@@ -152,9 +199,13 @@ class Site:
         self.dataset = DatasetFingerprint.of_file(train_file)
         self._job_refusal: list[str] | None = None
         device = _device(job)
+        self.lora = site_lora(job, name, policy)
         self.loaded: LoadedModel = load_model(
-            model.path, job.task.type, job.lora, labels, device, seed=job.seed
+            model.path, job.task.type, self.lora, labels, device, seed=job.seed, options=job.model
         )
+        if job.federation.aggregation == "ffa":
+            # before Opacus is attached: frozen A gets no per-sample hooks and never moves
+            freeze_lora_a(self.loaded.model)
         # a training reply carries every adapter tensor as float32
         initial = get_adapter_state(self.loaded.model)
         self.adapter_bytes = sum(4 * t.numel() for t in initial.values())
@@ -174,7 +225,7 @@ class Site:
                 tok, ex.texts, ex.labels, {label: i for i, label in enumerate(self.labels)}, n
             )
         ins = read_instructions(path, d.prompt_column, d.response_column)
-        return encode_instructions(tok, ins.prompts, ins.responses, n)
+        return encode_instructions(tok, ins.prompts, ins.responses, n, self.loaded.prompt_template)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The adapter as initialised from the job seed (identical at every site)."""
@@ -195,13 +246,8 @@ class Site:
         others = [e.segment for e in prior if e.job_id != self.job_id]
         mine = [e.segment for e in prior if e.job_id == self.job_id and e.round != round_num]
         if self._job_refusal is None:
-            self._job_refusal = check_job(
-                self.policy, task=self.job.task.type, rounds=self.job.federation.rounds,
-                model_sha256=self.model_sha256, dp_enabled=plan.enabled, delta=plan.delta,
-                noise_multiplier=plan.noise_multiplier,
-                planned=[Segment(plan.sample_rate, plan.noise_multiplier, plan.total_steps)]
-                if plan.enabled else [],
-                spent=others, accountant=plan.accountant,
+            self._job_refusal = job_refusal(
+                self.policy, self.job, plan, self.model_sha256, spent=others, lora_rank=self.lora.r
             )
         if self._job_refusal:
             return self._job_refusal
@@ -210,8 +256,12 @@ class Site:
             seg = self._segment()
             job_eps = self._epsilon([*mine, seg])
             lifetime_eps = self._epsilon([*others, *mine, seg]) if others else job_eps
-        return check_round(self.policy, bytes_to_send=self.adapter_bytes,
-                           lifetime_epsilon_after=lifetime_eps, job_epsilon_after=job_eps)
+        return check_round(
+            self.policy,
+            bytes_to_send=self.adapter_bytes,
+            lifetime_epsilon_after=lifetime_eps,
+            job_epsilon_after=job_eps,
+        )
 
     def train_round(
         self,
@@ -225,21 +275,37 @@ class Site:
         The ledger entry is written before training: a crash afterwards can over-count one
         round, never under-count, and a retried round is not counted twice.
         """
+        checked = time.perf_counter()
         reasons = self.refusal(round_num)
         if reasons:
             raise SiteRefusal(reasons)
         plan, t = self.plan, self.job.train
-        entry = None
+        entry = job_eps = None
+        with self._ledger() as ledger:
+            # A round without DP is recorded too, as noise 0 (epsilon inf): the data set was
+            # exposed, and a ledger that left it out would under-state the spend forever.
+            recorded_entry = ledger.record(
+                self.dataset,
+                self.job_id,
+                round_num,
+                self._segment(),
+                plan.delta,
+                plan.accountant,  # type: ignore[arg-type]
+            )
+            recorded = ledger.entries(self.dataset)
         if plan.enabled:
-            with self._ledger() as ledger:
-                entry = ledger.record(self.dataset, self.job_id, round_num, self._segment(),
-                                      plan.delta, plan.accountant)  # type: ignore[arg-type]
-                recorded = ledger.entries(self.dataset)
+            entry = recorded_entry
             job_segments = [e.segment for e in recorded if e.job_id == self.job_id]
             alone = len(job_segments) == len(recorded)
-        set_adapter_state(self.loaded.model, global_state)
+            job_eps = entry.epsilon if alone else self._epsilon(job_segments)
+        privacy_seconds = time.perf_counter() - checked
+        set_adapter_state(self.loaded.model, self._at_own_rank(global_state))
         params = [p for p in self.loaded.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, t.optimizer, t.learning_rate, t.weight_decay)
+        proximal = None
+        server = self.job.federation.server_optimizer
+        if server.name == "fedprox":
+            proximal = Proximal(server.mu, t.learning_rate, params)
         dp = None
         if plan.enabled:
             dp = DPSettings(
@@ -260,10 +326,9 @@ class Site:
             dp=dp,
             seed=self._seed(round_num),
             on_step=on_step,
+            proximal=proximal,
         )
-        job_eps = None
-        if entry is not None:
-            job_eps = entry.epsilon if alone else self._epsilon(job_segments)
+        seconds = time.perf_counter() - start
         return SiteUpdate(
             state=get_adapter_state(self.loaded.model),
             num_examples=len(self.train_data),
@@ -274,8 +339,16 @@ class Site:
             epsilon=job_eps,
             lifetime_epsilon=entry.epsilon if entry is not None else None,
             ledger_head=entry.hash if entry is not None else None,
-            seconds=time.perf_counter() - start,
+            seconds=seconds,
+            privacy_seconds=privacy_seconds,
         )
+
+    def _at_own_rank(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # exact aggregation sends factors of the global rank; each site takes the best
+        # approximation at its own rank (a no-op re-basis when the ranks are equal)
+        if self.job.federation.aggregation != "exact":
+            return state
+        return to_site_rank(state, self.job.lora.alpha, self.lora.r).state
 
     def _segment(self) -> Segment:
         plan = self.plan
@@ -288,8 +361,9 @@ class Site:
         return PrivacyLedger(self.ledger_path, self.dataset)
 
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> EvalResult:
-        """Loss and accuracy of the global adapter on this site's held-out split."""
-        set_adapter_state(self.loaded.model, global_state)
+        """Loss and accuracy of the global adapter on this site's held-out split (with
+        ``exact`` aggregation, at this site's rank: its view of the global adapter)."""
+        set_adapter_state(self.loaded.model, self._at_own_rank(global_state))
         return evaluate(
             self.loaded.model, self.eval_data, self.job.train.eval_batch_size, self.loaded.device
         )

@@ -51,6 +51,28 @@ class EvalResult:
 StepCallback = Callable[[int, int, float], None]  # (step, steps, loss)
 
 
+class Proximal:
+    """FedProx's pull toward the round's starting point, as a step of its own after each
+    optimizer step: ``w -= lr * mu * (w - w_start)``.
+
+    Under DP the term cannot go into the loss: Opacus builds the update from per-example
+    gradients only and would drop it. Its gradient ``mu (w - w_start)`` uses no data, so
+    applying it after the noised step is post-processing and costs no privacy. Decoupled like
+    AdamW's weight decay; with SGD it equals the usual FedProx step up to order.
+    """
+
+    def __init__(self, mu: float, lr: float, params: list[torch.nn.Parameter]) -> None:
+        self.mu, self.lr = mu, lr
+        self.params = params
+        self.anchors = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Move every parameter a fraction ``lr * mu`` of the way back to its anchor."""
+        for p, anchor in zip(self.params, self.anchors, strict=True):
+            p.sub_(p - anchor, alpha=self.lr * self.mu)
+
+
 def make_optimizer(
     params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
@@ -71,12 +93,14 @@ def train_steps(
     dp: DPSettings | None,
     seed: int,
     on_step: StepCallback | None = None,
+    proximal: Proximal | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on Poisson-sampled batches of ``data``.
 
     With ``dp`` set, ``model`` must be wrapped by ``per_sample_module`` and ``optimizer`` is
     wrapped here into a DP optimizer; every step, empty batches included, is clipped and noised.
-    Without DP an empty batch is skipped. ``seed`` fixes batch sampling and noise.
+    Without DP an empty batch is skipped. ``seed`` fixes batch sampling and noise. ``proximal``
+    (FedProx) pulls the weights back toward where the round started after every step.
     """
     sampler = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,6 +135,8 @@ def train_steps(
         optimizer.step()
         if before is not None:
             _assert_updated(params, before)
+        if proximal is not None:
+            proximal.step()
         if on_step is not None:
             on_step(step, steps, losses[-1] if losses else math.nan)
     return TrainResult(

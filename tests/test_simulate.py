@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fedslm.artifacts import read_jsonl
+from fedslm.privacy.accounting import gaussian_epsilon
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -131,7 +132,7 @@ def _plain_peft_eval(run: Path, base: Path) -> dict[str, float]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedslm.batching import encode_classification, encode_instructions
+    from fedslm.batching import PromptTemplate, encode_classification, encode_instructions
     from fedslm.data import read_examples, read_instructions
     from fedslm.training import evaluate
 
@@ -158,7 +159,12 @@ def _plain_peft_eval(run: Path, base: Path) -> dict[str, float]:
             data = encode_classification(tok, ex.texts, ex.labels, label2id, meta["max_length"])
         else:
             ins = read_instructions(path, "prompt", "response")
-            data = encode_instructions(tok, ins.prompts, ins.responses, meta["max_length"])
+            # the prompt layout the run used, from the adapter's own metadata
+            t = meta["family_defaults"]["prompt_template"]
+            template = PromptTemplate(t["kind"], t["text"])
+            data = encode_instructions(
+                tok, ins.prompts, ins.responses, meta["max_length"], template
+            )
         losses[site_dir.name] = evaluate(model, data, 64, torch.device("cpu")).loss
     return losses
 
@@ -192,11 +198,17 @@ def test_ledgers_hold_every_round_and_verify(bert_run: Path) -> None:
         assert run_cli("ledger", "verify", str(path)).returncode == 0
 
 
-def test_a_site_policy_refusal_trains_nothing(tmp_path: Path, tiny_bert: Path) -> None:
+def test_a_site_policy_refusal_trains_nothing_and_central_dp_survives_it(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
     out = tmp_path / "run"
-    run_cli("simulate", str(SMOKE), "--out", str(out), "-q", "--set", "federation.rounds=1",
-            "--set", "data.synthetic.rows_per_site=200",
-            "--set", "policy.sites.site-3.privacy.max_epsilon_per_job=1")
+    run_cli(
+        "simulate", str(SMOKE), "--out", str(out), "-q",
+        "--set", "federation.rounds=1",
+        "--set", "data.synthetic.rows_per_site=200",
+        "--set", "policy.sites.site-3.privacy.max_epsilon_per_job=1",
+        "--set", "privacy.central={enabled: true, clip_norm: 1.0, noise_multiplier: 2.0}",
+    )  # fmt: skip
     (rnd,) = read_jsonl(out / "metrics.jsonl")
     assert rnd["aggregated"] is True
     assert "site allows 1 per job" in rnd["refusals"]["site-3"][0]
@@ -208,6 +220,13 @@ def test_a_site_policy_refusal_trains_nothing(tmp_path: Path, tiny_bert: Path) -
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["sites"]["site-3"]["refusals"]
     assert privacy["sites"]["site-3"]["dp_enabled"] is False
+    # site-level DP: the round went out with 2 of 3 sites, divided by the roster of 3
+    assert rnd["central_dp"]["sites"] == 2
+    central = privacy["central"]
+    assert central["rounds_released"] == 1 and central["denominator"] == 3
+    assert central["epsilon_check"] == "ok"
+    assert central["epsilon_analytic"] == pytest.approx(gaussian_epsilon(2.0, 1, 1e-5))
+    assert rnd["central_epsilon"] == pytest.approx(central["epsilon"])
 
 
 def test_causal_lm_path_end_to_end(llama_run: Path) -> None:

@@ -33,14 +33,26 @@ def _strategy(tmp_path: Path, min_sites: int) -> FedSLMStrategy:
 
 
 def _request(node: int) -> Message:
-    content = RecordDict({"arrays": state_to_arrays({"w": torch.zeros(2)}),
-                          "config": ConfigRecord({"round": 1})})
+    content = RecordDict(
+        {"arrays": state_to_arrays({"w": torch.zeros(2)}), "config": ConfigRecord({"round": 1})}
+    )
     return Message(content=content, dst_node_id=node, message_type="train")
 
 
 def _ok(node: int, site: str, value: float) -> Message:
-    update = SiteUpdate({"w": torch.full((2,), value)}, 10, 1.5, 4, 0, Segment(0.1, 1.0, 4),
-                        epsilon=0.5, lifetime_epsilon=0.7, ledger_head="ab" * 32, seconds=0.2)
+    update = SiteUpdate(
+        {"w": torch.full((2,), value)},
+        10,
+        1.5,
+        4,
+        0,
+        Segment(0.1, 1.0, 4),
+        epsilon=0.5,
+        lifetime_epsilon=0.7,
+        ledger_head="ab" * 32,
+        seconds=0.2,
+        privacy_seconds=0.01,
+    )
     return Message(content=encode_update(site, update, 1e-5, "prv", 1.0), reply_to=_request(node))
 
 
@@ -67,8 +79,7 @@ def test_error_and_malformed_replies_are_failures(tmp_path: Path) -> None:
 def test_refusals_are_recorded_with_their_reasons(tmp_path: Path) -> None:
     strategy = _strategy(tmp_path, min_sites=2)
     refusal = Message(encode_refusal("site-3", ["over budget"]), reply_to=_request(3))
-    arrays, _ = strategy.aggregate_train(
-        1, [_ok(1, "site-1", 2.0), _ok(2, "site-2", 4.0), refusal])
+    arrays, _ = strategy.aggregate_train(1, [_ok(1, "site-1", 2.0), _ok(2, "site-2", 4.0), refusal])
     assert arrays is not None
     assert strategy.coordinator.record["refusals"] == {"site-3": ["over budget"]}
     assert strategy.coordinator.privacy["site-3"].refusals == ["round 1: over budget"]
@@ -78,6 +89,7 @@ def test_enough_replies_are_averaged(tmp_path: Path) -> None:
     strategy = _strategy(tmp_path, min_sites=2)
     error = Message(Error(code=1, reason="site crashed"), reply_to=_request(3))
     arrays, metrics = strategy.aggregate_train(
-        1, [_ok(1, "site-1", 2.0), _ok(2, "site-2", 4.0), error])
+        1, [_ok(1, "site-1", 2.0), _ok(2, "site-2", 4.0), error]
+    )
     assert arrays is not None and metrics is not None
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((2,), 3.0))

@@ -65,3 +65,15 @@ def test_update_assertion_catches_weights_that_did_not_move() -> None:
     p.grad = None
     with pytest.raises(RuntimeError, match="no gradient"):
         _assert_updated([p], [p.detach().clone()])
+
+
+def test_proximal_step_pulls_back_toward_the_start() -> None:
+    """FedProx as a decoupled step: w -= lr * mu * (w - w_start), after the optimizer's step."""
+    from fedslm.training import Proximal
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    prox = Proximal(mu=2.0, lr=0.1, params=[w])
+    with torch.no_grad():
+        w.add_(torch.tensor([1.0, 1.0]))  # the optimizer moved it to [2, -1]
+    prox.step()
+    torch.testing.assert_close(w.detach(), torch.tensor([2.0 - 0.2 * 1.0, -1.0 - 0.2 * 1.0]))

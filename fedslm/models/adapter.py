@@ -43,6 +43,22 @@ def set_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
         raise FederationError(f"adapter tensors not used by the model: {unexpected[:5]}")
 
 
+def freeze_lora_a(model: torch.nn.Module) -> int:
+    """Freeze every LoRA A factor (FFA-LoRA); returns how many tensors were frozen.
+
+    Every site builds A from the job seed, so a frozen A is the same everywhere and averaging
+    the B factors alone is the exact average of the updates.
+    """
+    frozen = 0
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            p.requires_grad_(False)
+            frozen += 1
+    if not frozen:
+        raise FederationError("aggregation 'ffa' needs LoRA A factors; the model has none")
+    return frozen
+
+
 def check_compatible(expected: AdapterState, state: AdapterState) -> None:
     """Raise ``FederationError`` naming the first tensor whose name, shape or values are wrong."""
     missing = sorted(set(expected) - set(state))

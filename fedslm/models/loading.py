@@ -7,29 +7,37 @@ added, and only then are the optimizer and Opacus attached (in ``fedslm.privacy.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from fedslm.config import LoraConfig
+from fedslm.batching import PromptTemplate
+from fedslm.config import LoraConfig, ModelConfig
 from fedslm.errors import ModelError
+from fedslm.models.families import (
+    ModelDefaults,
+    check_new_weights_saved,
+    check_per_sample_support,
+    resolve_defaults,
+    train_in_fp32,
+    uses_conv1d,
+)
 
 # No code path may reach a model hub; this makes transformers fail fast instead of trying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-# LoRA targets per model family (model_type in config.json)
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-}
-
 
 @dataclass
 class LoadedModel:
-    """A PEFT model with its tokenizer, task and labels, on its device."""
+    """A PEFT model with its tokenizer, task and labels, on its device.
+
+    ``defaults`` says what was trained and how (family table + job overrides);
+    ``prompt_template`` is how causal-LM pairs must be encoded for this model (None for
+    classification): pass it to ``fedslm.batching.encode_instructions``.
+    """
 
     model: torch.nn.Module  # peft.PeftModel
     tokenizer: object  # transformers.PreTrainedTokenizerBase
@@ -37,6 +45,8 @@ class LoadedModel:
     labels: list[str]
     device: torch.device
     family: str
+    defaults: ModelDefaults | None = None
+    prompt_template: PromptTemplate | None = None
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -55,11 +65,16 @@ def load_model(
     labels: list[str],
     device: torch.device,
     seed: int,
+    options: ModelConfig | None = None,
 ) -> LoadedModel:
     """Load the base model at ``path`` for ``task`` and wrap it with a fresh LoRA adapter.
 
     ``seed`` fixes the adapter's (and classification head's) initialisation, so every site and
-    the coordinator build the same starting point.
+    the coordinator build the same starting point. LoRA targets, head, pad token and prompt
+    template come from the model's family (``fedslm.models.families``), with the overrides in
+    ``lora`` and ``options`` (the job's ``model`` section). Raises ``ModelError`` when the
+    family is unknown and no targets are given, or when the result could not be trained
+    privately or exported faithfully.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
@@ -77,36 +92,38 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load model config or tokenizer: {exc}") from None
     family = config.model_type
-    targets = lora.target_modules or DEFAULT_TARGETS.get(family)
-    if targets is None:
-        raise ModelError(
-            f"{path}: no LoRA defaults for model family {family!r}; set lora.target_modules "
-            "to the names of its attention projection layers"
-        )
-    if tokenizer.pad_token is None:
-        # decoders often ship without a pad token; eos is masked out of the loss anyway
-        tokenizer.pad_token = tokenizer.eos_token
+    defaults = resolve_defaults(family, task, tokenizer, lora, options, path)
     torch.manual_seed(seed)
     if task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             local_files_only=True,
+            output_loading_info=True,
         )
         task_type = TaskType.SEQ_CLS
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, output_loading_info=True
+        )
         task_type = TaskType.CAUSAL_LM
+    # decoders' classification heads find each row's last token by the pad id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
+    targets = list(defaults.lora_targets)
+    # GPT-2 keeps its projections in Conv1D (weight stored transposed): LoRA must know
+    if not defaults.fan_in_fan_out and uses_conv1d(model, defaults.lora_targets):
+        defaults = replace(defaults, fan_in_fan_out=True)
     peft_config = PeftLoraConfig(
         task_type=task_type,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
+        fan_in_fan_out=defaults.fan_in_fan_out,
+        modules_to_save=list(defaults.head) or None,
     )
     try:
         model = get_peft_model(model, peft_config)
@@ -114,7 +131,12 @@ def load_model(
         raise ModelError(
             f"{path}: lora.target_modules {targets} do not fit this model: {exc}"
         ) from None
-    return LoadedModel(model, tokenizer, task, labels, device, family)
+    check_new_weights_saved(model, info["missing_keys"], path)
+    train_in_fp32(model)
+    check_per_sample_support(model, path)
+    return LoadedModel(
+        model, tokenizer, task, labels, device, family, defaults, defaults.prompt_template
+    )
 
 
 def quiet_transformers() -> None:

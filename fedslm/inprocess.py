@@ -1,0 +1,98 @@
+"""A whole federated job in one process, without Flower: every site, then the coordinator.
+
+The same ``Site`` and ``Coordinator`` code that Flower connects in simulation and deployment,
+called directly in a loop. Sites train one after another, so this is for tests, benchmarks and
+debugging, not for speed; ``fedslm simulate`` runs the sites in parallel through Flower.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedslm.coordinator import SiteEval, SiteReport
+from fedslm.job import PreparedJob, SiteSetup, make_coordinator
+from fedslm.progress import Reporter
+from fedslm.site import Site, SiteRefusal, SiteUpdate
+
+
+def build_site(prepared: PreparedJob, setup: SiteSetup, *, with_policy: bool = True) -> Site:
+    """The site ``setup`` of ``prepared``, as the ClientApp builds it (the model is loaded)."""
+    return Site(
+        prepared.job,
+        setup.name,
+        prepared.model,
+        prepared.labels,
+        setup.files.train,
+        setup.files.eval,
+        ledger=setup.ledger,
+        job_id=prepared.job_id,
+        policy=setup.policy if with_policy else None,
+        source=prepared.source,
+    )
+
+
+def to_report(site: Site, u: SiteUpdate, bytes_sent: int | None = None) -> SiteReport:
+    """A site's update as the coordinator sees it, without a network in between.
+
+    ``bytes_sent`` defaults to the adapter's float32 size (what a reply carries, less framing).
+    """
+    p = site.plan
+    return SiteReport(
+        site.name,
+        u.state,
+        u.num_examples,
+        u.train_loss,
+        u.steps,
+        u.seconds,
+        site.adapter_bytes if bytes_sent is None else bytes_sent,
+        u.segment,
+        u.epsilon,
+        p.delta if p.enabled else None,
+        p.accountant if p.enabled else None,
+        p.max_grad_norm if p.enabled else None,
+        u.lifetime_epsilon,
+        u.ledger_head,
+        u.privacy_seconds,
+    )
+
+
+def run_in_process(
+    prepared: PreparedJob,
+    reporter: Reporter | None = None,
+    *,
+    sites: list[Site] | None = None,
+) -> dict[str, Any]:
+    """Run every round of ``prepared``; write the usual outputs; return the privacy summary.
+
+    ``sites`` reuses already built sites (each loads a model); by default they are built here
+    with their policies. A refusal is recorded like Flower's path records it.
+    """
+    reporter = reporter or Reporter(quiet=True)
+    sites = sites if sites is not None else [build_site(prepared, s) for s in prepared.sites]
+    coordinator = make_coordinator(prepared)
+    rounds = prepared.job.federation.rounds
+    for r in range(1, rounds + 1):
+        coordinator.start_round(r)
+        reports: list[SiteReport] = []
+        refusals: dict[str, list[str]] = {}
+        for site in sites:
+
+            def on_step(
+                step: int, steps: int, loss: float, name: str = site.name, round_num: int = r
+            ) -> None:
+                reporter.step(name, round_num, step, steps, loss)
+
+            try:
+                update = site.train_round(r, coordinator.state, on_step)
+            except SiteRefusal as refusal:
+                refusals[site.name] = refusal.reasons
+                continue
+            reports.append(to_report(site, update))
+        coordinator.aggregate(r, reports, [], refusals)
+        evals = []
+        for site in sites:
+            ev = site.evaluate(coordinator.state)
+            evals.append(SiteEval(site.name, ev.loss, ev.accuracy, ev.examples))
+        coordinator.record_evaluation(evals, [])
+        reporter.round_done(coordinator.end_round(), rounds)
+    return coordinator.finish()

@@ -1,0 +1,118 @@
+"""``fedslm policy check POLICY [--job JOB]``: what a site operator runs before saying yes.
+
+It validates the site's own policy file, fingerprints the data set it names, reads what the
+site's ledger says that data set has spent, and, given a job config, costs every step the job
+would take on this data and prints whether the site would accept it and why not. Nothing is
+written: the ledger is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fedslm.errors import ConfigError
+from fedslm.privacy.accounting import ACCOUNTANT_NAMES, Segment, epsilon
+
+
+def check_text(policy_path: Path, job_path: Path | None = None) -> tuple[str, bool]:
+    """The report ``policy check`` prints and whether the job (if any) would be accepted.
+
+    Raises ``FedSLMError`` subclasses for a bad policy, data, ledger, job or model.
+    """
+    from fedslm.policy import load_policy
+    from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger
+
+    policy = load_policy(policy_path)
+    limits = policy.privacy
+    lines = [
+        f"site policy {policy_path}: valid",
+        f"  lifetime epsilon {limits.lifetime_epsilon:g}, at most {limits.max_epsilon_per_job:g}"
+        f" per job, delta <= {limits.max_delta:g}, noise multiplier >= "
+        f"{limits.min_noise_multiplier:g}, DP {'may' if limits.allow_no_dp else 'may never'} be "
+        "off",
+        f"  tasks {', '.join(policy.allowed_tasks)}; at most {policy.max_rounds} rounds and "
+        f"{policy.max_bytes_per_round:,} bytes per round; base models: "
+        + (
+            "any local model"
+            if policy.allowed_base_models is None
+            else f"{len(policy.allowed_base_models)} allowed by sha256"
+        ),
+    ]
+    if policy.data is None:
+        raise ConfigError(f"{policy_path}: data: the policy must name the site's data file")
+    data = Path(policy.data)
+    fp = DatasetFingerprint.of_file(data)
+    lines.append(f"data set {data}: {fp.rows} rows, sha256 {fp.sha256}")
+    ledger_path = policy.ledger_file() or data.parent / "ledger.db"
+    spent: list[Segment] = []
+    if ledger_path.exists():
+        # opened without binding it: a check must not write to the site's ledger
+        with PrivacyLedger(ledger_path, create=False) as ledger:
+            ledger.check_dataset(fp)
+            spent = ledger.segments(fp)  # LedgerError on a broken chain: never under-count
+        already = epsilon(spent, limits.max_delta, "prv")
+        lines.append(
+            f"ledger {ledger_path}: {len(spent)} segment(s) on this data set, spent epsilon "
+            f"{already:.4f} (prv) at delta {limits.max_delta:g}; lifetime budget "
+            f"{limits.lifetime_epsilon:g}"
+        )
+    else:
+        lines.append(f"ledger {ledger_path}: not created yet (nothing spent)")
+    if job_path is None:
+        return "\n".join(lines), True
+    reasons, job_lines = _cost_job(policy, job_path, fp.rows, spent)
+    lines.extend(job_lines)
+    if reasons:
+        lines.append("REFUSED: " + "; ".join(reasons))
+    else:
+        lines.append("ACCEPTED: the job fits this policy")
+    return "\n".join(lines), not reasons
+
+
+def _cost_job(
+    policy: Any, job_path: Path, records: int, spent: list[Segment]
+) -> tuple[list[str], list[str]]:
+    from fedslm.config import load_config
+    from fedslm.models.registry import resolve_model
+    from fedslm.site import check_delta, job_refusal, plan_privacy
+
+    job = load_config(job_path)
+    check_delta(job, records, str(job_path))
+    plan = plan_privacy(job, records, str(job_path))
+    model = resolve_model(job.model)
+    lines = [f"job {job_path}: {job.federation.rounds} rounds, model {model.name}"]
+    if plan.enabled:
+        planned = [Segment(plan.sample_rate, plan.noise_multiplier, plan.total_steps)]
+        job_eps = epsilon(planned, plan.delta, plan.accountant)  # type: ignore[arg-type]
+        after = epsilon([*spent, *planned], plan.delta, plan.accountant)  # type: ignore[arg-type]
+        lines += [
+            f"  DP-SGD on {records} records: q = {plan.sample_rate:.4g}, "
+            f"{plan.steps_per_round} steps per round, {plan.total_steps} in all, noise "
+            f"multiplier {plan.noise_multiplier:.4g}, clipping {plan.max_grad_norm:g}",
+            f"  this job: epsilon {job_eps:.4f} at delta {plan.delta:g} "
+            f"({ACCOUNTANT_NAMES[plan.accountant]})",
+            f"  data set after the job: epsilon {after:.4f}",
+        ]
+    else:
+        lines.append("  DP is OFF in this job")
+    return job_refusal(policy, job, plan, model.sha256, spent), lines
+
+
+def _check_cmd(args: argparse.Namespace) -> int:
+    text, accepted = check_text(args.policy, args.job)
+    print(text)
+    return 0 if accepted else 1
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``policy check``: exit 0 valid (and the job accepted), 1 refused, 2 bad input."""
+    policy = subparsers.add_parser("policy", help="check a site policy (and a job against it)")
+    sub = policy.add_subparsers(dest="policy_command", required=True)
+    check = sub.add_parser(
+        "check", help="validate the policy; with --job, cost the job and say if it is accepted"
+    )
+    check.add_argument("policy", type=Path, help="the site's policy YAML")
+    check.add_argument("--job", type=Path, help="a job config to cost against the policy")
+    check.set_defaults(handler=_check_cmd)

@@ -1,0 +1,83 @@
+"""A site across jobs on one data set: the ledger composes them, whatever the jobs say."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedslm.config import validate_config
+from fedslm.job import PreparedJob, prepare_job
+from fedslm.privacy.accounting import epsilon
+from fedslm.privacy.ledger import PrivacyLedger
+from fedslm.site import Site, SiteRefusal
+
+
+def _prepare(out: Path, tiny_bert: Path, **privacy: Any) -> PreparedJob:
+    raw = {
+        "model": {"path": str(tiny_bert)},
+        "train": {"local_steps": 2, "batch_size": 16, "max_length": 16},
+        "federation": {"sites": 1, "rounds": 2},
+        "data": {"synthetic": {"rows_per_site": 120}},
+        "privacy": {"target_epsilon": 2.0, **privacy},
+        "policy": {
+            "default": {
+                "privacy": {"allow_no_dp": True, "lifetime_epsilon": 5, "max_epsilon_per_job": 4}
+            }
+        },
+    }
+    return prepare_job(validate_config(raw), "test", out)
+
+
+def _site(p: PreparedJob, job_id: str, ledger: Path) -> Site:
+    s = p.sites[0]
+    return Site(
+        p.job,
+        s.name,
+        p.model,
+        p.labels,
+        s.files.train,
+        s.files.eval,
+        ledger=ledger,
+        job_id=job_id,
+        policy=s.policy,
+    )
+
+
+def test_second_job_composes_with_the_first(tmp_path: Path, tiny_bert: Path) -> None:
+    p = _prepare(tmp_path / "run", tiny_bert)
+    ledger = p.sites[0].ledger
+    first = _site(p, "job-1", ledger)
+    state = first.initial_state()
+    for r in (1, 2):
+        u = first.train_round(r, state)
+        state = u.state
+        assert 0 < u.privacy_seconds < u.seconds + 5
+    assert u.epsilon == pytest.approx(u.lifetime_epsilon)
+    second = _site(p, "job-2", ledger)
+    u2 = second.train_round(1, second.initial_state())
+    with PrivacyLedger(ledger, create=False) as led:
+        segs = led.segments(first.dataset)
+    assert len(segs) == 3
+    assert u2.lifetime_epsilon == pytest.approx(epsilon(segs, 1e-5, "prv"))
+    assert u2.epsilon is not None and u2.epsilon < u.epsilon < u2.lifetime_epsilon
+
+
+def test_a_round_without_dp_is_recorded_as_unbounded_spend(tmp_path: Path, tiny_bert: Path) -> None:
+    """A non-DP job (allowed by this policy) exposes the data: the ledger says so, and no DP job
+    can afterwards claim the data set is within budget."""
+    p = _prepare(tmp_path / "run", tiny_bert, enabled=False)
+    ledger = p.sites[0].ledger
+    plain = _site(p, "baseline", ledger)
+    u = plain.train_round(1, plain.initial_state())
+    assert u.segment is None and u.epsilon is None  # nothing to report as a DP guarantee
+    with PrivacyLedger(ledger, create=False) as led:
+        (entry,) = led.entries()
+        assert entry.segment.sigma == 0.0 and math.isinf(entry.epsilon)
+        assert led.verify() == []
+    dp_job = _prepare(tmp_path / "run2", tiny_bert)
+    later = _site(dp_job, "dp-job", ledger)
+    with pytest.raises(SiteRefusal, match="lifetime budget is 5"):
+        later.train_round(1, later.initial_state())
