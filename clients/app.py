@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedslm.clients.codec import arrays_to_state, encode_eval, encode_refusal, encode_update
+from fedslm.clients.codec import arrays_to_state, encode_payload
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -34,15 +34,29 @@ def _site(msg: Message, context: Context) -> Site:
     setup = prepared.sites[int(context.node_config["partition-id"])]
     key = (str(manifest), setup.name)
     if key not in _SITES:
-        _SITES[key] = Site(prepared.job, setup.name, prepared.model, prepared.labels,
-                           setup.files.train, setup.files.eval, ledger=setup.ledger,
-                           job_id=prepared.job_id, policy=setup.policy, source=prepared.source)
+        _SITES[key] = Site(
+            prepared.job,
+            setup.name,
+            prepared.model,
+            prepared.labels,
+            setup.files.train,
+            setup.files.eval,
+            ledger=setup.ledger,
+            job_id=prepared.job_id,
+            policy=setup.policy,
+            source=prepared.source,
+        )
     return _SITES[key]
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training on the received global adapter, or a refusal."""
+    """One round of local training on the received global adapter, or a refusal.
+
+    Whatever the reply is, the site's egress guard checks it and logs it in the site's ledger
+    before it leaves (``Site.release``); a reply that carries more than the job agreed is
+    replaced by a refusal.
+    """
     site = _site(msg, context)
     round_num = int(msg.content["config"]["round"])
     reporter = Reporter(quiet=bool(msg.content["config"].get("quiet", False)))
@@ -52,17 +66,18 @@ def train(msg: Message, context: Context) -> Message:
 
     try:
         update = site.train_round(round_num, arrays_to_state(msg.content["arrays"]), on_step)
+        payload = site.release(round_num, site.train_payload(update))
     except SiteRefusal as refusal:
         reporter.warn(f"[{site.name}] refused round {round_num}: {refusal}")
-        return Message(content=encode_refusal(site.name, refusal.reasons), reply_to=msg)
-    p = site.plan
-    return Message(content=encode_update(site.name, update, p.delta, p.accountant,
-                                         p.max_grad_norm), reply_to=msg)
+        payload = site.release(round_num, site.refusal_payload(refusal.reasons))
+    return Message(content=encode_payload(payload), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this site's held-out split."""
     site = _site(msg, context)
+    round_num = int(msg.content["config"].get("round", 0))
     result = site.evaluate(arrays_to_state(msg.content["arrays"]))
-    return Message(content=encode_eval(site.name, result), reply_to=msg)
+    payload = site.release(round_num, site.eval_payload(result))
+    return Message(content=encode_payload(payload), reply_to=msg)

@@ -11,9 +11,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedslm.coordinator import SiteEval, SiteReport
+from fedslm.egress import Payload
 from fedslm.privacy.accounting import Segment
-from fedslm.site import SiteUpdate
-from fedslm.training import EvalResult
 
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -26,41 +25,19 @@ def state_to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(torch_state_dict={k: v.to(torch.float32) for k, v in state.items()})
 
 
-def _finite(x: float | None) -> float:
-    return float(x) if x is not None and math.isfinite(x) else -1.0
+def encode_payload(payload: Payload) -> RecordDict:
+    """A site's checked and logged reply (``Site.release``) as Flower records.
 
-
-def encode_update(
-    site: str, u: SiteUpdate, delta: float, accountant: str, max_grad_norm: float
-) -> RecordDict:
-    """A training reply: the adapter, numeric metrics, and the site's identity and DP segment."""
-    metrics = {
-        "num-examples": u.num_examples,
-        "train-loss": _finite(u.train_loss),
-        "steps": u.steps,
-        "seconds": u.seconds,
-        "privacy-seconds": u.privacy_seconds,
-    }
-    info: dict[str, str | int | float | bool] = {"site": site, "dp": u.segment is not None}
-    if u.segment is not None and u.epsilon is not None:
-        info.update(
-            q=u.segment.q,
-            sigma=u.segment.sigma,
-            dp_steps=u.segment.steps,
-            epsilon=u.epsilon,
-            delta=delta,
-            accountant=accountant,
-            max_grad_norm=max_grad_norm,
-            lifetime_epsilon=_finite(u.lifetime_epsilon),
-            ledger_head=u.ledger_head or "",
-        )
-    return RecordDict(
-        {
-            "arrays": state_to_arrays(u.state),
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord(info),
-        }
-    )
+    Tensors go in an ArrayRecord, metrics in a MetricRecord and the identifying and DP fields
+    in a ConfigRecord: exactly what the egress log recorded, nothing added here.
+    """
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
+    if payload.tensors:
+        records["arrays"] = state_to_arrays(payload.tensors)
+    if payload.metrics:
+        records["metrics"] = MetricRecord(dict(payload.metrics))
+    records["site"] = ConfigRecord(dict(payload.fields))
+    return RecordDict(records)
 
 
 def decode_update(content: RecordDict) -> SiteReport:
@@ -90,30 +67,12 @@ def decode_update(content: RecordDict) -> SiteReport:
     )
 
 
-def encode_refusal(site: str, reasons: list[str]) -> RecordDict:
-    """A refusal: the site's name and its policy's reasons; no tensors."""
-    info = ConfigRecord({"site": site, "refused": True, "reasons": list(reasons)})
-    return RecordDict({"site": info})
-
-
 def decode_refusal(content: RecordDict) -> tuple[str, list[str]] | None:
     """``(site, reasons)`` if ``content`` is a refusal, else None."""
     info = content.get("site")
     if not isinstance(info, ConfigRecord) or not info.get("refused"):
         return None
     return str(info["site"]), [str(r) for r in info["reasons"]]
-
-
-def encode_eval(site: str, r: EvalResult) -> RecordDict:
-    """An evaluation reply."""
-    return RecordDict(
-        {
-            "metrics": MetricRecord(
-                {"num-examples": r.examples, "eval-loss": r.loss, "eval-accuracy": r.accuracy}
-            ),
-            "site": ConfigRecord({"site": site}),
-        }
-    )
 
 
 def decode_eval(content: RecordDict) -> SiteEval:

@@ -84,7 +84,10 @@ def run_in_process(
 
             try:
                 update = site.train_round(r, coordinator.state, on_step)
+                # what would leave the site is checked and logged, as on the network path
+                site.release(r, site.train_payload(update))
             except SiteRefusal as refusal:
+                site.release(r, site.refusal_payload(refusal.reasons))
                 refusals[site.name] = refusal.reasons
                 continue
             reports.append(to_report(site, update))
@@ -92,6 +95,7 @@ def run_in_process(
         evals = []
         for site in sites:
             ev = site.evaluate(coordinator.state)
+            site.release(r, site.eval_payload(ev))
             evals.append(SiteEval(site.name, ev.loss, ev.accuracy, ev.examples))
         coordinator.record_evaluation(evals, [])
         reporter.round_done(coordinator.end_round(), rounds)

@@ -11,15 +11,18 @@ nothing.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedslm.batching import Encoded, encode_classification, encode_instructions
 from fedslm.config import JobConfig, LoraConfig
 from fedslm.data import read_examples, read_instructions
+from fedslm.egress import Payload, check, describe
 from fedslm.errors import ConfigError, FedSLMError
 from fedslm.lora_math import to_site_rank
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
@@ -28,6 +31,7 @@ from fedslm.models.registry import ResolvedModel
 from fedslm.policy import SitePolicy, check_job, check_round
 from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon
 from fedslm.privacy.dp_sgd import per_sample_module
+from fedslm.privacy.egress_log import record_egress
 from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger
 from fedslm.training import (
     DPSettings,
@@ -150,6 +154,10 @@ class SiteRefusal(FedSLMError):
         self.reasons = reasons
 
 
+class EgressBlocked(SiteRefusal):
+    """The site's egress guard stopped a message: it carried more than the job agreed."""
+
+
 @dataclass(frozen=True)
 class SiteUpdate:
     """What a site returns after a round: its adapter and the numbers that describe the round.
@@ -206,8 +214,9 @@ class Site:
         if job.federation.aggregation == "ffa":
             # before Opacus is attached: frozen A gets no per-sample hooks and never moves
             freeze_lora_a(self.loaded.model)
-        # a training reply carries every adapter tensor as float32
+        # a training reply carries every adapter tensor as float32, and nothing else
         initial = get_adapter_state(self.loaded.model)
+        self.agreed_tensors = {k: tuple(t.shape) for k, t in initial.items()}
         self.adapter_bytes = sum(4 * t.numel() for t in initial.values())
         self.train_data = self._encode(train_file)
         self.eval_data = self._encode(eval_file)
@@ -343,6 +352,64 @@ class Site:
             privacy_seconds=privacy_seconds,
         )
 
+    # -- what leaves the site ------------------------------------------------------------------
+
+    def train_payload(self, u: SiteUpdate) -> Payload:
+        """A training reply: the adapter, numeric metrics, the site's name and DP segment."""
+        metrics = {
+            "num-examples": u.num_examples,
+            "train-loss": u.train_loss if math.isfinite(u.train_loss) else -1.0,
+            "steps": u.steps,
+            "seconds": u.seconds,
+            "privacy-seconds": u.privacy_seconds,
+        }
+        fields: dict[str, Any] = {"site": self.name, "dp": u.segment is not None}
+        p = self.plan
+        if u.segment is not None and u.epsilon is not None:
+            fields.update(
+                q=float(u.segment.q),
+                sigma=float(u.segment.sigma),
+                dp_steps=int(u.segment.steps),
+                epsilon=float(u.epsilon),
+                delta=float(p.delta),
+                accountant=p.accountant,
+                max_grad_norm=float(p.max_grad_norm),
+                lifetime_epsilon=_finite(u.lifetime_epsilon),
+                ledger_head=u.ledger_head or "",
+            )
+        return Payload("train", dict(u.state), metrics, fields)
+
+    def eval_payload(self, r: EvalResult) -> Payload:
+        """An evaluation reply: three numbers and the site's name."""
+        metrics = {"num-examples": r.examples, "eval-loss": r.loss, "eval-accuracy": r.accuracy}
+        return Payload("evaluate", {}, metrics, {"site": self.name})
+
+    def refusal_payload(self, reasons: list[str]) -> Payload:
+        """A refusal: the site's name and its own reasons; no tensors, no metrics."""
+        return Payload("refusal", {}, {}, {"site": self.name, "refused": True, "reasons": reasons})
+
+    def release(self, round_num: int, payload: Payload) -> Payload:
+        """Check ``payload`` against what the job agreed and log it before it may leave.
+
+        Every message is recorded in the site's egress log first (sent or blocked, with what
+        it holds: tensor names, shapes, dtypes, bytes and sha256, metric keys and values).
+        Raises ``EgressBlocked`` (a refusal) when it carries anything the job did not agree:
+        an unexpected tensor or shape, a metric off the allow-list or not a number, an
+        unknown field, or more bytes than the policy allows.
+        """
+        record = describe(payload)
+        max_bytes = self.policy.max_bytes_per_round if self.policy is not None else None
+        problems = check(record, self.agreed_tensors, max_bytes)
+        if problems:
+            record["blocked_because"] = problems
+        with self._ledger() as ledger:
+            record_egress(ledger, self.job_id, round_num, "blocked" if problems else "sent", record)
+        if problems:
+            raise EgressBlocked(
+                [f"egress guard blocked the {payload.kind} reply: {p}" for p in problems]
+            )
+        return payload
+
     def _at_own_rank(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # exact aggregation sends factors of the global rank; each site takes the best
         # approximation at its own rank (a no-op re-basis when the ranks are equal)
@@ -372,6 +439,11 @@ class Site:
         # Independent of site order and of Python's hash randomisation, so reruns match.
         digest = hashlib.sha256(f"{self.job.seed}/{self.name}/{round_num}".encode()).digest()
         return int.from_bytes(digest[:6], "big")
+
+
+def _finite(x: float | None) -> float:
+    # -1 stands for "not available" on the wire, where NaN and inf are not allowed
+    return float(x) if x is not None and math.isfinite(x) else -1.0
 
 
 def _device(job: JobConfig) -> torch.device:

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedslm.clients.codec import decode_update, encode_refusal, encode_update, state_to_arrays
+from fedslm.clients.codec import decode_update, encode_payload, state_to_arrays
 from fedslm.server.strategy import FedSLMStrategy
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedslm.config import JobConfig
 from fedslm.coordinator import Coordinator
+from fedslm.egress import Payload
 from fedslm.privacy.accounting import Segment
 from fedslm.progress import Reporter
-from fedslm.site import SiteUpdate
 
 
 @pytest.fixture(autouse=True)
@@ -40,20 +40,32 @@ def _request(node: int) -> Message:
 
 
 def _ok(node: int, site: str, value: float) -> Message:
-    update = SiteUpdate(
+    """A training reply as ``Site.train_payload`` builds it."""
+    payload = Payload(
+        "train",
         {"w": torch.full((2,), value)},
-        10,
-        1.5,
-        4,
-        0,
-        Segment(0.1, 1.0, 4),
-        epsilon=0.5,
-        lifetime_epsilon=0.7,
-        ledger_head="ab" * 32,
-        seconds=0.2,
-        privacy_seconds=0.01,
+        {
+            "num-examples": 10,
+            "train-loss": 1.5,
+            "steps": 4,
+            "seconds": 0.2,
+            "privacy-seconds": 0.01,
+        },
+        {
+            "site": site,
+            "dp": True,
+            "q": 0.1,
+            "sigma": 1.0,
+            "dp_steps": 4,
+            "epsilon": 0.5,
+            "delta": 1e-5,
+            "accountant": "prv",
+            "max_grad_norm": 1.0,
+            "lifetime_epsilon": 0.7,
+            "ledger_head": "ab" * 32,
+        },
     )
-    return Message(content=encode_update(site, update, 1e-5, "prv", 1.0), reply_to=_request(node))
+    return Message(content=encode_payload(payload), reply_to=_request(node))
 
 
 def test_codec_round_trip() -> None:
@@ -78,7 +90,10 @@ def test_error_and_malformed_replies_are_failures(tmp_path: Path) -> None:
 
 def test_refusals_are_recorded_with_their_reasons(tmp_path: Path) -> None:
     strategy = _strategy(tmp_path, min_sites=2)
-    refusal = Message(encode_refusal("site-3", ["over budget"]), reply_to=_request(3))
+    payload = Payload(
+        "refusal", {}, {}, {"site": "site-3", "refused": True, "reasons": ["over budget"]}
+    )
+    refusal = Message(encode_payload(payload), reply_to=_request(3))
     arrays, _ = strategy.aggregate_train(1, [_ok(1, "site-1", 2.0), _ok(2, "site-2", 4.0), refusal])
     assert arrays is not None
     assert strategy.coordinator.record["refusals"] == {"site-3": ["over budget"]}

@@ -233,8 +233,12 @@ def _entry_from_row(row: Sequence[Any]) -> LedgerEntry:
     return LedgerEntry(*row)
 
 
-def _chain_problems(entries: Sequence[LedgerEntry], head: tuple[int, str] | None) -> list[str]:
-    """First break in the chain of a whole file (empty if intact). Cheap: hashes only."""
+def chain_problems(entries: Sequence[Any], head: tuple[int, str] | None) -> list[str]:
+    """First break in a hash chain (empty if intact). Cheap: hashes only.
+
+    ``entries`` are dataclasses with ``seq`` (1, 2, …), ``prev_hash`` and ``hash`` (the
+    ``entry_hash`` of all their other fields): ledger entries, or the egress log's.
+    """
     prev = GENESIS_HASH
     for i, e in enumerate(entries, start=1):
         if e.seq != i:
@@ -537,6 +541,29 @@ class PrivacyLedger:
                 ]
         return []
 
+    @contextmanager
+    def transaction(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the ledger file (BEGIN IMMEDIATE … COMMIT), errors as
+        ``LedgerError`` naming ``action``; for companion tables such as the egress log."""
+        with self._translate(action), self._write():
+            yield self.conn
+
+    @contextmanager
+    def reading(self, action: str) -> Iterator[sqlite3.Connection]:
+        """A consistent read of the ledger file (one snapshot), errors as ``LedgerError``."""
+        conn = self.conn
+        with self._translate(action):
+            conn.execute("BEGIN")  # deferred: a read snapshot, no write lock
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+
+    def meta(self, key: str) -> str | None:
+        """A value of the ledger's metadata table (None if unset)."""
+        return self._meta(key)
+
     # ---- internals
 
     @contextmanager
@@ -634,7 +661,7 @@ class PrivacyLedger:
             finally:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
-        return entries, _chain_problems(entries, head)
+        return entries, chain_problems(entries, head)
 
     def check_dataset(self, dataset: DatasetFingerprint | str) -> None:
         """Raise ``LedgerError`` if the ledger is bound to another data set. Reads only."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedslm.privacy import accounting
+from fedslm.privacy.egress_log import egress_entries, verify_egress
 from fedslm.privacy.ledger import (
     EPSILON_PLD_REL_TOL,
     EPSILON_REL_TOL,
@@ -28,6 +29,7 @@ def show_text(path: str | Path, budget: float | None = None) -> str:
     with PrivacyLedger(path, create=False) as ledger:
         entries, problems = ledger._snapshot()
         bound = ledger.bound_dataset
+        messages = egress_entries(ledger)
     lines = [f"privacy ledger {path}: {_plural(len(entries), 'entry', 'entries')}"]
     lines.append(f"  bound to data set {bound}" if bound else "  not bound to one data set")
     if problems:
@@ -49,6 +51,17 @@ def show_text(path: str | Path, budget: float | None = None) -> str:
             lines.append(f"  cannot compute the spend from these entries: {exc}")
     if not by_ds:
         lines.append("  (no entries)")
+    sent = [m for m in messages if m.status == "sent"]
+    blocked = [m for m in messages if m.status == "blocked"]
+    lines.append("")
+    lines.append(
+        f"egress log: {len(sent)} message(s) sent, "
+        f"{sum(int(m.record.get('tensor_bytes', 0)) for m in sent):,} bytes of tensors; "
+        f"{len(blocked)} blocked"
+    )
+    for m in blocked:
+        reasons = "; ".join(m.record.get("blocked_because", []))
+        lines.append(f"  BLOCKED job {m.job_id} round {m.round} {m.kind}: {reasons}")
     return "\n".join(lines)
 
 
@@ -81,8 +94,9 @@ def verify_file(path: str | Path) -> int:
     """Verify a ledger file and print the outcome. Exit code: 0 ok, 1 discrepancy, 2 unreadable."""
     try:
         with PrivacyLedger(path, create=False) as ledger:
-            problems = ledger.verify()
+            problems = ledger.verify() or verify_egress(ledger)
             count = len(ledger.entries())
+            messages = len(egress_entries(ledger))
     except LedgerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -90,7 +104,8 @@ def verify_file(path: str | Path) -> int:
         print(f"ledger {path}: verification FAILED: {problems[0]}", file=sys.stderr)
         return 1
     print(
-        f"ledger {path}: OK, {_plural(count, 'entry', 'entries')}, hash chain intact, every "
+        f"ledger {path}: OK, {_plural(count, 'entry', 'entries')} and "
+        f"{_plural(messages, 'egress record', 'egress records')}, hash chains intact, every "
         "epsilon recomputed "
         f"(stored accountant within {EPSILON_REL_TOL:.0%}, pld within {EPSILON_PLD_REL_TOL:.0%})"
     )
