@@ -4,14 +4,25 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: demo test lint bench setup clean
+.PHONY: demo test lint bench setup clean chromium
 
 demo: $(STAMP)
 	$(VENV)/bin/fedslm simulate configs/demo.yaml --out runs/demo --overwrite
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
+
+# The privacy report is rendered in Debian's headless Chromium by one test. Installed here when
+# this runs as root with apt (CI, a fresh machine); otherwise that test says why it skipped.
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the report rendering test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "note: /usr/bin/chromium is missing; the report rendering test will be skipped"; \
+	  fi; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,11 +22,11 @@ outside this benchmark used more than ``--quiet`` cores is left out (the machine
 from __future__ import annotations
 
 import argparse
-import inspect
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,8 @@ from bench.common import REPO, machine, median, table, wait_for_quiet, write_jso
 from bench.procload import ForeignLoad
 from fedslm.aggregation import fedavg
 from fedslm.artifacts import read_jsonl
+from fedslm.inprocess import build_site
 from fedslm.job import PreparedJob
-from fedslm.privacy.accounting import Segment
 from fedslm.site import Site
 
 EVAL_FRACTION = 0.2
@@ -118,56 +118,30 @@ def build_sites(prepared: PreparedJob, ledgers: Path) -> list[Site]:
     Each site gets a fresh privacy ledger under ``ledgers`` and its own job id, so the standalone
     rounds neither collide with the simulated run's ledger entries nor count against its budget.
     """
-    p = prepared
-    sites = []
-    for setup in p.sites:
-        # the Site API is gaining a privacy ledger and a policy while this is written: pass them
-        # when Site takes them (as clients/app.py does), and work with the older API too
-        files = getattr(setup, "files", setup)
-        extra: dict[str, Any] = {}
-        params = inspect.signature(Site).parameters
-        if "ledger" in params:
-            ledgers.mkdir(parents=True, exist_ok=True)
-            extra = {"ledger": ledgers / f"{files.name}.db", "job_id": f"{p.job_id}-standalone"}
-            if "policy" in params:
-                extra["policy"] = getattr(setup, "policy", None)
-        sites.append(
-            Site(
-                p.job,
-                files.name,
-                p.model,
-                p.labels,
-                files.train,
-                files.eval,
-                source=p.source,
-                **extra,
-            )
-        )
-    return sites
+    ledgers.mkdir(parents=True, exist_ok=True)
+    standalone = replace(prepared, job_id=f"{prepared.job_id}-standalone")
+    return [
+        build_site(standalone, replace(setup, ledger=ledgers / f"{setup.name}.db"))
+        for setup in prepared.sites
+    ]
 
 
 def run_standalone(sites: list[Site], rounds: int, monitor: ForeignLoad) -> list[dict[str, Any]]:
     """Time each round's local work, site after site, in this process; one record per round."""
     state = sites[0].initial_state()
-    carries_spend = "spent" in inspect.signature(Site.train_round).parameters
-    spent: dict[str, list[Segment]] = {s.name: [] for s in sites}
     records = []
     for r in range(1, rounds + 1):
         start = time.monotonic()
         updates = []
         for site in sites:
-            if carries_spend:  # older API: the caller carries the privacy spend
-                u = site.train_round(r, state, spent[site.name])
-                if u.segment is not None:
-                    spent[site.name].append(u.segment)
-            else:  # the site's ledger carries it
-                u = site.train_round(r, state)
+            u = site.train_round(r, state)
+            site.release(r, site.train_payload(u))  # checked and logged, as a site does
             updates.append(u)
         # FedAvg (well under a millisecond) so round r+1 starts from an aggregated adapter, as
         # in the simulation
         state = fedavg((u.state, float(u.num_examples)) for u in updates)
         for site in sites:
-            site.evaluate(state)
+            site.release(r, site.eval_payload(site.evaluate(state)))
         end = time.monotonic()
         records.append(
             {

@@ -25,6 +25,7 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
     ledger = ["--json", str(out / "ledger_overhead.json")]
     families = ["--json", str(out / "families.json")]
     aggregation = ["--json", str(out / "aggregation_throughput.json")]
+    secagg = ["--json", str(out / "secagg_overhead.json")]
     if quick:
         # a check that every benchmark runs, not a measurement
         dp += ["--steps", "3", "--warmup", "1", "--budget", "30", "--max-wait", "0"]
@@ -34,12 +35,14 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
         ledger += ["--rows", "150", "--rounds", "2", "--max-wait", "0"]
         families += ["--steps", "2", "--warmup", "1", "--max-wait", "0", "--budget", "10"]
         aggregation += ["--counts", "2", "4", "--repeats", "1", "--max-wait", "0"]
+        secagg += ["--repeats", "1", "--max-wait", "0"]
     runs = [
         ("dp_overhead", dp),
         ("framework_overhead", fw),
         ("ledger_overhead", ledger),
         ("families", families),
         ("aggregation_throughput", aggregation),
+        ("secagg_overhead", secagg),
     ]
     if with_utility:
         runs.append(("utility_banking77", util))

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedslm.policy_cli import add_cli as add_policy_cli
 
     add_policy_cli(sub)
+    from fedslm.report_cli import add_cli as add_report_cli
+
+    add_report_cli(sub)
     model = sub.add_parser("model", help="facts about a local model folder")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     sha = model_sub.add_parser(
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "synth":
             return _synth(args)
-        if args.command in ("ledger", "policy", "model"):
+        if args.command in ("ledger", "policy", "model", "report", "verify"):
             return args.handler(args)
     except FedSLMError as exc:
         print(f"error: {exc}", file=sys.stderr)

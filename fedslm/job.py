@@ -20,11 +20,13 @@ from fedslm.config import JobConfig
 from fedslm.coordinator import Coordinator
 from fedslm.data import SiteFiles, infer_labels, materialize_sites
 from fedslm.errors import ConfigError
+from fedslm.keys import generate_key
 from fedslm.models import get_adapter_state, load_model, resolve_model, select_device
 from fedslm.models.registry import ResolvedModel
 from fedslm.policy import SitePolicy, merge_mappings, policy_from_mapping
 
 MANIFEST = "job.json"
+SITE_KEY, SITE_PUBLIC_KEY = "site.key", "site.pub"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class SiteSetup:
     files: SiteFiles
     policy: SitePolicy
     ledger: Path
+    # the site's ECDSA public key (OpenSSH line), as the coordinator registers it; the private
+    # key stays in the site's folder (site.key) and signs the site's part of the report
+    public_key: str = ""
 
     @property
     def name(self) -> str:
@@ -77,6 +82,7 @@ class PreparedJob:
                     "eval": str(s.files.eval),
                     "policy": s.policy.model_dump(mode="json"),
                     "ledger": str(s.ledger),
+                    "public_key": s.public_key,
                 }
                 for s in self.sites
             ],
@@ -98,6 +104,7 @@ class PreparedJob:
                     SiteFiles(s["name"], Path(s["train"]), Path(s["eval"])),
                     SitePolicy.model_validate(s["policy"]),
                     Path(s["ledger"]),
+                    s.get("public_key", ""),
                 )
                 for s in data["sites"]
             ],
@@ -137,7 +144,9 @@ def prepare_job(job: JobConfig, source: str, out: Path) -> PreparedJob:
         folder = out / "sites" / f.name
         (folder / "policy.yaml").write_text(yaml.safe_dump(policy.model_dump(mode="json")))
         ledger = Path(policy.ledger) if policy.ledger else folder / "ledger.db"
-        sites.append(SiteSetup(f, policy, ledger))
+        # a simulated site makes its own key pair, as a real one does with `fedslm site keygen`
+        public = generate_key(folder / SITE_KEY, folder / SITE_PUBLIC_KEY, f"fedslm-site:{f.name}")
+        sites.append(SiteSetup(f, policy, ledger, public))
     job_id = f"{job.fingerprint()[:12]}-{uuid.uuid4().hex[:8]}"
     return PreparedJob(job, source, out, job_id, sites, labels, model)
 

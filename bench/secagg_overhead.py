@@ -1,0 +1,218 @@
+"""Secure aggregation's extra work per round against plain FedAvg: 5 sites, a ~1M-parameter
+adapter (goal from issue 6: below 1 s per round in simulation).
+
+The adapter is ``aggregation_throughput``'s LoRA layout (993,290 parameters). Each repeat
+runs, back to back in this process, one plain ``fedavg`` of the five states and one secure
+session (``fedslm.secagg.run_in_process``) per scenario: no drop-out, one site dropping after
+sharing keys (round 1: the coordinator rebuilds its mask key and strips four pairwise masks),
+one dropping after its masked input (round 2). Times are medians over repeats (and over sites
+for per-site steps). "Sites in parallel" is the critical path of a deployment (the slowest site
+of each round, plus the coordinator); "one process" is every call in sequence, as this
+in-process simulation runs them. Components are timed separately to split a site's round 2
+into key agreement and masking.
+
+    python -m bench.secagg_overhead [--repeats 5] [--threads 1] [--max-wait 60] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.aggregation_throughput import layout
+from bench.common import OtherLoad, machine, median, spread, table, wait_for_quiet, write_json
+from fedslm.aggregation import fedavg
+from fedslm.secagg import SecAggParams, encode, run_in_process, shamir
+from fedslm.secagg import crypto as sc
+
+SITES = 5
+RECORDS = [1200, 800, 1500, 950, 1100]  # weights: each site's training records
+SCENARIOS = {"no drop-out": ({}, {}), "1 drops after r1": ({5}, {}), "1 drops after r2": ({}, {5})}
+STEPS = [
+    ("site", "advertise", "r0 advertise keys (2 X25519 key pairs)"),
+    ("site", "share_keys", "r1 share keys (Shamir, 4x X25519+HKDF, AEAD)"),
+    ("site", "masked_input", "r2 masked input (decrypt, key agreement, quantise, masks)"),
+    ("site", "unmask", "r3 send unmasking shares"),
+    ("coordinator", "collect_keys", "r0 collect keys"),
+    ("coordinator", "relay_shares", "r1 relay ciphertexts"),
+    ("coordinator", "collect_masked", "r2 sum masked inputs"),
+    ("coordinator", "unmask", "r3 unmask (Shamir, strip masks, decode)"),
+]
+
+
+def states() -> list[dict[str, torch.Tensor]]:
+    """Five site updates of the benchmark layout (deltas of LoRA scale, all within clip)."""
+    out = []
+    for seed in range(SITES):
+        g = torch.Generator().manual_seed(seed)
+        out.append({k: torch.randn(s, generator=g) * 0.02 for k, s in layout().items()})
+    return out
+
+
+def flatten(state: dict[str, torch.Tensor]) -> np.ndarray:
+    """A state dict as one float32 vector (the order of the dict, which every site shares)."""
+    return torch.cat([t.reshape(-1) for t in state.values()]).numpy()
+
+
+def unflatten(vector: np.ndarray, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``flatten`` for a float64 result, back to float32 tensors."""
+    out, start = {}, 0
+    for k, t in like.items():
+        out[k] = torch.from_numpy(vector[start : start + t.numel()]).reshape(t.shape).float()
+        start += t.numel()
+    return out
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def components(p: SecAggParams, flat: np.ndarray, like: dict[str, torch.Tensor]) -> list[list]:
+    """Median seconds of the pieces a site's and the coordinator's rounds are made of."""
+    sk, _ = sc.keypair()
+    _, peer = sc.keypair()
+    secret, holders = bytes(range(32)), list(range(1, SITES + 1))
+    shares = shamir.split(secret, p.t, holders)
+    size = flat.size + 1
+    rows = [
+        ("flatten state dict (site)", lambda: flatten(like)),
+        ("quantise + weight, 1M (site)", lambda: encode(flat, RECORDS[0], p)),
+        ("one PRG mask, ChaCha20, 1M x 8 B", lambda: sc.prg(bytes(32), size, p.dtype)),
+        ("one X25519 + HKDF key agreement", lambda: sc.agree(sk, peer, p.session, b"x")),
+        (
+            "Shamir split, 2 secrets, 5 holders",
+            lambda: [shamir.split(secret, p.t, holders) for _ in range(2)],
+        ),
+        ("AEAD encrypt one share pair", lambda: sc.encrypt(bytes(32), bytes(96), b"aad")),
+        ("Shamir combine one secret", lambda: shamir.combine(shares, p.t)),
+        ("unflatten result (coordinator)", lambda: unflatten(flat.astype(np.float64), like)),
+    ]
+    return [[name, 1e3 * _time(fn, 7)] for name, fn in rows]
+
+
+def run(repeats: int, threads: int, max_wait: float) -> dict[str, Any]:
+    """Measure, print the tables, return the raw results."""
+    torch.set_num_threads(threads)  # numpy's element-wise ops and OpenSSL use one thread anyway
+    site_states = states()
+    flats = [flatten(s) for s in site_states]
+    p = SecAggParams(session=b"bench", n_sites=SITES, clip_range=1.0)
+    plain: list[float] = []
+    runs: dict[str, list[dict[str, list[float]]]] = {name: [] for name in SCENARIOS}
+    errors: dict[str, float] = {}
+    run_in_process(p, [f[:1000] for f in flats], RECORDS)  # warm-up: imports, OpenSSL init
+    load_seen = wait_for_quiet(max_wait)
+    with OtherLoad() as load:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            reference = fedavg(zip(site_states, map(float, RECORDS), strict=True))
+            plain.append(time.perf_counter() - start)
+            expected = flatten(reference).astype(np.float64)
+            for name, (out_r1, out_r2) in SCENARIOS.items():
+                session = run_in_process(
+                    p, flats, RECORDS, drop_after_round1=out_r1, drop_after_round2=out_r2
+                )
+                runs[name].append(dict(session.seconds))
+                if not out_r1:  # all inputs in the sum: compare with plain FedAvg
+                    errors[name] = float(np.abs(session.result.mean() - expected).max())
+        comps = components(p, flats[0], site_states[0])
+    params = sum(t.numel() for t in site_states[0].values())
+    print(
+        f"Secure aggregation vs FedAvg: {SITES} sites, {params:,} parameters, ring 2^"
+        f"{p.ring_bits}, {p.bits}-bit grid on [-{p.clip_range}, {p.clip_range}], threshold "
+        f"{p.t}; torch threads {threads}, median of {repeats}; seconds"
+    )
+    print(format_steps(runs, plain))
+    print()
+    print(format_bytes(params, p))
+    print()
+    print(table(["component", "ms"], comps))
+    print(
+        f"\nmax |secure mean - fedavg| = {max(errors.values()):.2e} (bound: step/2 = "
+        f"{p.step / 2:.2e}, plus fedavg's float32 rounding); other processes used "
+        f"{'n/a' if load.cores is None else f'{load.cores:.2f}'} cores during the runs"
+        f" ({'n/a' if load_seen is None else f'{load_seen:.2f}'} just before)"
+    )
+    return {
+        "benchmark": "secagg_overhead",
+        "machine": machine(),
+        "torch_threads": threads,
+        "repeats": repeats,
+        "params": params,
+        "ring_bits": p.ring_bits,
+        "bits": p.bits,
+        "threshold": p.t,
+        "plain_fedavg_seconds": plain,
+        "sessions": runs,
+        "components_ms": comps,
+        "max_abs_error_vs_fedavg": errors,
+        "other_load_cores": load.cores,
+    }
+
+
+def format_steps(runs: dict[str, list[dict[str, list[float]]]], plain: list[float]) -> str:
+    """Per-round step times per scenario, the two totals and plain FedAvg."""
+    names = list(runs)
+    rows: list[list[Any]] = []
+    for who, step, label in STEPS:
+        key = f"{who}.{step}"
+        cells = [median([x for r in runs[n] for x in r.get(key, [0.0])]) for n in names]
+        rows.append([who, label, *cells])
+
+    def per_run(n: str, fn: Callable[[dict[str, list[float]]], float]) -> float:
+        return median([fn(r) for r in runs[n]])
+
+    def critical(r: dict[str, list[float]]) -> float:
+        return sum(max(v) for v in r.values())
+
+    # a site that takes part in every round costs the sum of its step medians
+    site_total = [sum(r[2 + i] for r in rows if r[0] == "site") for i in range(len(names))]
+    rows.append(["site", "all rounds, one site", *site_total])
+    rows.append(["both", "per round, sites in parallel", *[per_run(n, critical) for n in names]])
+    seq = [per_run(n, lambda r: sum(sum(v) for v in r.values())) for n in names]
+    rows.append(["both", "per round, one process (all sites in sequence)", *seq])
+    rows.append(["coordinator", f"plain fedavg, {SITES} states ({spread(plain)})", median(plain)])
+    rows[-1] += [median(plain)] * (len(names) - 1)
+    return table(["who", "step", *names], rows)
+
+
+def format_bytes(params: int, p: SecAggParams) -> str:
+    """What one site uploads per round, plain and secure."""
+    shares = (SITES - 1) * (sc.NONCE_BYTES + 2 * shamir.SHARE_BYTES + 16)
+    unmask = SITES * shamir.SHARE_BYTES
+    secure = 2 * sc.KEY_BYTES + shares + (params + 1) * p.dtype.itemsize + unmask
+    rows = [
+        ["plain: float32 adapter", params * 4],
+        ["secure: keys + encrypted shares + masked vector + unmasking shares", secure],
+    ]
+    return table(["upload per site per round", "bytes"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m bench.secagg_overhead``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5, help="sessions per scenario")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument(
+        "--max-wait", type=float, default=60, help="seconds to wait for a quiet machine"
+    )
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    args = ap.parse_args(argv)
+    result = run(args.repeats, args.threads, args.max_wait)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,295 @@
+"""``fedslm verify``: recompute a report (or a run) from the run's own files.
+
+Given a run folder, every check of ``fedslm.report.checks`` runs over every site, then every
+report found in the folder (``report.json``, ``sites/SITE/report.json``) is verified. Given a
+``report.json``, its run is found (the folder it sits in, else the run folder it names), the
+checks run over the report's sites, and the report is verified:
+
+1. it parses and matches the report schema (else: unreadable input, exit 2);
+2. a site's report sits in that site's folder (a report copied over another site's fails);
+3. it equals the report rebuilt from the run now, field by field (every epsilon recomputed,
+   every other figure re-read), except when it was generated and where the run was;
+4. ``report.html`` beside it is exactly what ``report.json`` renders to (when made by the same
+   fedslm and matplotlib versions; otherwise this step is skipped and said so).
+
+The outcome is the first discrepancy (exit 1), naming file, site, field, stored and
+recomputed values; or one line saying what was checked (exit 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from fedslm.report import REPORT_HTML, REPORT_JSON, checks
+from fedslm.report.build import collect
+from fedslm.report.checks import Discrepancy, first_failure
+from fedslm.report.model import VOLATILE_FIELDS, Report
+from fedslm.report.render import render_html
+from fedslm.report.runfiles import PRIVACY_FILE, ReportInputError, RunContext, load_run
+from fedslm.report.signing import check_site_signature
+
+# A re-read float equals the stored one; accountants run threaded FFTs whose last bits can
+# depend on the thread count, so allow far less than any edit but more than rounding.
+_REL = 1e-9
+
+
+@dataclass
+class Outcome:
+    """What verify found: ``code`` 0 (all well), 1 (a discrepancy) or 2 (unreadable input)."""
+
+    code: int
+    message: str
+    checked: list[str] = field(default_factory=list)
+
+
+def verify_path(path: str | Path) -> Outcome:
+    """Verify a run folder or one ``report.json``; never raises for bad input."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return _verify_run(path)
+        if path.is_file():
+            return _verify_report_file(path)
+        raise ReportInputError(f"{path}: no such file or folder")
+    except ReportInputError as exc:
+        return Outcome(2, f"error: {exc}")
+
+
+def _verify_run(root: Path) -> Outcome:
+    ctx = RunContext(load_run(root))
+    sites = ctx.site_names()
+    failed = first_failure(ctx, sites)
+    if failed is not None:
+        return _fail(failed[0], failed[1])
+    reports = [root / REPORT_JSON, *sorted((root / "sites").glob(f"*/{REPORT_JSON}"))]
+    checked, skipped = [], []
+    for report_path in [p for p in reports if p.is_file()]:
+        expected = report_path.parent.name if report_path.parent != root else None
+        found, note = _verify_report(ctx, report_path, expected, root)
+        if found is not None:
+            return _fail("report", found)
+        checked.append(str(report_path.relative_to(root)))
+        skipped += [note] if note else []
+    what = (
+        f"{len(checked)} report(s) match the run ({', '.join(checked)})"
+        if checked
+        else "no report.json in the folder (run `fedslm report` to write one)"
+    )
+    return _ok(root, sites, what, skipped)
+
+
+def _verify_report_file(report_path: Path) -> Outcome:
+    stored = _read_report(report_path)
+    folder = report_path.parent
+    expected = folder.name if folder.parent.name == "sites" else None
+    if (folder / PRIVACY_FILE).is_file():
+        root = folder
+    elif expected and (folder.parent.parent / PRIVACY_FILE).is_file():
+        root = folder.parent.parent
+    else:
+        root = Path(stored.run.run_dir)
+    ctx = RunContext(load_run(root))
+    sites = [stored.scope.site] if stored.scope.site else ctx.site_names()
+    if stored.scope.site and stored.scope.site not in ctx.site_names():
+        found = Discrepancy(
+            str(report_path),
+            None,
+            "scope.site",
+            stored.scope.site,
+            ctx.site_names(),
+            expected_label="the run's sites are",
+        )
+        return _fail("report", found)
+    failed = first_failure(ctx, sites)
+    if failed is not None:
+        return _fail(failed[0], failed[1])
+    found, note = _verify_report(ctx, report_path, expected, root, stored)
+    if found is not None:
+        return _fail("report", found)
+    return _ok(root, sites, f"{report_path} matches the run", [note] if note else [])
+
+
+def _read_report(path: Path) -> Report:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportInputError(f"{path}: cannot read: {exc}") from None
+    try:
+        return Report.model_validate_json(text)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise ReportInputError(
+            f"{path}: not a fedslm report of schema version 1: {where}: {err['msg']}"
+        ) from None
+
+
+def _verify_report(
+    ctx: RunContext,
+    report_path: Path,
+    expected_site: str | None,
+    root: Path,
+    stored: Report | None = None,
+) -> tuple[Discrepancy | None, str | None]:
+    """The first discrepancy between a stored report and its run (or None), and a note about
+    anything skipped."""
+    stored = stored or _read_report(report_path)
+    shown = _shown(report_path, root)
+    if expected_site is not None and stored.scope.site != expected_site:
+        return Discrepancy(
+            shown,
+            expected_site,
+            "scope.site",
+            stored.scope.site,
+            expected_site,
+            note="a site's report must be that site's, in that site's folder",
+            expected_label="folder is for",
+        ), None
+    if expected_site is None and stored.scope.level != "federation":
+        return Discrepancy(
+            shown,
+            stored.scope.site,
+            "scope.level",
+            stored.scope.level,
+            "federation",
+            expected_label="folder holds the report of the",
+        ), None
+    known = {c.name for c in checks.CHECKS}  # the module's list: checks can be registered
+    unknown = [c.name for c in stored.checks if c.name not in known]
+    if unknown:
+        return Discrepancy(
+            shown,
+            stored.scope.site,
+            "checks",
+            unknown,
+            sorted(known),
+            note="the report was made by a fedslm with checks this one does not have; "
+            "verify it with that version",
+            expected_label="this fedslm knows",
+        ), None
+    # Checks added since the report was made have already run over the run's files above;
+    # the report itself is rebuilt with the checks it was made with.
+    baselines = [(b.name, Path(b.path)) for b in stored.utility.baselines]
+    rebuilt = collect(
+        root,
+        site=stored.scope.site,
+        baselines=baselines,
+        ctx=ctx,
+        generated_at=stored.generated_at,
+        check_names=[c.name for c in stored.checks],
+    )
+    found = _first_difference(
+        stored.model_dump(mode="json"), rebuilt.model_dump(mode="json"), shown, stored
+    )
+    if found is not None:
+        return found, None
+    if stored.scope.site is not None:
+        registered = {
+            s.get("name"): s.get("public_key") for s in (ctx.run.manifest or {}).get("sites", [])
+        }
+        found = check_site_signature(
+            stored.scope.site, report_path, registered.get(stored.scope.site), shown
+        )
+        if found is not None:
+            return found, None
+    return _check_html(report_path, stored, rebuilt, root)
+
+
+def _check_html(
+    report_path: Path, stored: Report, rebuilt: Report, root: Path
+) -> tuple[Discrepancy | None, str | None]:
+    html_path = report_path.with_name(REPORT_HTML)
+    if not html_path.is_file():
+        return None, f"{_shown(html_path, root)} absent"
+    if stored.fingerprints.report_software != rebuilt.fingerprints.report_software:
+        return None, (
+            f"{_shown(html_path, root)} not re-rendered: made with "
+            f"{stored.fingerprints.report_software}, this is {rebuilt.fingerprints.report_software}"
+        )
+    on_disk = html_path.read_bytes()
+    fresh = render_html(stored).encode("utf-8")
+    if on_disk != fresh:
+        return Discrepancy(
+            _shown(html_path, root),
+            stored.scope.site,
+            "content (sha256)",
+            hashlib.sha256(on_disk).hexdigest(),
+            hashlib.sha256(fresh).hexdigest(),
+            note=f"the page differs from what {REPORT_JSON} renders to: it was edited",
+            expected_label="rendering of report.json has",
+        ), None
+    return None, None
+
+
+def _shown(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _first_difference(
+    stored: Any, rebuilt: Any, file: str, report: Report, where: str = ""
+) -> Discrepancy | None:
+    """Walk both JSON trees in order; the first field that differs (volatile ones skipped)."""
+    site = report.scope.site
+    if isinstance(stored, dict) and isinstance(rebuilt, dict):
+        for key in list(dict.fromkeys([*stored, *rebuilt])):
+            if key in VOLATILE_FIELDS or key in ("report_software", "generated_by"):
+                continue  # when and where it was made, and with what, may differ
+            if key not in stored or key not in rebuilt:
+                return Discrepancy(file, site, _join(where, key), stored.get(key), rebuilt.get(key))
+            found = _first_difference(stored[key], rebuilt[key], file, report, _join(where, key))
+            if found:
+                return found
+        return None
+    if isinstance(stored, list) and isinstance(rebuilt, list):
+        for i, (a, b) in enumerate(zip(stored, rebuilt, strict=False)):
+            found = _first_difference(a, b, file, report, f"{where}[{_label(a, i)}]")
+            if found:
+                return found
+        if len(stored) != len(rebuilt):
+            return Discrepancy(file, site, f"{where} (count)", len(stored), len(rebuilt))
+        return None
+    if _equal(stored, rebuilt):
+        return None
+    return Discrepancy(file, site, where, stored, rebuilt)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _label(item: Any, index: int) -> str:
+    if isinstance(item, dict):
+        for key in ("site", "name", "round"):
+            if isinstance(item.get(key), str | int) and not isinstance(item.get(key), bool):
+                return str(item[key])
+    return str(index)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(a, b, rel_tol=_REL, abs_tol=0.0)
+    return a == b
+
+
+def _fail(check: str, found: Discrepancy) -> Outcome:
+    return Outcome(1, f"verify FAILED ({check}): {found}")
+
+
+def _ok(root: Path, sites: list[str], what: str, notes: list[str]) -> Outcome:
+    extra = f"; {'; '.join(notes)}" if notes else ""
+    return Outcome(
+        0,
+        f"verify OK: {root}: {len(checks.CHECKS)} checks passed for {len(sites)} site(s) "
+        f"({', '.join(sites)}), epsilons recomputed (PLD, exact closed form); {what}{extra}",
+    )

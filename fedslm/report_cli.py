@@ -1,0 +1,68 @@
+"""``fedslm report RUN`` and ``fedslm verify REPORT_OR_RUN``: what a privacy officer runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def report_cmd(args: argparse.Namespace) -> int:
+    """Write the reports; exit 0 when every check passed, 1 when one failed (the reports are
+    written either way and say which). Unreadable input raises ``ReportInputError`` (exit 2)."""
+    from fedslm.report import write_reports
+
+    written = write_reports(args.run, args.out, args.baseline)
+    for w in written:
+        print(f"{w.scope}: {w.html_path} and {w.json_path.name}")
+    federation = written[0].report.summary
+    if federation.checks_passed:
+        print(f"report: {federation.checks_line}")
+        return 0
+    print(f"report: {federation.checks_line}", file=sys.stderr)
+    return 1
+
+
+def verify_cmd(args: argparse.Namespace) -> int:
+    """Verify a run folder or a report.json; exit 0 ok, 1 first discrepancy, 2 unreadable."""
+    from fedslm.report.verify import verify_path
+
+    outcome = verify_path(args.path)
+    print(outcome.message, file=sys.stdout if outcome.code == 0 else sys.stderr)
+    return outcome.code
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``report`` and ``verify`` on the CLI's sub-parsers.
+
+    Each parser stores its handler with ``set_defaults(handler=...)``; the handler takes the
+    parsed ``argparse.Namespace`` and returns the exit code. ``report`` raises
+    ``ReportInputError`` (a ``FedSLMError``) for an unreadable run; ``verify`` reports it
+    itself and returns 2.
+    """
+    report = subparsers.add_parser(
+        "report",
+        help="write report.html and report.json for a run, for the federation and each site",
+    )
+    report.add_argument("run", type=Path, help="run folder (fedslm simulate or centralized)")
+    report.add_argument(
+        "--out", type=Path, help="write the reports here instead of into the run folder"
+    )
+    report.add_argument(
+        "--baseline",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="another run to compare utility against (repeatable); RUN/baselines/*/ is "
+        "picked up as well",
+    )
+    report.set_defaults(handler=report_cmd)
+    verify = subparsers.add_parser(
+        "verify",
+        help="recompute a report or a run from the run's files (exit 1 at the first "
+        "discrepancy, 2 for unreadable input)",
+    )
+    verify.add_argument("path", type=Path, help="a run folder or a report.json")
+    verify.set_defaults(handler=verify_cmd)
