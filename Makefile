@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256s
 
 demo: $(STAMP)
 	$(VENV)/bin/fedslm simulate configs/demo.yaml --out runs/demo --overwrite
+	$(VENV)/bin/fedslm report runs/demo
 
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .

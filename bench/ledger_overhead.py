@@ -21,15 +21,16 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench.common import machine, median, spread, table, wait_for_quiet, write_json
 from fedslm.config import validate_config
+from fedslm.inprocess import build_site
 from fedslm.job import prepare_job
 from fedslm.privacy.ledger import PrivacyLedger
-from fedslm.site import Site
 
 
 def job_config(rows: int, rounds: int) -> dict:
@@ -54,18 +55,8 @@ def run(rows: int, rounds: int, workdir: Path) -> dict:
     setup = prepared.sites[0]
     results = []
     for job_no in (1, 2):
-        site = Site(
-            prepared.job,
-            setup.name,
-            prepared.model,
-            prepared.labels,
-            setup.files.train,
-            setup.files.eval,
-            ledger=setup.ledger,
-            job_id=f"{prepared.job_id}-{job_no}",
-            policy=setup.policy,
-            source="bench",
-        )
+        # a second job id on the same data set and ledger: the second job composes
+        site = build_site(replace(prepared, job_id=f"{prepared.job_id}-{job_no}"), setup)
         state = site.initial_state()
         for r in range(1, rounds + 1):
             u = site.train_round(r, state)

@@ -15,6 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedslm.errors import FedSLMError
+from fedslm.inprocess import build_site
 from fedslm.job import PreparedJob
 from fedslm.progress import Reporter
 from fedslm.site import Site, SiteRefusal
@@ -34,18 +35,7 @@ def _site(msg: Message, context: Context) -> Site:
     setup = prepared.sites[int(context.node_config["partition-id"])]
     key = (str(manifest), setup.name)
     if key not in _SITES:
-        _SITES[key] = Site(
-            prepared.job,
-            setup.name,
-            prepared.model,
-            prepared.labels,
-            setup.files.train,
-            setup.files.eval,
-            ledger=setup.ledger,
-            job_id=prepared.job_id,
-            policy=setup.policy,
-            source=prepared.source,
-        )
+        _SITES[key] = build_site(prepared, setup)
     return _SITES[key]
 
 

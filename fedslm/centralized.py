@@ -11,11 +11,10 @@ from typing import Any
 
 from fedslm.coordinator import SiteEval
 from fedslm.data import SiteFiles, read_rows, write_rows
-from fedslm.inprocess import to_report
+from fedslm.inprocess import build_site, to_report
 from fedslm.job import PreparedJob, SiteSetup, make_coordinator
 from fedslm.policy import SitePolicy
 from fedslm.progress import Reporter
-from fedslm.site import Site
 
 POOLED = "pooled"
 
@@ -65,17 +64,8 @@ def run_centralized(prepared: PreparedJob, reporter: Reporter) -> dict[str, Any]
     """Train on the pooled data for ``federation.rounds`` rounds; write the usual outputs."""
     pooled = pooled_job(prepared)
     setup = pooled.sites[0]
-    site = Site(
-        pooled.job,
-        POOLED,
-        pooled.model,
-        pooled.labels,
-        setup.files.train,
-        setup.files.eval,
-        ledger=setup.ledger,
-        job_id=pooled.job_id,
-        source=pooled.source,
-    )
+    # the pooled baseline is not a site: no policy, but its DP spend is still recorded
+    site = build_site(pooled, setup, with_policy=False)
     coordinator = make_coordinator(pooled)
     rounds = pooled.job.federation.rounds
     for r in range(1, rounds + 1):

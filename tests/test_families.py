@@ -168,9 +168,8 @@ def test_one_dp_round_and_the_adapter_reloads_in_plain_peft(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from fedslm.centralized import to_report
+    from fedslm.inprocess import build_site, to_report
     from fedslm.job import make_coordinator, prepare_job
-    from fedslm.site import Site
 
     base = tiny_models[model_type]
     job = JobConfig.model_validate(
@@ -189,20 +188,7 @@ def test_one_dp_round_and_the_adapter_reloads_in_plain_peft(
         }
     )
     prepared = prepare_job(job, "test", tmp_path / "run")
-    sites = [
-        Site(
-            job,
-            s.name,
-            prepared.model,
-            prepared.labels,
-            s.files.train,
-            s.files.eval,
-            ledger=s.ledger,
-            job_id=prepared.job_id,
-            policy=s.policy,
-        )
-        for s in prepared.sites
-    ]
+    sites = [build_site(prepared, s) for s in prepared.sites]
     coordinator = make_coordinator(prepared)
     initial = {k: v.clone() for k, v in coordinator.state.items()}
     coordinator.start_round(1)

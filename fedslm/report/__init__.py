@@ -9,12 +9,11 @@ compares a report with its run.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedslm.artifacts import write_text
 from fedslm.report.build import collect, find_baselines, now_utc
 from fedslm.report.model import SCHEMA_VERSION, Report, json_schema
 from fedslm.report.render import render_html
@@ -33,21 +32,6 @@ class Written:
     json_path: Path
     html_path: Path
     report: Report
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def report_json_text(report: Report) -> str:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from fedslm import keys
+from fedslm.artifacts import write_text
 from fedslm.report.checks import Discrepancy
 
 SIGNATURE_FILE = "report.sig"
@@ -39,7 +40,7 @@ def sign_site_report(site: str, report_json: Path, private_key: Path) -> Path:
         "key_fingerprint": keys.fingerprint(public),
         "signature": keys.sign(key, body),
     }
-    out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_text(out, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out
 
 
