@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     from fedslm.report_cli import add_cli as add_report_cli
 
     add_report_cli(sub)
+    site = sub.add_parser("site", help="a real site's own tools")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    keygen = site_sub.add_parser(
+        "keygen", help="make the site's ECDSA P-384 key pair (OpenSSH format), kept at the site"
+    )
+    keygen.add_argument("folder", type=Path, help="where to write site.key and site.pub")
+    keygen.add_argument("--name", default="", help="a comment naming the site in site.pub")
+    keygen.set_defaults(handler=_site_keygen)
     model = sub.add_parser("model", help="facts about a local model folder")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     sha = model_sub.add_parser(
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "synth":
             return _synth(args)
-        if args.command in ("ledger", "policy", "model", "report", "verify"):
+        if args.command in ("ledger", "policy", "model", "report", "verify", "site"):
             return args.handler(args)
     except FedSLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -173,6 +181,16 @@ def _print_summary(out: Path, reporter: Reporter) -> None:
             f"{central['rounds_released']} rounds released"
         )
     reporter.info(f"outputs: {out}/adapter, metrics.jsonl, privacy.json, checkpoints/")
+
+
+def _site_keygen(args: argparse.Namespace) -> int:
+    from fedslm.keys import fingerprint, generate_key, load_public_key
+
+    private, public = args.folder / "site.key", args.folder / "site.pub"
+    line = generate_key(private, public, f"fedslm-site:{args.name}" if args.name else "")
+    print(f"wrote {private} (private: keep it at the site, mode 0600) and {public}")
+    print(f"fingerprint {fingerprint(load_public_key(line))}; give {public} to the coordinator")
+    return 0
 
 
 def _model_sha256(args: argparse.Namespace) -> int:
