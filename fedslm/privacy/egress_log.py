@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from fedslm.privacy.ledger import (
@@ -149,8 +149,3 @@ def _read(
     if job_id is not None:
         entries = [e for e in entries if e.job_id == job_id]
     return entries, head
-
-
-def as_dict(entry: EgressEntry) -> dict[str, Any]:
-    """JSON-ready form of a record (for reports)."""
-    return asdict(entry)
