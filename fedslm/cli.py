@@ -80,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("folder", type=Path, help="where to write site.key and site.pub")
     keygen.add_argument("--name", default="", help="a comment naming the site in site.pub")
     keygen.set_defaults(handler=_site_keygen)
+    certs = sub.add_parser(
+        "certs", help="make the consortium's CA and the coordinator's TLS server certificate"
+    )
+    certs.add_argument("out", type=Path, help="folder for ca.crt, ca.key, server.pem, server.key")
+    certs.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        required=True,
+        help="an address sites dial (DNS name or IP); repeat; include 127.0.0.1 for loopback",
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    certs.set_defaults(handler=_certs)
     model = sub.add_parser("model", help="facts about a local model folder")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     sha = model_sub.add_parser(
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "synth":
             return _synth(args)
-        if args.command in ("ledger", "policy", "model", "report", "verify", "site"):
+        if args.command in ("ledger", "policy", "model", "report", "verify", "site", "certs"):
             return args.handler(args)
     except FedSLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -190,6 +203,19 @@ def _site_keygen(args: argparse.Namespace) -> int:
     line = generate_key(private, public, f"fedslm-site:{args.name}" if args.name else "")
     print(f"wrote {private} (private: keep it at the site, mode 0600) and {public}")
     print(f"fingerprint {fingerprint(load_public_key(line))}; give {public} to the coordinator")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedslm.certs import describe, make_certificates, read_certificate
+
+    issued = make_certificates(args.out, args.hosts, days=args.days)
+    for label, path in (("CA", issued.ca_cert), ("server", issued.server_cert)):
+        print(f"{label}: {path}: {describe(read_certificate(path))}")
+    print(
+        f"keys (mode 0600): {issued.ca_key} (keep offline), {issued.server_key}; give "
+        f"{issued.ca_cert} to every site"
+    )
     return 0
 
 
