@@ -192,7 +192,8 @@ def check(
     fields = record["fields"]
     if kind == SECURE_TRAIN:
         # the key advert rides on the training reply; the rest is checked as a train reply's
-        problems += _check_fields(fields, _ADVERT, required=True)
+        advert = {k: v for k, v in fields.items() if k in _ADVERT}
+        problems += _check_fields(advert, _ADVERT, required=True)
         fields = {k: v for k, v in fields.items() if k not in _ADVERT}
         if record["tensors"]:
             problems.append(
