@@ -79,7 +79,7 @@ def test_validator_rejects_what_cannot_be_exact(update: dict, fragment: str) -> 
 
 
 def test_validator_rejects_central_dp_and_accepts_the_linear_modes() -> None:
-    with pytest.raises(ValueError, match="privacy.central and federation.secure_aggregation"):
+    with pytest.raises(ValueError, match=r"privacy\.central and federation\.secure_aggregation"):
         JobConfig.model_validate(
             {
                 "federation": {"secure_aggregation": True},
