@@ -12,6 +12,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import torch
 from fedslm.clients.codec import (
     arrays_to_state,
     config_to_message,
@@ -22,7 +23,7 @@ from fedslm.clients.codec import (
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedslm.egress import RingSpec
+from fedslm.egress import Payload, RingSpec
 from fedslm.errors import FedSLMError
 from fedslm.inprocess import build_site
 from fedslm.job import PreparedJob
@@ -30,7 +31,7 @@ from fedslm.progress import Reporter
 from fedslm.secagg import KeyRoster, SecAggParams, SecAggSite, ShareInbox, UnmaskRequest
 from fedslm.secagg.adapter import job_params, session_id, update_vector
 from fedslm.secagg.driver import site_stage
-from fedslm.site import Site, SiteRefusal
+from fedslm.site import Site, SiteRefusal, SiteUpdate
 
 # Context.state keys: the secure-aggregation state and the pending update of this node. They
 # hold private keys and the unmasked update: they never leave the site.
@@ -99,7 +100,13 @@ def _params(site: Site, round_num: int) -> SecAggParams:
     return job_params(site.job, session_id(site.job_id, round_num), n)
 
 
-def _start_secure(site: Site, context: Context, round_num: int, update, global_state) -> object:
+def _start_secure(
+    site: Site,
+    context: Context,
+    round_num: int,
+    update: SiteUpdate,
+    global_state: dict[str, torch.Tensor],
+) -> Payload:
     """Round 0 of secure aggregation: keep the update for the masked-input stage (in
     ``Context.state``, which outlives this process) and reply with metrics and the key advert."""
     secagg = SecAggSite(_params(site, round_num), context.node_id)
@@ -143,6 +150,12 @@ def query(msg: Message, context: Context) -> Message:
     reply, state = site_stage(params, state, stage, request, update, int(record["weight"]))
     if stage == "masked-input":
         del context.state[_DELTA]  # the update has left, masked: keep no copy
+        if int(state["clipped"]):
+            # the secure mean then differs from the plain one by more than the quantisation
+            Reporter(quiet=bool(config.get("quiet", False))).warn(
+                f"[{site.name}] secure aggregation clipped {int(state['clipped'])} coordinates "
+                "of the update to federation.secagg.clip_range"
+            )
     context.state[_STATE] = ConfigRecord(
         {**{k: to_wire(v) for k, v in state.items()}, "round": round_num,
          "weight": int(record["weight"])}

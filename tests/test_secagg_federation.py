@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fedslm.config import JobConfig
+from fedslm.coordinator import Coordinator, SiteReport
 from fedslm.egress import Payload, RingSpec, check, describe
+from fedslm.privacy.accounting import Segment
 from fedslm.secagg import SecAggError, SecAggParams, SecAggResult, SecAggSite, sum_error_bound
 from fedslm.secagg.adapter import flatten, mean_state, unflatten, update_vector, vector_size
 from fedslm.secagg.driver import run_rounds, site_stage
@@ -234,3 +237,53 @@ def test_mean_state_rejects_a_sum_of_the_wrong_size() -> None:
     result = SecAggResult(np.zeros(5), 1, [1, 2], [], 0.0)
     with pytest.raises(SecAggError, match="5 values"):
         mean_state(g, result)
+
+
+# -- the coordinator's record of a secure round -------------------------------------------------
+
+
+def _secure_coordinator(tmp_path: Path, min_sites: int) -> Coordinator:
+    class _Exportable(torch.nn.Module):
+        """Stand-in for the PEFT model (never exported here)."""
+
+    job = JobConfig.model_validate(
+        {"federation": {"sites": 3, "min_sites": min_sites, "secure_aggregation": True}}
+    )
+    return Coordinator(job, tmp_path, _Exportable(), {"w": torch.ones(2)}, {})
+
+
+def _report(site: str, n: int) -> SiteReport:
+    return SiteReport(
+        site, {}, n, 1.0, 3, 0.1, 8, Segment(0.1, 1.0, 3), 2.0, 1e-5, "prv", 1.0
+    )  # fmt: skip
+
+
+def test_aggregate_secure_adds_the_mean_update_and_accounts_every_site(tmp_path: Path) -> None:
+    c = _secure_coordinator(tmp_path, min_sites=2)
+    c.start_round(1)
+    # weighted sum of deltas 10*[1,1] + 30*[3,3] = [100, 100] over weight 40 -> mean 2.5
+    result = SecAggResult(np.array([100.0, 100.0]), 40, [5, 6], [7], 1e-6)
+    reports = [_report("site-1", 10), _report("site-2", 30), _report("site-3", 20)]
+    out = c.aggregate_secure(1, reports, ["site 7 dropped"], {}, result, ["site-1", "site-2"])
+    assert out is not None
+    torch.testing.assert_close(out["w"], torch.full((2,), 3.5))
+    rec = c.record
+    assert rec["aggregated"] and rec["secure_aggregation"]["survivors"] == ["site-1", "site-2"]
+    assert rec["sites"]["site-3"]["in_secure_sum"] is False
+    assert "update_norm" not in rec["sites"]["site-1"]  # the coordinator never saw one
+    # a site that trained but dropped out spent privacy all the same
+    assert set(c.privacy) == {"site-1", "site-2", "site-3"}
+
+
+def test_aggregate_secure_keeps_the_adapter_when_the_protocol_failed(tmp_path: Path) -> None:
+    c = _secure_coordinator(tmp_path, min_sites=2)
+    c.start_round(1)
+    reports = [_report("site-1", 10), _report("site-2", 30)]
+    why = "secure aggregation failed: only 1 of 3 sites sent a masked input"
+    assert c.aggregate_secure(1, reports, [], {}, None, [], why) is None
+    assert c.record["aggregated"] is False and c.record["reason"] == why
+    torch.testing.assert_close(c.state["w"], torch.ones(2))
+    c.start_round(2)
+    result = SecAggResult(np.array([10.0, 10.0]), 10, [5], [], 1e-6)
+    assert c.aggregate_secure(2, reports, [], {}, result, ["site-1"]) is None  # below min_sites
+    assert "min_sites is 2" in c.record["reason"]
