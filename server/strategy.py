@@ -56,6 +56,7 @@ class FedSLMStrategy(Strategy):
         self.reporter.info(
             f"strategy: {job.federation.aggregation} over {self.num_sites} sites, "
             f"{job.federation.rounds} rounds, min_sites {job.federation.required_sites}"
+            + (", secure aggregation" if job.federation.secure_aggregation else "")
         )
 
     def _nodes(self, grid: Grid) -> list[int]:
