@@ -6,13 +6,44 @@ Kept apart from the ClientApp so that the coordinator decodes with the same defi
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from dataclasses import fields as dataclass_fields
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedslm.coordinator import SiteEval, SiteReport
 from fedslm.egress import Payload
 from fedslm.privacy.accounting import Segment
+from fedslm.secagg.messages import KeyAdvert, MaskedInput
+
+T = TypeVar("T")
+_U64 = 2**64
+
+
+def to_wire(value: Any) -> Any:
+    """Flower node ids (our secure-aggregation site ids) are uint64; ConfigRecord ints travel
+    as sint64, so ids of 2^63 and above are sent as their two's-complement negative."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value - _U64 if value >= 2**63 else value
+    if isinstance(value, list):
+        return [to_wire(v) for v in value]
+    return value
+
+
+def from_wire(value: Any) -> Any:
+    """Inverse of ``to_wire`` for site ids (every id is positive, so a negative is wrapped)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value + _U64 if value < 0 else value
+    if isinstance(value, list):
+        return [from_wire(v) for v in value]
+    return value
 
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -34,10 +65,85 @@ def encode_payload(payload: Payload) -> RecordDict:
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     if payload.tensors:
         records["arrays"] = state_to_arrays(payload.tensors)
+    if payload.vectors:
+        records["vectors"] = ArrayRecord(
+            OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in payload.vectors.items())
+        )
     if payload.metrics:
         records["metrics"] = MetricRecord(dict(payload.metrics))
-    records["site"] = ConfigRecord(dict(payload.fields))
+    records["site"] = ConfigRecord({k: to_wire(v) for k, v in payload.fields.items()})
     return RecordDict(records)
+
+
+def message_to_config(m: object) -> ConfigRecord:
+    """A secure-aggregation message (ints, bytes and lists of them) as a ConfigRecord."""
+    return ConfigRecord(
+        {f.name: to_wire(getattr(m, f.name)) for f in dataclass_fields(m)}  # type: ignore[arg-type]
+    )
+
+
+def config_to_message(cls: type[T], record: ConfigRecord) -> T:
+    """Inverse of ``message_to_config`` for the dataclass ``cls``."""
+    values = {f.name: from_wire(record[f.name]) for f in dataclass_fields(cls)}  # type: ignore[arg-type]
+    return cls(**values)
+
+
+def decode_secure_update(content: RecordDict) -> tuple[SiteReport, KeyAdvert]:
+    """The coordinator's view of a training reply under secure aggregation: the metrics and DP
+    fields (no adapter) and the site's key advert."""
+    m, info = content["metrics"], content["site"]
+    if "arrays" in content:
+        raise ValueError("a training reply under secure aggregation must carry no tensors")
+    segment = None
+    if info.get("dp"):
+        segment = Segment(float(info["q"]), float(info["sigma"]), int(info["dp_steps"]))
+    loss = float(m["train-loss"])
+    report = SiteReport(
+        site=str(info["site"]),
+        state={},
+        num_examples=int(m["num-examples"]),
+        train_loss=loss if loss >= 0 else math.nan,
+        steps=int(m["steps"]),
+        seconds=float(m["seconds"]),
+        privacy_seconds=float(m.get("privacy-seconds", 0.0)),
+        bytes_sent=m.count_bytes() + info.count_bytes(),
+        segment=segment,
+        epsilon=float(info["epsilon"]) if segment else None,
+        delta=float(info["delta"]) if segment else None,
+        accountant=str(info["accountant"]) if segment else None,
+        max_grad_norm=float(info["max_grad_norm"]) if segment else None,
+        lifetime_epsilon=float(info["lifetime_epsilon"]) if segment else None,
+        ledger_head=str(info["ledger_head"]) if segment else None,
+    )
+    advert = KeyAdvert(
+        from_wire(int(info["secagg_site_id"])), bytes(info["cipher_pk"]), bytes(info["mask_pk"])
+    )
+    return report, advert
+
+
+def decode_protocol_reply(stage: str, content: RecordDict) -> object:
+    """A site's reply to a secure-aggregation stage, as the protocol's message."""
+    from fedslm.secagg.messages import EncryptedShares, UnmaskShares
+
+    info = content["site"]
+    if stage == "share-keys":
+        return EncryptedShares(
+            from_wire(int(info["site_id"])),
+            from_wire(list(info["recipients"])),
+            [bytes(b) for b in info["ciphertexts"]],
+        )
+    if stage == "masked-input":
+        vector = content["vectors"]["masked"].numpy()
+        return MaskedInput(from_wire(int(info["site_id"])), np.array(vector, copy=True))
+    if stage == "unmask":
+        return UnmaskShares(
+            from_wire(int(info["site_id"])),
+            from_wire(list(info["self_mask_owners"])),
+            [bytes(b) for b in info["self_mask_shares"]],
+            from_wire(list(info["key_owners"])),
+            [bytes(b) for b in info["key_shares"]],
+        )
+    raise ValueError(f"unknown secure-aggregation stage {stage!r}")
 
 
 def decode_update(content: RecordDict) -> SiteReport:

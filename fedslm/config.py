@@ -279,6 +279,24 @@ class RobustConfig(_Section):
     )
 
 
+class SecAggConfig(_Section):
+    """Parameters of secure aggregation (``federation.secure_aggregation``)."""
+
+    clip_range: PositiveFloat = Field(
+        default=1.0,
+        description="Each coordinate of a site's update (adapter minus global) is clipped to "
+        "[-clip_range, clip_range] before quantisation.",
+    )
+    bits: Annotated[int, Field(ge=2, le=53)] = Field(
+        default=24,
+        description="Quantisation bits per coordinate: step = clip_range / (2**(bits-1) - 1).",
+    )
+    threshold: Annotated[int, Field(ge=2)] | None = Field(
+        default=None,
+        description="Fewest sites that must survive every protocol stage (default: a majority).",
+    )
+
+
 class FederationConfig(_Section):
     """Who takes part and how rounds are run."""
 
@@ -303,6 +321,12 @@ class FederationConfig(_Section):
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     robust: RobustConfig = RobustConfig()
     round_timeout_s: PositiveFloat = 3600.0
+    secure_aggregation: bool = Field(
+        default=False,
+        description="Mask the sites' updates so that the coordinator learns only their "
+        "weighted sum (fedslm.secagg); needs ffa or fedavg-factors.",
+    )
+    secagg: SecAggConfig = SecAggConfig()
 
     @model_validator(mode="after")
     def _check_sites(self) -> FederationConfig:
@@ -337,7 +361,38 @@ class FederationConfig(_Section):
                 "factors coordinate by coordinate; they work with ffa and fedavg-factors, "
                 "not with exact"
             )
+        if self.secure_aggregation:
+            self._secure_aggregation_fits()
         return self
+
+    def _secure_aggregation_fits(self) -> None:
+        # The coordinator sees only the masked sum, so only linear rules over the sum can work.
+        n = len(self.site_names)
+        if self.aggregation == "exact":
+            raise ValueError(
+                "federation.secure_aggregation needs a linear aggregation: the coordinator "
+                "learns only the sum of the updates, and 'exact' multiplies each site's factors "
+                "(B_i·A_i) before summing; use federation.aggregation 'ffa' (exact and linear) "
+                "or 'fedavg-factors'"
+            )
+        if self.robust.rule != "mean" or self.robust.max_update_norm is not None:
+            raise ValueError(
+                "federation.secure_aggregation: the coordinator cannot see single updates, so "
+                "federation.robust.rule median/trimmed-mean and max_update_norm cannot be "
+                "applied; leave federation.robust at its defaults (rule 'mean', no "
+                "max_update_norm)"
+            )
+        if n < 2:
+            raise ValueError(
+                f"federation.secure_aggregation needs at least 2 sites, got {n}: with one site "
+                "the sum is that site's update"
+            )
+        t = self.secagg.threshold
+        if t is not None and t > n:
+            raise ValueError(
+                f"federation.secagg.threshold={t} is more than the {n} sites; it must be in "
+                f"[2, {n}]"
+            )
 
     @property
     def site_names(self) -> list[str]:
@@ -434,6 +489,13 @@ class JobConfig(_Section):
                 f"{sorted(sites)} must match federation.sites {self.federation.site_names}"
             )
         self._central_dp_fits()
+        if self.privacy.central.enabled and self.federation.secure_aggregation:
+            raise ValueError(
+                "privacy.central and federation.secure_aggregation cannot be combined: central "
+                "DP clips each site's update at the coordinator, which under secure aggregation "
+                "never sees a single update; use record-level DP at the sites (privacy.enabled) "
+                "with secure aggregation, or turn secure aggregation off"
+            )
         return self
 
     def _central_dp_fits(self) -> None:

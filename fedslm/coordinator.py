@@ -28,6 +28,8 @@ from fedslm.privacy.accounting import (
 )
 from fedslm.privacy.central import WEIGHTING_TEXT, noised_mean_update, site_weight
 from fedslm.robust import clip_update, coordinate_median, screen_updates, trimmed_mean
+from fedslm.secagg.adapter import mean_state
+from fedslm.secagg.messages import SecAggResult
 from fedslm.server_opt import make_server_optimizer
 
 # Reported and recomputed epsilons may differ by the accountants' discretisation, not more
@@ -186,6 +188,68 @@ class Coordinator:
             aggregated = self._combine(good)
         else:
             aggregated = self._noised_aggregate(good)
+        self.state = self.server_optimizer.step(self.state, aggregated)
+        self.aggregated_rounds += 1
+        rec["aggregated"] = True
+        return self.state
+
+    def aggregate_secure(
+        self,
+        round_num: int,
+        reports: list[SiteReport],
+        failures: list[str],
+        refusals: dict[str, list[str]] | None,
+        result: SecAggResult | None,
+        survivors: list[str],
+        protocol_failure: str | None = None,
+    ) -> AdapterState | None:
+        """Record a secure-aggregation round and apply its unmasked sum.
+
+        ``reports`` carry each site's metrics and DP fields but no tensors (``state`` is
+        empty): the coordinator saw only ``result``, the records-weighted sum of the updates of
+        ``survivors`` (the site names whose masked input is in the sum). Nothing can be
+        screened; the sites that took part are accounted like ``aggregate`` does. A round whose
+        protocol failed (``result`` None, ``protocol_failure`` says why) or with fewer than
+        ``federation.min_sites`` survivors keeps the previous global adapter.
+        """
+        rec = self.record
+        rec["failures"] = list(failures)
+        rec["refusals"] = dict(refusals or {})
+        for site, reasons in rec["refusals"].items():
+            self.privacy.setdefault(site, _SitePrivacy()).refusals.append(
+                f"round {round_num}: {'; '.join(reasons)}"
+            )
+        rec["secure_aggregation"] = {
+            "survivors": sorted(survivors),
+            "total_weight": result.total_weight if result is not None else None,
+            "sum_error_bound": result.sum_error_bound if result is not None else None,
+        }
+        # every site that trained spent privacy, whether or not its input reached the sum
+        good = [r for r in reports if r.site in set(survivors)] if result is not None else []
+        for r in reports:
+            self._account(r)
+            rec["sites"][r.site] = {
+                "train_loss": r.train_loss,
+                "steps": r.steps,
+                "num_examples": r.num_examples,
+                "seconds": r.seconds,
+                "privacy_seconds": r.privacy_seconds,
+                "bytes_sent": r.bytes_sent,
+                "epsilon": r.epsilon,
+                "in_secure_sum": r.site in set(survivors) and result is not None,
+            }
+        needed = self.job.federation.required_sites
+        rec["train_loss"] = weighted_mean((r.train_loss, r.num_examples) for r in good)
+        rec["bytes_sent"] = {r.site: r.bytes_sent for r in reports}
+        if result is None or len(survivors) < needed:
+            rec["aggregated"] = False
+            asked = len(reports) + len(failures) + len(rec["refusals"])
+            rec["reason"] = protocol_failure or (
+                f"only {len(survivors)} of {asked} sites completed secure aggregation "
+                f"({len(rec['refusals'])} refused); federation.min_sites is {needed}"
+            )
+            return None
+        aggregated = mean_state(self.state, result)
         self.state = self.server_optimizer.step(self.state, aggregated)
         self.aggregated_rounds += 1
         rec["aggregated"] = True

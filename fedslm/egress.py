@@ -13,6 +13,13 @@ Only what the job agreed may leave:
 - metrics: finite numbers under the keys in ``ALLOWED_METRICS``;
 - fields: the keys in ``ALLOWED_FIELDS``, each of its type (strings only where listed);
 - bytes: at most the site policy's ``max_bytes_per_round``.
+
+Under secure aggregation (``fedslm.secagg``) a site sends five kinds of message per round, each
+with exactly the protocol's contents (``PROTOCOL_FIELDS``) and no adapter tensor:
+``train-secure`` (the usual metrics and DP fields plus the key advert), ``secagg-shares``
+(ciphertexts for the other sites), ``secagg-masked`` (one ring vector of the agreed length and
+dtype), ``secagg-unmask`` (Shamir shares). Byte strings (keys, ciphertexts, shares) are logged
+by length and sha256, never by content.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 # numeric metrics a site may report, and what they mean
@@ -52,15 +60,42 @@ ALLOWED_FIELDS: dict[str, tuple[type, ...]] = {
 }
 DTYPE = "float32"
 
+# the protocol messages: exactly these fields, of these types ("bytes" and "list[bytes]" are
+# logged as {"bytes": n, "sha256": h}); train-secure adds the key advert to the train fields
+_ADVERT = {"secagg_site_id": "int", "cipher_pk": "bytes", "mask_pk": "bytes"}
+PROTOCOL_FIELDS: dict[str, dict[str, str]] = {
+    "secagg-shares": {"site_id": "int", "recipients": "list[int]", "ciphertexts": "list[bytes]"},
+    "secagg-masked": {"site_id": "int"},
+    "secagg-unmask": {
+        "site_id": "int",
+        "self_mask_owners": "list[int]",
+        "self_mask_shares": "list[bytes]",
+        "key_owners": "list[int]",
+        "key_shares": "list[bytes]",
+    },
+}
+SECURE_TRAIN = "train-secure"
+MASKED_VECTOR = "masked"  # the one vector a secagg-masked message carries
+
 
 @dataclass(frozen=True)
 class Payload:
     """One message from a site, before it is encoded for the network."""
 
-    kind: str  # "train", "evaluate" or "refusal"
+    kind: str  # "train", "evaluate", "refusal", "train-secure" or a PROTOCOL_FIELDS kind
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)
+    # integer ring vectors of secure aggregation (secagg-masked only); never adapter values
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """What a masked vector must look like: ``length`` elements of ``dtype`` (e.g. "<u4")."""
+
+    length: int
+    dtype: str
 
 
 @dataclass(frozen=True)
@@ -84,27 +119,88 @@ def tensor_record(name: str, t: torch.Tensor) -> TensorRecord:
     )  # fmt: skip
 
 
+def _bytes_record(b: bytes) -> dict[str, Any]:
+    return {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+
+
+def _describe_field(value: Any) -> Any:
+    # keys, ciphertexts and shares are logged by size and hash: the log is no second copy
+    if isinstance(value, bytes | bytearray):
+        return _bytes_record(bytes(value))
+    if isinstance(value, list) and any(isinstance(v, bytes | bytearray) for v in value):
+        return [_bytes_record(bytes(v)) if isinstance(v, bytes | bytearray) else v for v in value]
+    return value
+
+
+def _is_bytes_record(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"bytes", "sha256"}
+
+
+def vector_record(name: str, v: np.ndarray) -> dict[str, Any]:
+    """Describe a ring vector as it would be sent: name, shape, dtype, bytes, sha256."""
+    raw = np.ascontiguousarray(v).tobytes()
+    return {
+        "name": name,
+        "shape": list(v.shape),
+        "dtype": v.dtype.str,
+        "bytes": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+    }
+
+
 def describe(payload: Payload) -> dict[str, Any]:
     """The egress record of ``payload``: JSON-ready, what the ledger keeps and reports show."""
     tensors = [asdict(tensor_record(k, v)) for k, v in sorted(payload.tensors.items())]
-    return {
+    record: dict[str, Any] = {
         "kind": payload.kind,
         "tensors": tensors,
         "tensor_bytes": sum(t["bytes"] for t in tensors),
         "metrics": dict(sorted(payload.metrics.items())),
-        "fields": dict(sorted(payload.fields.items())),
+        "fields": {k: _describe_field(v) for k, v in sorted(payload.fields.items())},
     }
+    if payload.vectors:
+        vectors = [vector_record(k, v) for k, v in sorted(payload.vectors.items())]
+        record["vectors"] = vectors
+        record["tensor_bytes"] += sum(v["bytes"] for v in vectors)
+    return record
 
 
 def check(
-    record: dict[str, Any], expected: dict[str, tuple[int, ...]], max_bytes: int | None
+    record: dict[str, Any],
+    expected: dict[str, tuple[int, ...]],
+    max_bytes: int | None,
+    ring: RingSpec | None = None,
 ) -> list[str]:
     """Why ``record`` (from ``describe``) may not leave; empty means it may.
 
     ``expected`` maps each adapter tensor the job agreed to its shape. A training reply must
-    carry exactly those tensors; other replies carry none.
+    carry exactly those tensors; other replies carry none. Protocol messages of secure
+    aggregation are checked by ``check_protocol`` against ``ring``.
     """
+    kind = record["kind"]
+    if kind in PROTOCOL_FIELDS:
+        problems = check_protocol(record, ring)
+        if max_bytes is not None and record["tensor_bytes"] > max_bytes:
+            problems.append(
+                f"{record['tensor_bytes']:,} bytes of vectors; the site policy allows "
+                f"{max_bytes:,} per round"
+            )
+        return problems
     problems: list[str] = []
+    if record.get("vectors"):
+        problems.append(f"a {kind} message carries no ring vectors")
+    fields = record["fields"]
+    if kind == SECURE_TRAIN:
+        # the key advert rides on the training reply; the rest is checked as a train reply's
+        advert = {k: v for k, v in fields.items() if k in _ADVERT}
+        problems += _check_fields(advert, _ADVERT, required=True)
+        fields = {k: v for k, v in fields.items() if k not in _ADVERT}
+        if record["tensors"]:
+            problems.append(
+                "a training reply under secure aggregation carries no tensors, it has "
+                f"{[t['name'] for t in record['tensors']][:3]}"
+            )
+        record = {**record, "tensors": [], "fields": fields}
     names = {t["name"] for t in record["tensors"]}
     if record["kind"] == "train":
         missing = sorted(set(expected) - names)
@@ -141,4 +237,54 @@ def check(
             f"{record['tensor_bytes']:,} bytes of tensors; the site policy allows "
             f"{max_bytes:,} per round"
         )
+    return problems
+
+
+def check_protocol(record: dict[str, Any], ring: RingSpec | None) -> list[str]:
+    """Why a secure-aggregation message may not leave: it must hold exactly its kind's fields
+    (``PROTOCOL_FIELDS``), no metrics, no tensors, and (secagg-masked only) exactly one ring
+    vector of ``ring``'s length and dtype."""
+    kind = record["kind"]
+    problems = _check_fields(record["fields"], PROTOCOL_FIELDS[kind], required=True)
+    if record["tensors"]:
+        problems.append(f"a {kind} message carries no adapter tensors")
+    if record["metrics"]:
+        problems.append(f"a {kind} message carries no metrics")
+    vectors = record.get("vectors", [])
+    if kind != "secagg-masked":
+        if vectors:
+            problems.append(f"a {kind} message carries no vectors")
+        return problems
+    if ring is None:
+        return [*problems, "no masked-vector length agreed for this round"]
+    if [v["name"] for v in vectors] != [MASKED_VECTOR]:
+        problems.append(f"a secagg-masked message carries exactly one vector {MASKED_VECTOR!r}")
+    for v in vectors:
+        if v["shape"] != [ring.length] or v["dtype"] != np.dtype(ring.dtype).str:
+            problems.append(
+                f"vector {v['name']!r} is {v['dtype']} of shape {v['shape']}; the round agreed "
+                f"{np.dtype(ring.dtype).str} of shape [{ring.length}]"
+            )
+    return problems
+
+
+def _check_fields(fields: dict[str, Any], spec: dict[str, str], *, required: bool) -> list[str]:
+    problems = [f"field {k!r} is not part of the protocol" for k in fields if k not in spec]
+    for key, kind in spec.items():
+        if key not in fields:
+            if required:
+                problems.append(f"field {key!r} is missing")
+            continue
+        value = fields[key]
+        ok = {
+            "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "bytes": _is_bytes_record,
+            "list[int]": lambda v: (
+                isinstance(v, list)
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            ),
+            "list[bytes]": lambda v: isinstance(v, list) and all(_is_bytes_record(x) for x in v),
+        }[kind](value)
+        if not ok:
+            problems.append(f"field {key!r} is not {kind}")
     return problems

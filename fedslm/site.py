@@ -22,7 +22,7 @@ import torch
 from fedslm.batching import Encoded, encode_classification, encode_instructions
 from fedslm.config import JobConfig, LoraConfig
 from fedslm.data import read_examples, read_instructions
-from fedslm.egress import Payload, check, describe
+from fedslm.egress import MASKED_VECTOR, SECURE_TRAIN, Payload, RingSpec, check, describe
 from fedslm.errors import ConfigError, FedSLMError
 from fedslm.lora_math import to_site_rank
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
@@ -33,6 +33,7 @@ from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon
 from fedslm.privacy.dp_sgd import per_sample_module
 from fedslm.privacy.egress_log import record_egress
 from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger
+from fedslm.secagg.messages import EncryptedShares, KeyAdvert, MaskedInput, UnmaskShares
 from fedslm.training import (
     DPSettings,
     EvalResult,
@@ -379,6 +380,48 @@ class Site:
             )
         return Payload("train", dict(u.state), metrics, fields)
 
+    def secure_train_payload(self, u: SiteUpdate, advert: KeyAdvert) -> Payload:
+        """A training reply under secure aggregation: the metrics and DP fields of
+        ``train_payload`` and this round's key advert, but no tensors (the update only leaves
+        masked, in ``masked_payload``)."""
+        plain = self.train_payload(u)
+        fields = dict(plain.fields)
+        fields.update(
+            secagg_site_id=int(advert.site_id),
+            cipher_pk=bytes(advert.cipher_pk),
+            mask_pk=bytes(advert.mask_pk),
+        )
+        return Payload(SECURE_TRAIN, {}, dict(plain.metrics), fields)
+
+    @staticmethod
+    def shares_payload(m: EncryptedShares) -> Payload:
+        """Secure aggregation round 1: ciphertexts of this site's key shares, one per peer."""
+        fields = {
+            "site_id": int(m.sender),
+            "recipients": [int(r) for r in m.recipients],
+            "ciphertexts": [bytes(c) for c in m.ciphertexts],
+        }
+        return Payload("secagg-shares", fields=fields)
+
+    @staticmethod
+    def masked_payload(m: MaskedInput) -> Payload:
+        """Secure aggregation round 2: the masked, weighted, quantised update."""
+        return Payload(
+            "secagg-masked", fields={"site_id": int(m.site_id)}, vectors={MASKED_VECTOR: m.vector}
+        )
+
+    @staticmethod
+    def unmask_payload(m: UnmaskShares) -> Payload:
+        """Secure aggregation round 3: the shares the coordinator needs to remove the masks."""
+        fields = {
+            "site_id": int(m.site_id),
+            "self_mask_owners": [int(i) for i in m.self_mask_owners],
+            "self_mask_shares": [bytes(b) for b in m.self_mask_shares],
+            "key_owners": [int(i) for i in m.key_owners],
+            "key_shares": [bytes(b) for b in m.key_shares],
+        }
+        return Payload("secagg-unmask", fields=fields)
+
     def eval_payload(self, r: EvalResult) -> Payload:
         """An evaluation reply: three numbers and the site's name."""
         metrics = {"num-examples": r.examples, "eval-loss": r.loss, "eval-accuracy": r.accuracy}
@@ -388,18 +431,19 @@ class Site:
         """A refusal: the site's name and its own reasons; no tensors, no metrics."""
         return Payload("refusal", {}, {}, {"site": self.name, "refused": True, "reasons": reasons})
 
-    def release(self, round_num: int, payload: Payload) -> Payload:
+    def release(self, round_num: int, payload: Payload, ring: RingSpec | None = None) -> Payload:
         """Check ``payload`` against what the job agreed and log it before it may leave.
 
         Every message is recorded in the site's egress log first (sent or blocked, with what
         it holds: tensor names, shapes, dtypes, bytes and sha256, metric keys and values).
         Raises ``EgressBlocked`` (a refusal) when it carries anything the job did not agree:
         an unexpected tensor or shape, a metric off the allow-list or not a number, an
-        unknown field, or more bytes than the policy allows.
+        unknown field, or more bytes than the policy allows. A secure-aggregation message must
+        hold exactly its protocol fields, and a masked vector the length and dtype of ``ring``.
         """
         record = describe(payload)
         max_bytes = self.policy.max_bytes_per_round if self.policy is not None else None
-        problems = check(record, self.agreed_tensors, max_bytes)
+        problems = check(record, self.agreed_tensors, max_bytes, ring)
         if problems:
             record["blocked_because"] = problems
         with self._ledger() as ledger:

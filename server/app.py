@@ -19,7 +19,7 @@ def run_job(grid: Grid, manifest: Path, reporter: Reporter) -> dict:
     prepared = PreparedJob.load(manifest)
     job = prepared.job
     coordinator = make_coordinator(prepared)
-    strategy = FedSLMStrategy(coordinator, len(prepared.sites), reporter)
+    strategy = FedSLMStrategy(coordinator, len(prepared.sites), reporter, job_id=prepared.job_id)
     config = ConfigRecord({"manifest": str(manifest), "quiet": reporter.quiet})
 
     def end_of_round(server_round: int, _arrays: ArrayRecord) -> MetricRecord | None:

@@ -7,9 +7,17 @@ which decides and records everything. Every site takes part in every round (cros
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from fedslm.clients.codec import decode_eval, decode_refusal, decode_update, state_to_arrays
+from fedslm.clients.codec import (
+    decode_eval,
+    decode_protocol_reply,
+    decode_refusal,
+    decode_secure_update,
+    decode_update,
+    message_to_config,
+    state_to_arrays,
+)
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -17,6 +25,8 @@ from flwr.serverapp.strategy import Strategy
 from fedslm.coordinator import Coordinator
 from fedslm.errors import FederationError
 from fedslm.progress import Reporter
+from fedslm.secagg.adapter import job_params, session_id, vector_size
+from fedslm.secagg.driver import Exchange, run_rounds
 
 
 class FedSLMStrategy(Strategy):
@@ -28,11 +38,17 @@ class FedSLMStrategy(Strategy):
         num_sites: int,
         reporter: Reporter,
         connect_timeout_s: float = 300.0,
+        job_id: str = "",
     ) -> None:
         self.coordinator = coordinator
         self.num_sites = num_sites
         self.reporter = reporter
         self.connect_timeout_s = connect_timeout_s
+        self.job_id = job_id
+        # secure aggregation runs its later stages from aggregate_train; Flower's loop hands
+        # the grid and config to configure_train only, so they are kept from there
+        self._grid: Grid | None = None
+        self._config: ConfigRecord | None = None
 
     def summary(self) -> None:
         """Describe the strategy in the log."""
@@ -40,6 +56,7 @@ class FedSLMStrategy(Strategy):
         self.reporter.info(
             f"strategy: {job.federation.aggregation} over {self.num_sites} sites, "
             f"{job.federation.rounds} rounds, min_sites {job.federation.required_sites}"
+            + (", secure aggregation" if job.federation.secure_aggregation else "")
         )
 
     def _nodes(self, grid: Grid) -> list[int]:
@@ -73,12 +90,15 @@ class FedSLMStrategy(Strategy):
         """Every site trains on the current global adapter."""
         self.coordinator.start_round(server_round)
         config["round"] = server_round
+        self._grid, self._config = grid, config
         return self._messages(MessageType.TRAIN, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode replies, let the coordinator check and average them."""
+        if self.coordinator.job.federation.secure_aggregation:
+            return self._aggregate_secure(server_round, replies)
         reports, failures, refusals = [], [], {}
         for reply in replies:
             if reply.has_error():
@@ -99,6 +119,90 @@ class FedSLMStrategy(Strategy):
         return state_to_arrays(state), MetricRecord(
             {"train-loss": loss if loss is not None else -1.0}
         )
+
+    def _aggregate_secure(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Secure aggregation: the training replies carry metrics and key adverts; the later
+        stages run here, each sent to the sites that completed the one before."""
+        reports, failures, refusals, adverts = [], [], {}, []
+        names: dict[int, str] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                failures.append(f"node {node}: {reply.error.reason}")
+                continue
+            refusal = decode_refusal(reply.content)
+            if refusal is not None:
+                refusals[refusal[0]] = refusal[1]
+                continue
+            try:
+                report, advert = decode_secure_update(reply.content)
+            except (KeyError, TypeError, ValueError) as exc:
+                failures.append(f"node {node}: malformed reply ({exc!r})")
+                continue
+            reports.append(report)
+            if advert.site_id != node:  # a site speaks for itself only
+                failures.append(f"node {node}: key advert for another site id {advert.site_id}")
+                continue
+            adverts.append(advert)
+            names[node] = report.site
+        outcome, survivors = None, []
+        job = self.coordinator.job
+        params = job_params(job, session_id(self.job_id, server_round), self.num_sites)
+        length = vector_size(self.coordinator.state) + 1
+        grid, config = self._grid, self._config
+        assert grid is not None and config is not None
+        outcome = run_rounds(params, adverts, self._exchange(grid, config, failures), length)
+        failures.extend(outcome.dropouts)
+        if outcome.result is not None:
+            survivors = [names[i] for i in outcome.result.survivors]
+        state = self.coordinator.aggregate_secure(
+            server_round,
+            reports,
+            failures,
+            refusals,
+            outcome.result,
+            survivors,
+            None if outcome.failure is None else f"secure aggregation failed: {outcome.failure}",
+        )
+        if state is None:
+            return None, None
+        loss = self.coordinator.record.get("train_loss")
+        return state_to_arrays(state), MetricRecord(
+            {"train-loss": loss if loss is not None else -1.0}
+        )
+
+    def _exchange(self, grid: Grid, config: ConfigRecord, failures: list[str]) -> Exchange:
+        """The transport of ``run_rounds``: one QUERY per site and stage; errors and timeouts
+        are noted in ``failures`` and the site left out (a dropout)."""
+        timeout = self.coordinator.job.federation.round_timeout_s
+
+        def exchange(stage: str, requests: Mapping[int, object]) -> dict[int, object]:
+            stage_config = ConfigRecord({**dict(config), "stage": stage})
+            messages = [
+                Message(
+                    content=RecordDict(
+                        {"config": stage_config, "secagg": message_to_config(request)}
+                    ),
+                    message_type=MessageType.QUERY,
+                    dst_node_id=node,
+                )
+                for node, request in requests.items()
+            ]
+            answers: dict[int, object] = {}
+            for reply in grid.send_and_receive(messages, timeout=timeout):
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    failures.append(f"node {node} at secagg {stage}: {reply.error.reason}")
+                    continue
+                try:
+                    answers[node] = decode_protocol_reply(stage, reply.content)
+                except (KeyError, TypeError, ValueError) as exc:
+                    failures.append(f"node {node} at secagg {stage}: malformed ({exc!r})")
+            return answers
+
+        return exchange
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -828,12 +828,7 @@ def summary(
     else:
         saw = [
             "Each site kept its records: no record, text or label left a site.",
-            "The coordinator saw each site's adapter update every round, individually: "
-            "protected by DP-SGD at the site, but not hidden among the others, because "
-            "secure aggregation does not exist in fedslm yet.",
-            "With each update the coordinator received the site's record count, training "
-            "loss, evaluation loss and accuracy and its DP parameters; these numbers are not "
-            "protected by DP.",
+            *_coordinator_saw(run.config),
         ]
     if centralized:
         saw.append(
@@ -883,14 +878,55 @@ def summary(
     )
 
 
+def secure_aggregation_on(config: dict[str, Any] | None) -> bool:
+    """Whether the job config (job.json) ran with ``federation.secure_aggregation``."""
+    return bool(((config or {}).get("federation") or {}).get("secure_aggregation"))
+
+
+def _coordinator_saw(config: dict[str, Any] | None) -> list[str]:
+    if secure_aggregation_on(config):
+        return [
+            "Secure aggregation was on: every round the coordinator learned only the "
+            "records-weighted sum of the updates of the sites that completed the protocol "
+            "(listed per round in metrics.jsonl, secure_aggregation.survivors) and their total "
+            "record count, never one site's adapter or update.",
+            "With its training reply each site sent in the clear its record count, training "
+            "loss, evaluation loss and accuracy and its DP parameters; these numbers are not "
+            "protected by DP or by secure aggregation.",
+        ]
+    return [
+        "The coordinator saw each site's adapter update every round, individually: "
+        "protected by DP-SGD at the site, but not hidden among the others (secure "
+        "aggregation was off for this job).",
+        "With each update the coordinator received the site's record count, training "
+        "loss, evaluation loss and accuracy and its DP parameters; these numbers are not "
+        "protected by DP.",
+    ]
+
+
+def _coordinator_trust(config: dict[str, Any] | None) -> str:
+    if secure_aggregation_on(config):
+        return (
+            "The coordinator is trusted to aggregate and to log honestly, not with data, and "
+            "to follow the secure-aggregation protocol: it saw only the sum of the sites' "
+            "masked updates, which sites took part in each round, and each site's metrics and "
+            "DP fields. The protocol is the semi-honest variant: a coordinator that lies about "
+            "who dropped out or forges keys is not defended against, and it cannot screen "
+            "single updates for outliers."
+        )
+    return (
+        "The coordinator is trusted to aggregate and to log honestly, not with data: it sees "
+        "each site's DP-protected update in the clear (secure aggregation was off)."
+    )
+
+
 def trust_model(ctx: RunContext, privacy: Privacy) -> list[str]:
     """Who has to be trusted with what for the stated guarantees to hold."""
     items = [
         "Each site runs fedslm's training itself and decides by its own policy; the "
         "record-level guarantee assumes that code ran DP-SGD with the noise, clipping and "
         "sampling shown (Poisson sampling, per-example clipping, Gaussian noise).",
-        "The coordinator is trusted to aggregate and to log honestly, not with data: it sees "
-        "each site's DP-protected update in the clear (no secure aggregation yet).",
+        _coordinator_trust(ctx.run.config),
         "Record-level DP covers everything derived from training records through the "
         "adapters, against anyone: the coordinator, other sites, whoever gets the adapter. It "
         "does not cover the metrics sent in the clear (losses, accuracy, counts), and the "

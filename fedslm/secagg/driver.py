@@ -1,0 +1,124 @@
+"""The coordinator's loop over the protocol's rounds 1-3, independent of the transport.
+
+Round 0 (the key adverts) rides on the training replies; ``run_rounds`` then sends each later
+stage to the sites that completed the previous one through ``exchange``, a function the Flower
+ServerApp implements with ``grid.send_and_receive`` (and tests with plain ``SecAggSite``
+objects). A site whose reply is missing (error, timeout) or malformed at any stage is a dropout;
+the protocol tolerates dropouts down to the threshold, below it the session fails with the
+reason and nothing is aggregated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fedslm.secagg.coordinator import SecAggCoordinator
+from fedslm.secagg.messages import (
+    EncryptedShares,
+    KeyAdvert,
+    MaskedInput,
+    SecAggError,
+    SecAggParams,
+    SecAggResult,
+    UnmaskShares,
+)
+
+STAGES = ("share-keys", "masked-input", "unmask")
+_REPLIES: dict[str, type] = {
+    "share-keys": EncryptedShares,
+    "masked-input": MaskedInput,
+    "unmask": UnmaskShares,
+}
+
+# (stage, {site id: request}) -> {site id: reply}; a site left out of the answer dropped out
+Exchange = Callable[[str, Mapping[int, object]], Mapping[int, object]]
+
+
+@dataclass
+class SessionOutcome:
+    """How a session ended: the unmasked sum, or why there is none, and who dropped where."""
+
+    result: SecAggResult | None
+    failure: str | None = None
+    dropouts: list[str] = field(default_factory=list)
+
+
+def _sender(reply: object) -> int | None:
+    for name in ("sender", "site_id"):
+        if hasattr(reply, name):
+            return int(getattr(reply, name))
+    return None
+
+
+def run_rounds(
+    params: SecAggParams,
+    adverts: Sequence[KeyAdvert],
+    exchange: Exchange,
+    vector_length: int | None = None,
+) -> SessionOutcome:
+    """Run rounds 1-3 after the sites' key ``adverts``; never raises SecAggError (a failed
+    session is an outcome, the federation goes on with the next round). A masked input that is
+    not a ``vector_length`` vector of the ring dtype counts as a dropout rather than spoiling
+    the sum."""
+    coordinator = SecAggCoordinator(params)
+    dropouts: list[str] = []
+
+    def ask(stage: str, requests: Mapping[int, object]) -> list[object]:
+        answers = exchange(stage, requests)
+        good = []
+        for site_id in requests:
+            reply = answers.get(site_id)
+            if reply is None:
+                dropouts.append(f"site {site_id} dropped out at stage {stage!r} (no reply)")
+            elif (
+                not isinstance(reply, _REPLIES[stage])
+                or _sender(reply) != site_id
+                or (isinstance(reply, MaskedInput) and not _fits(reply, params, vector_length))
+            ):
+                dropouts.append(f"site {site_id} dropped out at stage {stage!r} (malformed)")
+            else:
+                good.append(reply)
+        return good
+
+    try:
+        roster = coordinator.collect_keys(list(adverts))
+        shares = ask("share-keys", {i: roster for i in roster.site_ids})
+        inboxes = coordinator.relay_shares(shares)  # type: ignore[arg-type]
+        masked = ask("masked-input", dict(sorted(inboxes.items())))
+        request = coordinator.collect_masked(masked)  # type: ignore[arg-type]
+        replies = ask("unmask", {i: request for i in request.survivors})
+        result = coordinator.unmask(replies)  # type: ignore[arg-type]
+    except SecAggError as e:
+        return SessionOutcome(None, str(e), dropouts)
+    return SessionOutcome(result, None, dropouts)
+
+
+def _fits(m: MaskedInput, params: SecAggParams, length: int | None) -> bool:
+    v = m.vector
+    return v.dtype == params.dtype and v.ndim == 1 and (length is None or v.size == length)
+
+
+def site_stage(
+    params: SecAggParams,
+    state: dict,
+    stage: str,
+    request: object,
+    update: object = None,
+    weight: int = 1,
+) -> tuple[object, dict]:
+    """A site's answer to one stage, from and to its ``SecAggSite.to_state()`` (a ClientApp
+    may run each message in a fresh process, so the state travels through ``Context.state``).
+    ``update`` (the flat float update) and ``weight`` are needed at ``masked-input`` only."""
+    from fedslm.secagg.site import SecAggSite
+
+    site = SecAggSite.from_state(params, state)
+    if stage == "share-keys":
+        reply: object = site.share_keys(request)  # type: ignore[arg-type]
+    elif stage == "masked-input":
+        reply = site.masked_input(request, update, weight)  # type: ignore[arg-type]
+    elif stage == "unmask":
+        reply = site.unmask(request)  # type: ignore[arg-type]
+    else:
+        raise SecAggError(f"unknown secure-aggregation stage {stage!r}; expected one of {STAGES}")
+    return reply, site.to_state()

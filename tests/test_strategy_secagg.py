@@ -1,0 +1,140 @@
+"""The strategy's secure-aggregation loop over a fake grid: real protocol logic at the sites,
+Flower messages and codec in between, a site failing at a chosen stage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedslm.clients.codec import config_to_message, encode_payload
+from fedslm.server.strategy import FedSLMStrategy
+from flwr.app import ConfigRecord, Error, Message
+
+from fedslm.config import JobConfig
+from fedslm.coordinator import Coordinator
+from fedslm.egress import Payload
+from fedslm.progress import Reporter
+from fedslm.secagg import KeyRoster, SecAggSite, ShareInbox, UnmaskRequest
+from fedslm.secagg.adapter import job_params, session_id
+from fedslm.secagg.driver import site_stage
+from fedslm.site import Site
+
+NODES = {11: "site-1", 2**63 + 7: "site-2", 2**64 - 3: "site-3"}  # uint64 node ids
+GLOBAL = {"w": torch.zeros(3)}
+UPDATES = {11: np.array([0.1, 0.2, 0.3]), 2**63 + 7: np.array([0.3, 0.0, -0.3]),
+           2**64 - 3: np.array([-0.2, 0.4, 0.0])}  # fmt: skip
+WEIGHTS = {11: 10, 2**63 + 7: 30, 2**64 - 3: 20}
+_REQUESTS = {"share-keys": KeyRoster, "masked-input": ShareInbox, "unmask": UnmaskRequest}
+_PAYLOADS = {
+    "share-keys": Site.shares_payload,
+    "masked-input": Site.masked_payload,
+    "unmask": Site.unmask_payload,
+}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages need the identity of a running task; Flower sets it when an app runs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class FakeGrid:
+    """Answers QUERY messages as the ClientApp would (protocol state per node), except that
+    ``fail`` nodes answer a chosen stage with an error."""
+
+    def __init__(self, job: JobConfig, fail: dict[str, int]) -> None:
+        self.params = job_params(job, session_id("job", 1), 3)
+        self.fail = fail
+        self.states: dict[int, dict] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(NODES)
+
+    def train_reply(self, node: int, request: Message) -> Message:
+        site = SecAggSite(self.params, node)
+        advert = site.advertise()
+        self.states[node] = site.to_state()
+        fields = {"site": NODES[node], "dp": False, "secagg_site_id": node,
+                  "cipher_pk": advert.cipher_pk, "mask_pk": advert.mask_pk}  # fmt: skip
+        metrics = {"num-examples": WEIGHTS[node], "train-loss": 1.0, "steps": 2, "seconds": 0.1}
+        payload = Payload("train-secure", {}, metrics, fields)
+        return Message(content=encode_payload(payload), reply_to=request)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = []
+        for m in messages:
+            node, stage = m.metadata.dst_node_id, str(m.content["config"]["stage"])
+            if self.fail.get(stage) == node:
+                replies.append(Message(Error(code=1, reason="site went away"), reply_to=m))
+                continue
+            request = config_to_message(_REQUESTS[stage], m.content["secagg"])
+            reply, self.states[node] = site_stage(
+                self.params, self.states[node], stage, request, UPDATES[node], WEIGHTS[node]
+            )
+            payload = _PAYLOADS[stage](reply)  # type: ignore[operator]
+            replies.append(Message(content=encode_payload(payload), reply_to=m))
+        return replies
+
+
+def _run(tmp_path: Path, fail: dict[str, int], threshold: int = 2) -> FedSLMStrategy:
+    job = JobConfig.model_validate(
+        {
+            "federation": {
+                "sites": 3,
+                "min_sites": 2,
+                "secure_aggregation": True,
+                "secagg": {"threshold": threshold},
+            }
+        }
+    )
+    coordinator = Coordinator(job, tmp_path, torch.nn.Module(), dict(GLOBAL), {})
+    strategy = FedSLMStrategy(coordinator, 3, Reporter(quiet=True), job_id="job")
+    grid = FakeGrid(job, fail)
+    arrays = ConfigRecord()  # unused by the fake grid
+    config = ConfigRecord({"round": 1})
+    requests = list(strategy.configure_train(1, arrays, config, grid))  # type: ignore[arg-type]
+    replies = [grid.train_reply(m.metadata.dst_node_id, m) for m in requests]
+    strategy.aggregate_train(1, replies)
+    return strategy
+
+
+def test_all_sites_secure_mean_equals_the_weighted_mean(tmp_path: Path) -> None:
+    s = _run(tmp_path, {})
+    rec = s.coordinator.record
+    assert rec["aggregated"], rec
+    mean = sum(WEIGHTS[n] * UPDATES[n] for n in NODES) / sum(WEIGHTS.values())
+    torch.testing.assert_close(
+        s.coordinator.state["w"], torch.tensor(mean, dtype=torch.float32), atol=1e-6, rtol=0
+    )
+
+
+@pytest.mark.parametrize("stage", ["share-keys", "masked-input", "unmask"])
+def test_a_site_failing_at_a_stage_is_a_dropout(tmp_path: Path, stage: str) -> None:
+    gone = 2**63 + 7
+    s = _run(tmp_path, {stage: gone})
+    rec = s.coordinator.record
+    assert rec["aggregated"], rec
+    assert any("site went away" in f and stage in f for f in rec["failures"])
+    kept = [n for n in NODES if n != gone or stage == "unmask"]
+    assert rec["secure_aggregation"]["survivors"] == sorted(NODES[n] for n in kept)
+    mean = sum(WEIGHTS[n] * UPDATES[n] for n in kept) / sum(WEIGHTS[n] for n in kept)
+    torch.testing.assert_close(
+        s.coordinator.state["w"], torch.tensor(mean, dtype=torch.float32), atol=1e-6, rtol=0
+    )
+
+
+def test_below_the_threshold_the_round_is_recorded_not_aggregated(tmp_path: Path) -> None:
+    s = _run(tmp_path, {"masked-input": 11}, threshold=3)
+    rec = s.coordinator.record
+    assert rec["aggregated"] is False
+    assert (
+        rec["reason"].startswith("secure aggregation failed") and "threshold is 3" in rec["reason"]
+    )
+    torch.testing.assert_close(s.coordinator.state["w"], GLOBAL["w"])
