@@ -140,13 +140,7 @@ class Coordinator:
         with fewer than ``federation.min_sites`` good updates is not aggregated: the global
         adapter stays as it was and the reason is recorded. Returns the new state or None.
         """
-        rec = self.record
-        rec["failures"] = list(failures)
-        rec["refusals"] = dict(refusals or {})
-        for site, reasons in rec["refusals"].items():
-            self.privacy.setdefault(site, _SitePrivacy()).refusals.append(
-                f"round {round_num}: {'; '.join(reasons)}"
-            )
+        rec = self._begin_aggregation(round_num, failures, refusals)
         fed = self.job.federation
         screening = screen_updates(
             self.state,
@@ -163,16 +157,7 @@ class Coordinator:
                 continue
             good.append(r)
             self._account(r)
-            rec["sites"][r.site] = {
-                "train_loss": r.train_loss,
-                "steps": r.steps,
-                "num_examples": r.num_examples,
-                "seconds": r.seconds,
-                "privacy_seconds": r.privacy_seconds,
-                "bytes_sent": r.bytes_sent,
-                "epsilon": r.epsilon,
-                "update_norm": screening.norms.get(r.site),
-            }
+            rec["sites"][r.site] = _site_record(r) | {"update_norm": screening.norms.get(r.site)}
         needed = self.job.federation.required_sites
         rec["train_loss"] = weighted_mean((r.train_loss, r.num_examples) for r in good)
         rec["bytes_sent"] = {r.site: r.bytes_sent for r in good}
@@ -212,13 +197,7 @@ class Coordinator:
         protocol failed (``result`` None, ``protocol_failure`` says why) or with fewer than
         ``federation.min_sites`` survivors keeps the previous global adapter.
         """
-        rec = self.record
-        rec["failures"] = list(failures)
-        rec["refusals"] = dict(refusals or {})
-        for site, reasons in rec["refusals"].items():
-            self.privacy.setdefault(site, _SitePrivacy()).refusals.append(
-                f"round {round_num}: {'; '.join(reasons)}"
-            )
+        rec = self._begin_aggregation(round_num, failures, refusals)
         rec["secure_aggregation"] = {
             "survivors": sorted(survivors),
             "total_weight": result.total_weight if result is not None else None,
@@ -228,15 +207,8 @@ class Coordinator:
         good = [r for r in reports if r.site in set(survivors)] if result is not None else []
         for r in reports:
             self._account(r)
-            rec["sites"][r.site] = {
-                "train_loss": r.train_loss,
-                "steps": r.steps,
-                "num_examples": r.num_examples,
-                "seconds": r.seconds,
-                "privacy_seconds": r.privacy_seconds,
-                "bytes_sent": r.bytes_sent,
-                "epsilon": r.epsilon,
-                "in_secure_sum": r.site in set(survivors) and result is not None,
+            rec["sites"][r.site] = _site_record(r) | {
+                "in_secure_sum": r.site in set(survivors) and result is not None
             }
         needed = self.job.federation.required_sites
         rec["train_loss"] = weighted_mean((r.train_loss, r.num_examples) for r in good)
@@ -254,6 +226,19 @@ class Coordinator:
         self.aggregated_rounds += 1
         rec["aggregated"] = True
         return self.state
+
+    def _begin_aggregation(
+        self, round_num: int, failures: list[str], refusals: dict[str, list[str]] | None
+    ) -> dict[str, Any]:
+        """Start the round's record with its failures and refusals (kept per site too)."""
+        rec = self.record
+        rec["failures"] = list(failures)
+        rec["refusals"] = dict(refusals or {})
+        for site, reasons in rec["refusals"].items():
+            self.privacy.setdefault(site, _SitePrivacy()).refusals.append(
+                f"round {round_num}: {'; '.join(reasons)}"
+            )
+        return rec
 
     def _combine(self, good: list[SiteReport]) -> AdapterState:
         """The aggregation rule of ``federation.aggregation`` and ``federation.robust``."""
@@ -455,3 +440,16 @@ class Coordinator:
             p.reported_epsilon = r.epsilon
             p.delta, p.accountant, p.max_grad_norm = r.delta, r.accountant, r.max_grad_norm
             p.lifetime_epsilon, p.ledger_head = r.lifetime_epsilon, r.ledger_head
+
+
+def _site_record(r: SiteReport) -> dict[str, Any]:
+    """What ``metrics.jsonl`` keeps of one site's training reply."""
+    return {
+        "train_loss": r.train_loss,
+        "steps": r.steps,
+        "num_examples": r.num_examples,
+        "seconds": r.seconds,
+        "privacy_seconds": r.privacy_seconds,
+        "bytes_sent": r.bytes_sent,
+        "epsilon": r.epsilon,
+    }

@@ -7,7 +7,8 @@ which decides and records everything. Every site takes part in every round (cros
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 from fedslm.clients.codec import (
     decode_eval,
@@ -22,11 +23,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedslm.coordinator import Coordinator
+from fedslm.coordinator import Coordinator, SiteReport
 from fedslm.errors import FederationError
 from fedslm.progress import Reporter
 from fedslm.secagg.adapter import job_params, session_id, vector_size
 from fedslm.secagg.driver import Exchange, run_rounds
+
+T = TypeVar("T")
 
 
 class FedSLMStrategy(Strategy):
@@ -99,20 +102,12 @@ class FedSLMStrategy(Strategy):
         """Decode replies, let the coordinator check and average them."""
         if self.coordinator.job.federation.secure_aggregation:
             return self._aggregate_secure(server_round, replies)
-        reports, failures, refusals = [], [], {}
-        for reply in replies:
-            if reply.has_error():
-                failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-                continue
-            refusal = decode_refusal(reply.content)
-            if refusal is not None:
-                refusals[refusal[0]] = refusal[1]
-                continue
-            try:
-                reports.append(decode_update(reply.content))
-            except (KeyError, TypeError, ValueError) as exc:
-                failures.append(f"node {reply.metadata.src_node_id}: malformed reply ({exc!r})")
+        reports, failures, refusals = _sort_replies(replies, _decode_plain)
         state = self.coordinator.aggregate(server_round, reports, failures, refusals)
+        return self._train_result(state)
+
+    def _train_result(self, state: dict | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global adapter and the round's training loss, for Flower's loop."""
         if state is None:
             return None, None
         loss = self.coordinator.record.get("train_loss")
@@ -125,29 +120,16 @@ class FedSLMStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Secure aggregation: the training replies carry metrics and key adverts; the later
         stages run here, each sent to the sites that completed the one before."""
-        reports, failures, refusals, adverts = [], [], {}, []
-        names: dict[int, str] = {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                failures.append(f"node {node}: {reply.error.reason}")
-                continue
-            refusal = decode_refusal(reply.content)
-            if refusal is not None:
-                refusals[refusal[0]] = refusal[1]
-                continue
-            try:
-                report, advert = decode_secure_update(reply.content)
-            except (KeyError, TypeError, ValueError) as exc:
-                failures.append(f"node {node}: malformed reply ({exc!r})")
-                continue
+        decoded, failures, refusals = _sort_replies(replies, _decode_secure)
+        reports, adverts, names = [], [], {}
+        for node, (report, advert) in decoded:
             reports.append(report)
             if advert.site_id != node:  # a site speaks for itself only
                 failures.append(f"node {node}: key advert for another site id {advert.site_id}")
                 continue
             adverts.append(advert)
             names[node] = report.site
-        outcome, survivors = None, []
+        survivors: list[str] = []
         job = self.coordinator.job
         params = job_params(job, session_id(self.job_id, server_round), self.num_sites)
         length = vector_size(self.coordinator.state) + 1
@@ -166,12 +148,7 @@ class FedSLMStrategy(Strategy):
             survivors,
             None if outcome.failure is None else f"secure aggregation failed: {outcome.failure}",
         )
-        if state is None:
-            return None, None
-        loss = self.coordinator.record.get("train_loss")
-        return state_to_arrays(state), MetricRecord(
-            {"train-loss": loss if loss is not None else -1.0}
-        )
+        return self._train_result(state)
 
     def _exchange(self, grid: Grid, config: ConfigRecord, failures: list[str]) -> Exchange:
         """The transport of ``run_rounds``: one QUERY per site and stage; errors and timeouts
@@ -223,3 +200,35 @@ class FedSLMStrategy(Strategy):
             evals.append(decode_eval(reply.content))
         metrics = self.coordinator.record_evaluation(evals, failures)
         return MetricRecord(metrics) if metrics else None
+
+
+def _decode_plain(content: RecordDict, _node: int) -> SiteReport:
+    return decode_update(content)
+
+
+def _decode_secure(content: RecordDict, node: int) -> tuple[int, tuple]:
+    return node, decode_secure_update(content)
+
+
+def _sort_replies(
+    replies: Iterable[Message], decode: Callable[[RecordDict, int], T]
+) -> tuple[list[T], list[str], dict[str, list[str]]]:
+    """Training replies sorted into decoded updates, failures (error or malformed replies) and
+    policy refusals. ``decode`` takes the content and the sender's node id."""
+    decoded: list[T] = []
+    failures: list[str] = []
+    refusals: dict[str, list[str]] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failures.append(f"node {node}: {reply.error.reason}")
+            continue
+        refusal = decode_refusal(reply.content)
+        if refusal is not None:
+            refusals[refusal[0]] = refusal[1]
+            continue
+        try:
+            decoded.append(decode(reply.content, node))
+        except (KeyError, TypeError, ValueError) as exc:
+            failures.append(f"node {node}: malformed reply ({exc!r})")
+    return decoded, failures, refusals
