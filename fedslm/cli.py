@@ -126,6 +126,12 @@ def _run(args: argparse.Namespace) -> int:
     from fedslm.site import check_delta
 
     job = load_config(args.config, args.overrides)
+    if job.data.at_sites:
+        raise FedSLMError(
+            f"{args.config}: data.at_sites is for deployed jobs, where each site reads its own "
+            "file (`fedslm coordinator run`); to simulate, set data.path, data.sites or "
+            "data.synthetic"
+        )
     out: Path = args.out or Path("runs") / args.config.stem
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:

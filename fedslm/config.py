@@ -430,6 +430,11 @@ class DataConfig(_Section):
     path: str | None = Field(default=None, description="One file to split into the sites.")
     sites: dict[str, str] | None = Field(default=None, description="Site name -> its own file.")
     synthetic: SyntheticConfig | None = None
+    at_sites: bool = Field(
+        default=False,
+        description="Deployment: each site reads its own data file, named in its site policy "
+        "(`data:`); the job only says how to read it. Needs data.labels for classification.",
+    )
     split: SplitConfig = SplitConfig()
     text_column: str = "text"
     label_column: str = "label"
@@ -443,9 +448,10 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         given = [k for k in ("path", "sites", "synthetic") if getattr(self, k) is not None]
+        given += ["at_sites"] if self.at_sites else []
         if len(given) != 1:
             raise ValueError(
-                "set exactly one of data.path, data.sites, data.synthetic"
+                "set exactly one of data.path, data.sites, data.synthetic, data.at_sites"
                 + (f" (got {', '.join('data.' + g for g in given)})" if given else "")
             )
         if self.labels is not None and len(set(self.labels)) != len(self.labels):

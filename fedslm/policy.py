@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedslm.deployment.config import DaemonSettings
 from fedslm.errors import ConfigError
 from fedslm.privacy.accounting import Segment, epsilon
 
@@ -72,6 +73,10 @@ class SitePolicy(BaseModel):
         description="The site's privacy ledger file (default: ledger.db next to the data file; "
         "in simulation OUT/sites/SITE/ledger.db).",
     )
+    daemon: DaemonSettings | None = Field(
+        default=None,
+        description="Deployment only: how `fedslm site start` connects to the coordinator.",
+    )
 
     def ledger_file(self) -> Path | None:
         """Where this site's ledger lives: ``ledger``, else ``ledger.db`` beside ``data``."""
@@ -102,11 +107,21 @@ def load_policy(path: str | Path, overrides: dict[str, Any] | None = None) -> Si
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a site policy is a mapping of keys")
     raw = merge_mappings(raw, overrides or {})
-    for key in ("data", "ledger"):
-        # relative to the policy file, so the site daemon can run from any folder
-        if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
-            raw[key] = str((path.parent / raw[key]).resolve())
+    # relative to the policy file, so the site daemon can run from any folder
+    _resolve(raw, ("data", "ledger"), path.parent)
+    if isinstance(raw.get("daemon"), dict):
+        daemon = raw["daemon"] = dict(raw["daemon"])
+        _resolve(daemon, ("ca_cert", "key", "state_dir"), path.parent)
+        if isinstance(daemon.get("models"), dict):
+            daemon["models"] = dict(daemon["models"])
+            _resolve(daemon["models"], tuple(daemon["models"]), path.parent)
     return policy_from_mapping(raw, str(path))
+
+
+def _resolve(raw: dict[str, Any], keys: tuple[str, ...], base: Path) -> None:
+    for key in keys:
+        if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
+            raw[key] = str((base / raw[key]).resolve())
 
 
 def policy_from_mapping(raw: dict[str, Any], source: str) -> SitePolicy:
