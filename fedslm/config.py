@@ -320,7 +320,25 @@ class FederationConfig(_Section):
     )
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     robust: RobustConfig = RobustConfig()
-    round_timeout_s: PositiveFloat = 3600.0
+    round_timeout_s: PositiveFloat = Field(
+        default=3600.0,
+        description="How long the coordinator waits for the sites' replies to one message "
+        "(training, evaluation, each secure-aggregation stage); a site that has not replied "
+        "by then counts as failed for the round.",
+    )
+    round_retries: Annotated[int, Field(ge=0)] = Field(
+        default=2,
+        description="How many times a round that could not be aggregated because sites "
+        "failed (errors, timeouts) is sent again before the run fails. A site that already "
+        "trained the round replays its release, so a retry spends nothing twice. Not used "
+        "with secure aggregation, where a second sum over a different set of sites could "
+        "reveal one site's update.",
+    )
+    connect_timeout_s: PositiveFloat = Field(
+        default=300.0,
+        description="Before round 1 the coordinator waits this long for every site to "
+        "connect, then starts with those connected if at least min_sites are.",
+    )
     secure_aggregation: bool = Field(
         default=False,
         description="Mask the sites' updates so that the coordinator learns only their "

@@ -6,6 +6,7 @@ them here; everything that is decided or written about a round happens in this m
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
@@ -16,8 +17,15 @@ from typing import Any
 import torch
 
 from fedslm.aggregation import exact, fedavg, ffa, weighted_mean
-from fedslm.artifacts import append_jsonl, library_versions, write_json, write_torch
+from fedslm.artifacts import (
+    append_jsonl,
+    library_versions,
+    write_json,
+    write_text,
+    write_torch,
+)
 from fedslm.config import JobConfig
+from fedslm.errors import FederationError
 from fedslm.models.adapter import AdapterState, export_adapter
 from fedslm.privacy.accounting import (
     ACCOUNTANT_NAMES,
@@ -31,6 +39,8 @@ from fedslm.robust import clip_update, coordinate_median, screen_updates, trimme
 from fedslm.secagg.adapter import mean_state
 from fedslm.secagg.messages import SecAggResult
 from fedslm.server_opt import make_server_optimizer
+
+RESUME_STATE = "coordinator_state.pt"
 
 # Reported and recomputed epsilons may differ by the accountants' discretisation, not more
 EPSILON_TOLERANCE = 0.01
@@ -101,6 +111,9 @@ class Coordinator:
         self.privacy: dict[str, _SitePrivacy] = {}
         self.aggregated_rounds = 0
         self.record: dict[str, Any] = {}  # the current round, as it will be written
+        # (site, round) pairs already accounted: a retried round whose sites replay the same
+        # release must not count their spend twice
+        self._accounted: set[tuple[str, int]] = set()
         self._round_start = time.perf_counter()
         central = job.privacy.central
         self.central_sigma: float | None = None
@@ -156,7 +169,7 @@ class Coordinator:
             if r.site not in accepted:
                 continue
             good.append(r)
-            self._account(r)
+            self._account(r, round_num)
             rec["sites"][r.site] = _site_record(r) | {"update_norm": screening.norms.get(r.site)}
         needed = self.job.federation.required_sites
         rec["train_loss"] = weighted_mean((r.train_loss, r.num_examples) for r in good)
@@ -206,7 +219,7 @@ class Coordinator:
         # every site that trained spent privacy, whether or not its input reached the sum
         good = [r for r in reports if r.site in set(survivors)] if result is not None else []
         for r in reports:
-            self._account(r)
+            self._account(r, round_num)
             rec["sites"][r.site] = _site_record(r) | {
                 "in_secure_sum": r.site in set(survivors) and result is not None
             }
@@ -314,8 +327,54 @@ class Coordinator:
         # a resumed run continues the server optimizer exactly; the metrics line written last
         # is what marks the round (and its checkpoint) complete
         write_torch(checkpoint / "server_optimizer.pt", self.server_optimizer.state_dict())
+        write_torch(checkpoint / RESUME_STATE, self._resume_state())
         append_jsonl(self.out / "metrics.jsonl", rec)
         return rec
+
+    def _resume_state(self) -> dict[str, Any]:
+        """What ``resume`` needs beyond the exported adapter: the exact float32 global state,
+        the per-site privacy record, and the central noise generator (coordinator-private:
+        whoever holds it could predict the next round's noise)."""
+        return {
+            "round": self.record["round"],
+            "state": {k: v.detach().clone() for k, v in self.state.items()},
+            "aggregated_rounds": self.aggregated_rounds,
+            "privacy": {name: _privacy_to_dict(p) for name, p in self.privacy.items()},
+            "accounted": sorted([list(x) for x in self._accounted]),
+            "noise": self._noise.get_state(),
+        }
+
+    def resume(self) -> int:
+        """Continue from the last completed round in ``out_dir``; return its number (0: none).
+
+        A round is complete when its line is in ``metrics.jsonl`` (written after its
+        checkpoint). The global adapter, server optimizer state, per-site privacy record and
+        central noise generator are restored; the interrupted round is run again from the same
+        global adapter, so a site asked again replays what it released instead of spending.
+        """
+        metrics = self.out / "metrics.jsonl"
+        done = _complete_lines(metrics)
+        if not done:
+            return 0
+        last = int(done[-1]["round"])
+        checkpoint = self.out / "checkpoints" / f"round-{last}"
+        try:
+            saved = torch.load(checkpoint / RESUME_STATE, weights_only=True)
+            optimizer = torch.load(checkpoint / "server_optimizer.pt", weights_only=True)
+        except FileNotFoundError as exc:
+            raise FederationError(
+                f"{checkpoint}: round {last} is complete in metrics.jsonl but its checkpoint "
+                f"is missing ({exc.filename}); the run cannot be resumed"
+            ) from None
+        if int(saved["round"]) != last:
+            raise FederationError(f"{checkpoint}: holds round {saved['round']}, expected {last}")
+        self.state = dict(saved["state"])
+        self.server_optimizer.load_state_dict(optimizer)
+        self.aggregated_rounds = int(saved["aggregated_rounds"])
+        self.privacy = {n: _privacy_from_dict(d) for n, d in saved["privacy"].items()}
+        self._accounted = {(str(s), int(r)) for s, r in saved["accounted"]}
+        self._noise.set_state(saved["noise"])
+        return last
 
     # -- end of job ---------------------------------------------------------------------------
 
@@ -431,7 +490,10 @@ class Coordinator:
             "epsilon_check": "ok" if ok else "MISMATCH",
         }
 
-    def _account(self, r: SiteReport) -> None:
+    def _account(self, r: SiteReport, round_num: int) -> None:
+        if (r.site, round_num) in self._accounted:
+            return  # the same release, sent again for a retried or resumed round
+        self._accounted.add((r.site, round_num))
         p = self.privacy.setdefault(r.site, _SitePrivacy())
         p.records = r.num_examples
         p.rounds += 1
@@ -440,6 +502,30 @@ class Coordinator:
             p.reported_epsilon = r.epsilon
             p.delta, p.accountant, p.max_grad_norm = r.delta, r.accountant, r.max_grad_norm
             p.lifetime_epsilon, p.ledger_head = r.lifetime_epsilon, r.ledger_head
+
+
+def _complete_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of ``metrics.jsonl``; a line torn by a crash while it was being
+    appended is cut off (its round is not complete and will run again)."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        write_text(path, text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _privacy_to_dict(p: _SitePrivacy) -> dict[str, Any]:
+    d = dict(p.__dict__)
+    d["segments"] = [[s.q, s.sigma, s.steps] for s in p.segments]
+    return d
+
+
+def _privacy_from_dict(d: dict[str, Any]) -> _SitePrivacy:
+    d = dict(d)
+    d["segments"] = [Segment(float(q), float(sigma), int(n)) for q, sigma, n in d["segments"]]
+    return _SitePrivacy(**d)
 
 
 def _site_record(r: SiteReport) -> dict[str, Any]:

@@ -123,9 +123,9 @@ def load_yaml_settings(path: Path, model: type[BaseModel], keys_with_paths: tupl
         node: Any = raw
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(leaf), str):
-            if not Path(node[leaf]).is_absolute():
-                node[leaf] = str(base / node[leaf])
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute():
+            node[leaf] = str(base / value)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
