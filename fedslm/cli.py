@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedslm.report_cli import add_cli as add_report_cli
 
     add_report_cli(sub)
+    from fedslm.deployment.cli import add_cli as add_coordinator_cli
+
+    add_coordinator_cli(sub)
     site = sub.add_parser("site", help="a real site's own tools")
     site_sub = site.add_subparsers(dest="site_command", required=True)
     keygen = site_sub.add_parser(

@@ -1,47 +1,104 @@
-"""The Flower ServerApp: runs a prepared job's rounds with ``FedSLMStrategy``."""
+"""The Flower ServerApp: runs a job's rounds with ``FedSLMStrategy``.
+
+One round loop (``run_rounds``) for simulation and deployment. It calls the strategy's four
+hooks in Flower's order, as ``Strategy.start`` does, and adds what a long-running federation
+needs and ``start`` has no place for: starting from a resumed round, and sending a round
+again when sites failed (errors, timeouts) before giving up with the reason.
+
+``app`` is the deployed ServerApp (``fedslm coordinator run`` submits it to the SuperLink):
+it reads the run folder from the run config. Simulation binds a prepared job directly
+(``make_server_app``).
+"""
 
 from __future__ import annotations
 
+import json
+from importlib.metadata import version
 from pathlib import Path
 
 from fedslm.clients.codec import state_to_arrays
 from fedslm.server.strategy import FedSLMStrategy
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedslm import __version__
+from fedslm.coordinator import Coordinator
 from fedslm.errors import FederationError
 from fedslm.job import PreparedJob, make_coordinator
 from fedslm.progress import Reporter
 
 
+def run_rounds(
+    grid: Grid,
+    strategy: FedSLMStrategy,
+    coordinator: Coordinator,
+    reporter: Reporter,
+    config: ConfigRecord,
+    first_round: int = 1,
+) -> None:
+    """Rounds ``first_round`` .. ``federation.rounds``: train, aggregate, evaluate, record.
+
+    A round that cannot be aggregated because sites failed is sent again up to
+    ``federation.round_retries`` times (not under secure aggregation); then, or at once when
+    nothing failed that a retry could mend (e.g. every site refused), the run stops with the
+    round's reason. The round's record is written either way.
+    """
+    fed = coordinator.job.federation
+    retries = 0 if fed.secure_aggregation else fed.round_retries
+    arrays = state_to_arrays(coordinator.state)
+    for r in range(first_round, fed.rounds + 1):
+        for attempt in range(retries + 1):
+            messages = strategy.configure_train(r, arrays, ConfigRecord(dict(config)), grid)
+            replies = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
+            new_arrays, _ = strategy.aggregate_train(r, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+                break
+            rec = coordinator.record
+            rec["attempts"] = attempt + 1
+            if not rec["failures"] or attempt == retries:
+                reporter.round_done(coordinator.end_round(), fed.rounds)
+                raise FederationError(
+                    f"round {r} could not be aggregated after {attempt + 1} attempt(s): "
+                    f"{rec.get('reason', 'no usable update')}; failures: "
+                    f"{'; '.join(rec['failures']) or 'none'} "
+                    f"(all recorded in {coordinator.out / 'metrics.jsonl'})"
+                )
+            reporter.warn(f"round {r} not aggregated ({rec.get('reason')}); sending it again")
+        eval_config = ConfigRecord(dict(config))
+        messages = strategy.configure_evaluate(r, arrays, eval_config, grid)
+        replies = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
+        strategy.aggregate_evaluate(r, replies)
+        reporter.round_done(coordinator.end_round(), fed.rounds)
+
+
 def run_job(grid: Grid, manifest: Path, reporter: Reporter) -> dict:
-    """Run every round of the job in ``manifest`` over ``grid``; return the privacy summary."""
+    """Run every round of the simulated job in ``manifest``; return the privacy summary."""
     prepared = PreparedJob.load(manifest)
-    job = prepared.job
     coordinator = make_coordinator(prepared)
     strategy = FedSLMStrategy(coordinator, len(prepared.sites), reporter, job_id=prepared.job_id)
     config = ConfigRecord({"manifest": str(manifest), "quiet": reporter.quiet})
+    return _run_to_end(grid, strategy, coordinator, reporter, config, prepared.out)
 
-    def end_of_round(server_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:  # Flower also calls this before round 1
-            return None
-        reporter.round_done(coordinator.end_round(), job.federation.rounds)
-        return None
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=state_to_arrays(coordinator.state),
-        num_rounds=job.federation.rounds,
-        timeout=job.federation.round_timeout_s,
-        train_config=config,
-        evaluate_config=ConfigRecord(dict(config)),
-        evaluate_fn=end_of_round,
-    )
-    summary = coordinator.finish()  # the record is written even when every round failed
+def _run_to_end(
+    grid: Grid,
+    strategy: FedSLMStrategy,
+    coordinator: Coordinator,
+    reporter: Reporter,
+    config: ConfigRecord,
+    out: Path,
+    first_round: int = 1,
+) -> dict:
+    strategy.summary()
+    try:
+        run_rounds(grid, strategy, coordinator, reporter, config, first_round)
+    finally:
+        summary = coordinator.finish()  # the record is written even when the run fails
     if coordinator.aggregated_rounds == 0:
         raise FederationError(
             "no round was aggregated: too few sites returned a usable update in every round; "
-            f"the failures are listed in {prepared.out / 'metrics.jsonl'}"
+            f"the failures are listed in {out / 'metrics.jsonl'}"
         )
     return summary
 
@@ -55,3 +112,65 @@ def make_server_app(manifest: Path, reporter: Reporter) -> ServerApp:
         run_job(grid, manifest, reporter)
 
     return app
+
+
+def deployed_config(prepared: PreparedJob) -> ConfigRecord:
+    """What every message of a deployed job carries: the job itself (each site validates it
+    against its own policy), its id, the base model's hash and the coordinator's versions."""
+    return ConfigRecord(
+        {
+            "job": json.dumps(prepared.job.model_dump(mode="json"), sort_keys=True),
+            "job-id": prepared.job_id,
+            "model-sha256": prepared.model.sha256,
+            "fedslm-version": __version__,
+            "flwr-version": version("flwr"),
+            "quiet": False,
+        }
+    )
+
+
+def run_deployed(grid: Grid, run_dir: Path, resume: bool, reporter: Reporter) -> dict:
+    """Run (or resume) the deployed run in ``run_dir`` on its roster of registered sites."""
+    from fedslm.deployment.runs import DeployedRun, write_status
+
+    run = DeployedRun.load(run_dir)
+    prepared = run.prepared
+    coordinator = make_coordinator(prepared)
+    first = 1
+    if resume:
+        first = coordinator.resume() + 1
+        reporter.info(f"resuming {prepared.job_id} at round {first}")
+    fed = prepared.job.federation
+    strategy = FedSLMStrategy(
+        coordinator,
+        len(run.roster),
+        reporter,
+        connect_timeout_s=fed.connect_timeout_s,
+        job_id=prepared.job_id,
+        roster={s.node_id: s.name for s in run.roster},
+    )
+    write_status(run_dir, "running", job_id=prepared.job_id, first_round=first)
+    try:
+        summary = _run_to_end(
+            grid, strategy, coordinator, reporter, deployed_config(prepared), run_dir, first
+        )
+    except Exception as exc:
+        write_status(run_dir, "failed", job_id=prepared.job_id, reason=str(exc))
+        raise
+    write_status(run_dir, "finished", job_id=prepared.job_id)
+    return summary
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The deployed ServerApp: ``run-dir`` (and ``resume``) come from the run config."""
+    run_dir = str(context.run_config.get("run-dir", ""))
+    if not run_dir:
+        raise FederationError(
+            "run-dir is not set in the run config; start deployed jobs with "
+            "`fedslm coordinator run JOB.yaml`"
+        )
+    run_deployed(grid, Path(run_dir), bool(context.run_config.get("resume", False)), Reporter())

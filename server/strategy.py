@@ -42,12 +42,17 @@ class FedSLMStrategy(Strategy):
         reporter: Reporter,
         connect_timeout_s: float = 300.0,
         job_id: str = "",
+        roster: Mapping[int, str] | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.num_sites = num_sites
         self.reporter = reporter
         self.connect_timeout_s = connect_timeout_s
         self.job_id = job_id
+        # deployment: Flower node id -> the site name registered with that node's key. Only
+        # these nodes are asked, and a reply must speak for the site its key belongs to.
+        self.roster = dict(roster) if roster is not None else None
+        self._waited = False
         # secure aggregation runs its later stages from aggregate_train; Flower's loop hands
         # the grid and config to configure_train only, so they are kept from there
         self._grid: Grid | None = None
@@ -63,17 +68,49 @@ class FedSLMStrategy(Strategy):
         )
 
     def _nodes(self, grid: Grid) -> list[int]:
+        """The nodes to ask this round. Before the first round, wait up to
+        ``connect_timeout_s`` for every site; afterwards take the sites connected now (a
+        site that went away is not waited for), as long as ``min_sites`` of them are."""
+        wanted = set(self.roster) if self.roster is not None else None
+        expected = len(wanted) if wanted is not None else self.num_sites
+        needed = self.coordinator.job.federation.required_sites
         deadline = time.monotonic() + self.connect_timeout_s
         while True:
-            nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.num_sites:
+            nodes = sorted(n for n in grid.get_node_ids() if wanted is None or n in wanted)
+            if len(nodes) >= expected or (self._waited and len(nodes) >= needed):
+                self._waited = True
                 return nodes
             if time.monotonic() > deadline:
+                if len(nodes) >= needed:
+                    self._waited = True
+                    self.reporter.warn(
+                        f"starting with {len(nodes)} of {expected} sites; not connected: "
+                        + ", ".join(self._missing(nodes))
+                    )
+                    return nodes
                 raise FederationError(
-                    f"only {len(nodes)} of {self.num_sites} sites connected within "
-                    f"{self.connect_timeout_s:.0f} s"
+                    f"only {len(nodes)} of {expected} sites connected within "
+                    f"{self.connect_timeout_s:.0f} s (federation.min_sites is {needed})"
+                    + (f"; not connected: {', '.join(self._missing(nodes))}" if wanted else "")
                 )
             time.sleep(1.0)
+
+    def _missing(self, nodes: list[int]) -> list[str]:
+        if self.roster is None:
+            return []
+        return sorted(name for node, name in self.roster.items() if node not in nodes)
+
+    def _identity(self, node: int, claimed: str) -> str | None:
+        """Why a reply from ``node`` claiming to be site ``claimed`` is not accepted (None:
+        it is). Without a roster (simulation) every node speaks for itself."""
+        if self.roster is None:
+            return None
+        registered = self.roster.get(node)
+        if registered is None:
+            return f"node {node} is not on this run's roster"
+        if registered != claimed:
+            return f"node {node} is registered as site {registered!r} but replied as {claimed!r}"
+        return None
 
     def _messages(
         self, kind: str, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -102,7 +139,7 @@ class FedSLMStrategy(Strategy):
         """Decode replies, let the coordinator check and average them."""
         if self.coordinator.job.federation.secure_aggregation:
             return self._aggregate_secure(server_round, replies)
-        reports, failures, refusals = _sort_replies(replies, _decode_plain)
+        reports, failures, refusals = _sort_replies(replies, _decode_plain, self._identity)
         state = self.coordinator.aggregate(server_round, reports, failures, refusals)
         return self._train_result(state)
 
@@ -120,7 +157,7 @@ class FedSLMStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Secure aggregation: the training replies carry metrics and key adverts; the later
         stages run here, each sent to the sites that completed the one before."""
-        decoded, failures, refusals = _sort_replies(replies, _decode_secure)
+        decoded, failures, refusals = _sort_replies(replies, _decode_secure, self._identity)
         reports, adverts, names = [], [], {}
         for node, (report, advert) in decoded:
             reports.append(report)
@@ -197,7 +234,16 @@ class FedSLMStrategy(Strategy):
             if reply.has_error():
                 failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
-            evals.append(decode_eval(reply.content))
+            try:
+                ev = decode_eval(reply.content)
+            except (KeyError, TypeError, ValueError) as exc:
+                failures.append(f"node {reply.metadata.src_node_id}: malformed ({exc!r})")
+                continue
+            wrong = self._identity(reply.metadata.src_node_id, ev.site)
+            if wrong is not None:
+                failures.append(wrong)
+                continue
+            evals.append(ev)
         metrics = self.coordinator.record_evaluation(evals, failures)
         return MetricRecord(metrics) if metrics else None
 
@@ -211,10 +257,13 @@ def _decode_secure(content: RecordDict, node: int) -> tuple[int, tuple]:
 
 
 def _sort_replies(
-    replies: Iterable[Message], decode: Callable[[RecordDict, int], T]
+    replies: Iterable[Message],
+    decode: Callable[[RecordDict, int], T],
+    identity: Callable[[int, str], str | None],
 ) -> tuple[list[T], list[str], dict[str, list[str]]]:
-    """Training replies sorted into decoded updates, failures (error or malformed replies) and
-    policy refusals. ``decode`` takes the content and the sender's node id."""
+    """Training replies sorted into decoded updates, failures (error, malformed, or speaking
+    for another site than the node's key) and policy refusals. ``decode`` takes the content
+    and the sender's node id; ``identity`` says why a node may not speak for a site."""
     decoded: list[T] = []
     failures: list[str] = []
     refusals: dict[str, list[str]] = {}
@@ -223,12 +272,29 @@ def _sort_replies(
         if reply.has_error():
             failures.append(f"node {node}: {reply.error.reason}")
             continue
-        refusal = decode_refusal(reply.content)
-        if refusal is not None:
-            refusals[refusal[0]] = refusal[1]
-            continue
         try:
-            decoded.append(decode(reply.content, node))
+            refusal = decode_refusal(reply.content)
+            if refusal is not None:
+                wrong = identity(node, refusal[0])
+                if wrong is not None:
+                    failures.append(wrong)
+                else:
+                    refusals[refusal[0]] = refusal[1]
+                continue
+            item = decode(reply.content, node)
         except (KeyError, TypeError, ValueError) as exc:
             failures.append(f"node {node}: malformed reply ({exc!r})")
+            continue
+        wrong = identity(node, _site_of(item))
+        if wrong is not None:
+            failures.append(wrong)
+            continue
+        decoded.append(item)
     return decoded, failures, refusals
+
+
+def _site_of(item: object) -> str:
+    # a plain update is a SiteReport; a secure one is (node, (SiteReport, KeyAdvert))
+    if isinstance(item, SiteReport):
+        return item.site
+    return item[1][0].site  # type: ignore[index]
