@@ -4,13 +4,13 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: demo test lint bench setup clean chromium
+.PHONY: demo test lint bench setup clean chromium nginx
 
 demo: $(STAMP)
 	$(VENV)/bin/fedslm simulate configs/demo.yaml --out runs/demo --overwrite
 	$(VENV)/bin/fedslm report runs/demo
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium nginx
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 
@@ -23,6 +23,19 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else \
 	    echo "note: /usr/bin/chromium is missing; the report rendering test will be skipped"; \
+	  fi; }
+
+# The reverse proxy tests run nginx in front of a real SuperLink. Installed here like chromium
+# (nginx-light where the release still has it, else nginx); otherwise those tests say why they
+# skipped. The tests start their own nginx from a generated config: nothing uses /etc/nginx.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's nginx for the reverse proxy tests"; \
+	    apt-get update -qq && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null \
+	      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }; \
+	  else \
+	    echo "note: nginx is missing; the reverse proxy tests will be skipped"; \
 	  fi; }
 
 lint: $(STAMP)
