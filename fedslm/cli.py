@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "synth":
             return _synth(args)
-        if args.command in ("ledger", "policy", "model", "report", "verify", "site", "certs"):
+        if hasattr(args, "handler"):
             return args.handler(args)
     except FedSLMError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -348,12 +348,14 @@ class Coordinator:
         """Continue from the last completed round in ``out_dir``; return its number (0: none).
 
         A round is complete when its line is in ``metrics.jsonl`` (written after its
-        checkpoint). The global adapter, server optimizer state, per-site privacy record and
-        central noise generator are restored; the interrupted round is run again from the same
-        global adapter, so a site asked again replays what it released instead of spending.
+        checkpoint) and says it was aggregated. The global adapter, server optimizer state,
+        per-site privacy record and central noise generator are restored; the interrupted
+        round is run again from the same global adapter, so a site asked again replays what it
+        released instead of spending.
         """
         metrics = self.out / "metrics.jsonl"
-        done = _complete_lines(metrics)
+        # a round recorded as not aggregated is where a failed run stopped: run it again
+        done = [r for r in _complete_lines(metrics) if r.get("aggregated")]
         if not done:
             return 0
         last = int(done[-1]["round"])
