@@ -106,7 +106,9 @@ class DaemonSettings(_Section):
     )
 
 
-def load_yaml_settings(path: Path, model: type[BaseModel], keys_with_paths: tuple[str, ...]) -> Any:
+def load_yaml_settings(
+    path: Path, model: type[BaseModel], keys_with_paths: tuple[str, ...], what: str
+) -> Any:
     """Read ``path`` into ``model``; relative paths under ``keys_with_paths`` (dotted) are
     resolved against the file's folder. Errors name the file and the key."""
     try:
@@ -129,7 +131,7 @@ def load_yaml_settings(path: Path, model: type[BaseModel], keys_with_paths: tupl
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{path}: invalid {model.__name__}:"]
+        lines = [f"{path}: invalid {what}:"]
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
             lines.append(f"  - {key}: {err['msg']}")
@@ -139,5 +141,8 @@ def load_yaml_settings(path: Path, model: type[BaseModel], keys_with_paths: tupl
 def load_coordinator_settings(path: Path) -> CoordinatorSettings:
     """Read the coordinator's service file."""
     return load_yaml_settings(
-        path, CoordinatorSettings, ("state_dir", "tls.ca_cert", "tls.cert", "tls.key")
+        path,
+        CoordinatorSettings,
+        ("state_dir", "tls.ca_cert", "tls.cert", "tls.key"),
+        "coordinator service file",
     )

@@ -78,6 +78,9 @@ def flwr_env(settings: CoordinatorSettings) -> dict[str, str]:
     """The environment of every Flower program the coordinator starts: its own Flower home
     (config, apps), no telemetry, no update check, no run-time dependency installation."""
     env = dict(os.environ)
+    # the SuperLink starts further Flower programs by name (flower-superexec, flwr-serverapp):
+    # they must be the ones installed with this fedslm, whether or not its venv is on PATH
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         FLWR_HOME=str(Paths(settings.state).flwr_home),
         FLWR_TELEMETRY_ENABLED="0",
@@ -238,12 +241,26 @@ def check_tls_files(settings: CoordinatorSettings) -> None:
         )
 
 
-def wait_for_tls(host: str, port: int, ca_cert: str, timeout: float) -> None:
-    """Wait until ``host:port`` completes a TLS handshake verified against ``ca_cert``."""
+def wait_for_tls(
+    host: str,
+    port: int,
+    ca_cert: str,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    """Wait until ``host:port`` completes a TLS handshake verified against ``ca_cert``; fail
+    at once if ``proc`` (the server being waited for) exits, quoting the end of its ``log``."""
     context = ssl.create_default_context(cafile=ca_cert)
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log else []
+            raise CoordinatorError(
+                f"{Path(str(proc.args[0])).name} exited with code {proc.returncode} before "
+                f"serving {host}:{port}" + (f"; {log}: " + " / ".join(tail) if tail else "")
+            )
         try:
             with (
                 socket.create_connection((host, port), timeout=2) as raw,
@@ -275,20 +292,20 @@ def start(settings: CoordinatorSettings) -> int:
     signal.signal(signal.SIGINT, stop)
     write_text(paths.pid, f"{os.getpid()}\n")
     try:
-        procs["superlink"] = _spawn(
-            superlink_command(settings), paths.logs / "superlink.log", settings
-        )
+        superlink_log = paths.logs / "superlink.log"
+        procs["superlink"] = _spawn(superlink_command(settings), superlink_log, settings)
         link = settings.superlink
         host = "127.0.0.1" if link.host in ("0.0.0.0", "::") else link.host
-        wait_for_tls(host, link.port, settings.tls.ca_cert, timeout=60)
+        wait_for_tls(host, link.port, settings.tls.ca_cert, 60, procs["superlink"], superlink_log)
         if settings.proxy.enabled:
             from fedslm.deployment.proxy import proxy_command, write_proxy_config
 
             write_proxy_config(settings)
-            procs["proxy"] = _spawn(proxy_command(settings), paths.logs / "proxy.log", settings)
+            proxy_log = paths.logs / "proxy.log"
+            procs["proxy"] = _spawn(proxy_command(settings), proxy_log, settings)
             p = settings.proxy
-            wait_for_tls("127.0.0.1" if p.host in ("0.0.0.0", "::") else p.host, p.port,
-                         settings.tls.ca_cert, timeout=30)  # fmt: skip
+            public = "127.0.0.1" if p.host in ("0.0.0.0", "::") else p.host
+            wait_for_tls(public, p.port, settings.tls.ca_cert, 30, procs["proxy"], proxy_log)
         _say(
             f"coordinator up: SuperLink on {link.host}:{link.port} (private), "
             + (
