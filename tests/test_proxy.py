@@ -195,6 +195,9 @@ def test_admin_api_is_blocked_by_the_proxy_only(stack: Stack) -> None:
     ):
         reply = _post(stack.public, stack.ca, path)
         assert reply.status == 404 and _from_nginx(reply), (path, reply)
+    # blocked requests are what the access log is for
+    logged = _logged(stack, "/v1/control/start-run")
+    assert len(logged) == 1 and '" 404 ' in logged[0], logged
 
 
 def test_site_api_reaches_flower(stack: Stack) -> None:
@@ -252,6 +255,9 @@ def test_site_authentication_headers_pass_through(stack: Stack) -> None:
         )
     assert refused.value.response.status_code == 412
     assert refused.value.response.headers.get("content-type") != "text/html"
+    # the access log keeps the refusal, not the successful call
+    logged = _logged(stack, "/v1/fleet/activate-node")
+    assert len(logged) == 1 and '" 412 ' in logged[0], logged
 
 
 def test_a_chunk_sized_body_reaches_flower(stack: Stack) -> None:
@@ -311,6 +317,18 @@ def _request(port: int, ca: Path, method: str, path: str, body: bytes = b"") -> 
 
 def _post(port: int, ca: Path, path: str, body: bytes = b"") -> Reply:
     return _request(port, ca, "POST", path, body)
+
+
+def _logged(stack: Stack, path: str) -> list[str]:
+    """The access log's lines for ``path``, once there is one (nginx writes a request's line
+    after its response has gone out)."""
+    log = proxy.proxy_dir(stack.settings) / "access.log"
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in log.read_text().splitlines() if f" {path} " in line]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 def _from_nginx(reply: Reply) -> bool:
