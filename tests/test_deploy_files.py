@@ -321,8 +321,8 @@ def test_every_fedslm_command_parses(command: Command) -> None:
 
 def test_the_command_set_is_covered() -> None:
     """deploy/ and the guides use every command of the deployment, as command lines."""
-    used = {_resolve(c.argv)[0] for c in COMMANDS if c.exact}
-    assert not CONTRACT - used, f"never shown as a command line: {sorted(CONTRACT - used)}"
+    unused = [k for k in CONTRACT if not any(c.exact and c.argv[: len(k)] == k for c in COMMANDS)]
+    assert not unused, f"never shown as a command line: {sorted(unused)}"
 
 
 def test_the_checker_catches_mistakes() -> None:
