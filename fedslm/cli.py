@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("folder", type=Path, help="where to write site.key and site.pub")
     keygen.add_argument("--name", default="", help="a comment naming the site in site.pub")
     keygen.set_defaults(handler=_site_keygen)
+    site_start = site_sub.add_parser(
+        "start", help="run this site's daemon: its worker and Flower's SuperNode (deployment)"
+    )
+    site_start.add_argument(
+        "--policy", type=Path, required=True, help="the site's policy file, with a daemon section"
+    )
+    site_start.set_defaults(handler=_site_start)
     certs = sub.add_parser(
         "certs", help="make the consortium's CA and the coordinator's TLS server certificate"
     )
@@ -213,6 +220,12 @@ def _site_keygen(args: argparse.Namespace) -> int:
     print(f"wrote {private} (private: keep it at the site, mode 0600) and {public}")
     print(f"fingerprint {fingerprint(load_public_key(line))}; give {public} to the coordinator")
     return 0
+
+
+def _site_start(args: argparse.Namespace) -> int:
+    from fedslm.clients.daemon import start
+
+    return start(args.policy)
 
 
 def _certs(args: argparse.Namespace) -> int:

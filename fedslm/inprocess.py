@@ -12,11 +12,17 @@ from typing import Any
 from fedslm.coordinator import SiteEval, SiteReport
 from fedslm.job import PreparedJob, SiteSetup, make_coordinator
 from fedslm.progress import Reporter
-from fedslm.site import Site, SiteRefusal, SiteUpdate
+from fedslm.site import Site, SiteRefusal, SiteUpdate, simulated_noise_secret
 
 
 def build_site(prepared: PreparedJob, setup: SiteSetup, *, with_policy: bool = True) -> Site:
-    """The site ``setup`` of ``prepared``, as the ClientApp builds it (the model is loaded)."""
+    """The site ``setup`` of ``prepared``, as the simulation's ClientApp builds it (the model is
+    loaded).
+
+    Its noise secret is derived from ``job.seed``: a simulated site runs on the coordinator's
+    machine, where a secret would hide nothing, and a simulation must be reproducible from its
+    config. A real site's secret is random and stays at the site (``fedslm site start``).
+    """
     return Site(
         prepared.job,
         setup.name,
@@ -28,6 +34,7 @@ def build_site(prepared: PreparedJob, setup: SiteSetup, *, with_policy: bool = T
         job_id=prepared.job_id,
         policy=setup.policy if with_policy else None,
         source=prepared.source,
+        noise_secret=simulated_noise_secret(prepared.job),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,9 +181,45 @@ class SiteUpdate:
     privacy_seconds: float  # policy check, ledger read and write, every epsilon computed
 
 
+def noise_fingerprint(job: JobConfig) -> str:
+    """The part of a job that decides a site's DP noise and sampling: its fingerprint with the
+    secure-aggregation settings left out.
+
+    Secure aggregation changes how an update travels, not what the site trains: the same job
+    with and without it must train the same update (a simulated comparison of the two relies
+    on it), so the transport settings do not enter the noise seed.
+    """
+    fed = job.federation.model_copy(
+        update={"secure_aggregation": False, "secagg": type(job.federation.secagg)()}
+    )
+    return job.model_copy(update={"federation": fed}).fingerprint()
+
+
+def simulated_noise_secret(job: JobConfig) -> bytes:
+    """The noise secret of a simulated site, derived from the job's seed.
+
+    A real site keeps a random secret the coordinator never sees (``state_dir/site.secret``);
+    a simulated site shares the coordinator's machine, so a secret would protect nothing, and a
+    simulation must be reproducible from its config.
+    """
+    return hashlib.sha256(f"fedslm/simulated-site-noise/{job.seed}".encode()).digest()
+
+
 class Site:
     """A site's model, data, policy and ledger for one job. ``policy=None`` (the pooled
-    baseline) checks nothing but still records its DP spend in the ledger."""
+    baseline) checks nothing but still records its DP spend in the ledger.
+
+    ``dataset`` is the identity the ledger charges (default: the fingerprint of
+    ``train_file``); a deployed site passes the fingerprint of its whole data file, so that two
+    jobs splitting it differently still spend from one lifetime budget.
+
+    ``noise_secret`` seeds the DP noise and the Poisson sampling together with the job's
+    noise fingerprint, the site's name and the round. Whoever knows it can regenerate the noise
+    and subtract it from a released update, so a real site's secret never leaves the site
+    (the coordinator chooses ``job.seed``, so the seed cannot come from the job alone). Its
+    job-to-job uniqueness is the caller's: the site daemon binds the job id into it. Default: 32
+    fresh random bytes (updates are then not reproducible, and private).
+    """
 
     def __init__(
         self,
@@ -197,6 +234,8 @@ class Site:
         job_id: str,
         policy: SitePolicy | None = None,
         source: str = "<job config>",
+        dataset: DatasetFingerprint | None = None,
+        noise_secret: bytes | None = None,
     ) -> None:
         self.job = job
         self.name = name
@@ -205,7 +244,11 @@ class Site:
         self.policy = policy
         self.job_id = job_id
         self.ledger_path = ledger
-        self.dataset = DatasetFingerprint.of_file(train_file)
+        self.dataset = dataset if dataset is not None else DatasetFingerprint.of_file(train_file)
+        if noise_secret is not None and len(noise_secret) < 16:
+            raise ValueError("noise_secret must be at least 16 bytes")
+        self._noise_secret = noise_secret if noise_secret is not None else os.urandom(32)
+        self._noise_fingerprint = noise_fingerprint(job)
         self._job_refusal: list[str] | None = None
         device = _device(job)
         self.lora = site_lora(job, name, policy)
@@ -431,7 +474,14 @@ class Site:
         """A refusal: the site's name and its own reasons; no tensors, no metrics."""
         return Payload("refusal", {}, {}, {"site": self.name, "refused": True, "reasons": reasons})
 
-    def release(self, round_num: int, payload: Payload, ring: RingSpec | None = None) -> Payload:
+    def release(
+        self,
+        round_num: int,
+        payload: Payload,
+        ring: RingSpec | None = None,
+        *,
+        replay: bool = False,
+    ) -> Payload:
         """Check ``payload`` against what the job agreed and log it before it may leave.
 
         Every message is recorded in the site's egress log first (sent or blocked, with what
@@ -440,12 +490,16 @@ class Site:
         an unexpected tensor or shape, a metric off the allow-list or not a number, an
         unknown field, or more bytes than the policy allows. A secure-aggregation message must
         hold exactly its protocol fields, and a masked vector the length and dtype of ``ring``.
+        ``replay`` marks a message sent again unchanged (a retried round answered from the
+        site's store of released updates): it is logged again, with ``"replay": true``.
         """
         record = describe(payload)
         max_bytes = self.policy.max_bytes_per_round if self.policy is not None else None
         problems = check(record, self.agreed_tensors, max_bytes, ring)
         if problems:
             record["blocked_because"] = problems
+        if replay:
+            record["replay"] = True
         with self._ledger() as ledger:
             record_egress(ledger, self.job_id, round_num, "blocked" if problems else "sent", record)
         if problems:
@@ -480,9 +534,12 @@ class Site:
         )
 
     def _seed(self, round_num: int) -> int:
+        # The site's secret first: a seed the coordinator could compute (from job.seed, which
+        # it chooses) would let it regenerate the noise and subtract it from the update.
         # Independent of site order and of Python's hash randomisation, so reruns match.
-        digest = hashlib.sha256(f"{self.job.seed}/{self.name}/{round_num}".encode()).digest()
-        return int.from_bytes(digest[:6], "big")
+        h = hashlib.sha256(self._noise_secret)
+        h.update(f"\0{self._noise_fingerprint}\0{self.name}\0{round_num}".encode())
+        return int.from_bytes(h.digest()[:6], "big")
 
 
 def _finite(x: float | None) -> float:

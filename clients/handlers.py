@@ -1,0 +1,318 @@
+"""What a site does with each Flower message: train, evaluate, or a secure-aggregation stage.
+
+The same functions answer in simulation (the ClientApp calls them in its own process) and in
+deployment (the site worker calls them, ``fedslm.clients.worker``). Each takes the site, the
+message content, the node's state (Flower's ``Context.state``, a ``RecordDict`` that outlives
+one message) and the node id, and returns the reply content. Whatever the reply is, the site's
+egress guard checks it and logs it in the site's ledger before it leaves (``Site.release``); a
+refusal is answered with its reasons and no weights.
+
+A deployed site also passes a ``ReleaseStore``: a training reply is kept on disk before it
+leaves, so a retried round gets the same update back (nothing trained, nothing spent) and a
+round is never released twice with different contents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fedslm.clients.codec import (
+    arrays_to_state,
+    config_to_message,
+    encode_payload,
+    from_wire,
+    to_wire,
+)
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedslm.artifacts import write_torch
+from fedslm.egress import Payload, RingSpec
+from fedslm.errors import FedSLMError
+from fedslm.progress import Reporter
+from fedslm.secagg import KeyRoster, SecAggParams, SecAggSite, ShareInbox, UnmaskRequest
+from fedslm.secagg.adapter import job_params, session_id, update_vector
+from fedslm.secagg.driver import site_stage
+from fedslm.site import Site, SiteRefusal, SiteUpdate
+
+# State keys: the secure-aggregation state and the pending update of this node. They hold
+# private keys and the unmasked update: they never leave the site.
+STATE_KEY, DELTA_KEY = "secagg-state", "secagg-update"
+SECRET_STATE_KEYS = (STATE_KEY, DELTA_KEY)
+_REQUESTS = {"share-keys": KeyRoster, "masked-input": ShareInbox, "unmask": UnmaskRequest}
+
+Handler = Callable[[Site, RecordDict, RecordDict, int], RecordDict]
+
+
+def handle_train(
+    site: Site,
+    content: RecordDict,
+    state: RecordDict,
+    node_id: int,
+    *,
+    releases: ReleaseStore | None = None,
+) -> RecordDict:
+    """One round of local training on the received global adapter, or a refusal.
+
+    Under secure aggregation the reply carries metrics and a key advert, and the update stays
+    in ``state`` for the masked-input stage. With ``releases``, a round already released is
+    answered from the store (same input) or refused (different input), without training.
+    """
+    config = content["config"]
+    round_num = int(config["round"])  # type: ignore[arg-type]
+    reporter = Reporter(quiet=bool(config.get("quiet", False)))  # type: ignore[union-attr]
+
+    def on_step(step: int, steps: int, loss: float) -> None:
+        reporter.step(site.name, round_num, step, steps, loss)
+
+    try:
+        global_state = arrays_to_state(content["arrays"])  # type: ignore[arg-type]
+        if releases is not None:
+            stored = releases.prior(site, round_num, global_state)
+            if stored is not None:
+                reporter.info(f"[{site.name}] round {round_num}: sending the stored release again")
+                return encode_payload(site.release(round_num, stored, replay=True))
+        update = site.train_round(round_num, global_state, on_step)
+        if site.job.federation.secure_aggregation:
+            payload = _start_secure(site, state, node_id, round_num, update, global_state)
+        else:
+            payload = site.release(round_num, site.train_payload(update))
+        if releases is not None:
+            # kept before the reply leaves: a retry of this round gets exactly this back
+            releases.store(site, round_num, global_state, payload)
+    except SiteRefusal as refusal:
+        reporter.warn(f"[{site.name}] refused round {round_num}: {refusal}")
+        payload = site.release(round_num, site.refusal_payload(refusal.reasons))
+    return encode_payload(payload)
+
+
+def handle_evaluate(site: Site, content: RecordDict, state: RecordDict, node_id: int) -> RecordDict:
+    """Evaluate the received global adapter on this site's held-out split."""
+    config = content["config"]
+    round_num = int(config.get("round", 0))  # type: ignore[union-attr, arg-type]
+    result = site.evaluate(arrays_to_state(content["arrays"]))  # type: ignore[arg-type]
+    return encode_payload(site.release(round_num, site.eval_payload(result)))
+
+
+def _params(site: Site, round_num: int) -> SecAggParams:
+    n = len(site.job.federation.site_names)
+    return job_params(site.job, session_id(site.job_id, round_num), n)
+
+
+def _start_secure(
+    site: Site,
+    state: RecordDict,
+    node_id: int,
+    round_num: int,
+    update: SiteUpdate,
+    global_state: dict[str, torch.Tensor],
+) -> Payload:
+    """Round 0 of secure aggregation: keep the update for the masked-input stage (in ``state``,
+    which outlives this message) and reply with metrics and the key advert."""
+    secagg = SecAggSite(_params(site, round_num), node_id)
+    advert = secagg.advertise()
+    delta = update_vector(update.state, global_state)
+    payload = site.release(round_num, site.secure_train_payload(update, advert))
+    wire = {k: to_wire(v) for k, v in secagg.to_state().items()}
+    state[STATE_KEY] = ConfigRecord(
+        {**wire, "round": round_num, "weight": int(update.num_examples)}
+    )
+    state[DELTA_KEY] = ArrayRecord(OrderedDict(update=Array(delta)))
+    return payload
+
+
+def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: int) -> RecordDict:
+    """One later stage of secure aggregation (share-keys, masked-input, unmask).
+
+    The protocol state comes from ``state`` (a fresh process may answer each message); the
+    reply passes the egress guard like every other message. Any error is raised, which becomes
+    an error reply that the coordinator counts as this site dropping out.
+    """
+    config = content["config"]
+    stage, round_num = str(config["stage"]), int(config["round"])  # type: ignore[arg-type]
+    if stage not in _REQUESTS:
+        raise FedSLMError(f"[{site.name}] unknown secure aggregation stage {stage!r}")
+    if STATE_KEY not in state:
+        raise FedSLMError(f"[{site.name}] secure aggregation {stage}: no session in progress")
+    record = state[STATE_KEY]
+    if int(record["round"]) != round_num:  # type: ignore[arg-type]
+        raise FedSLMError(
+            f"[{site.name}] secure aggregation {stage} for round {round_num}, but the session "
+            f"in progress is for round {int(record['round'])}"  # type: ignore[arg-type]
+        )
+    params = _params(site, round_num)
+    saved = {k: from_wire(v) for k, v in record.items() if k not in ("round", "weight")}
+    request = config_to_message(_REQUESTS[stage], content["secagg"])  # type: ignore[arg-type]
+    update, ring = None, None
+    if stage == "masked-input":
+        if DELTA_KEY not in state:
+            raise FedSLMError(f"[{site.name}] secure aggregation {stage}: no update is pending")
+        update = np.asarray(state[DELTA_KEY]["update"].numpy(), dtype=np.float32)  # type: ignore[union-attr]
+        ring = RingSpec(update.size + 1, params.dtype.str)
+    weight = int(record["weight"])  # type: ignore[arg-type]
+    reply, saved = site_stage(params, saved, stage, request, update, weight)
+    if stage == "masked-input":
+        del state[DELTA_KEY]  # the update has left, masked: keep no copy
+        if int(saved["clipped"]):
+            # the secure mean then differs from the plain one by more than the quantisation
+            Reporter(quiet=bool(config.get("quiet", False))).warn(  # type: ignore[union-attr]
+                f"[{site.name}] secure aggregation clipped {int(saved['clipped'])} coordinates "
+                "of the update to federation.secagg.clip_range"
+            )
+    state[STATE_KEY] = ConfigRecord(
+        {**{k: to_wire(v) for k, v in saved.items()}, "round": round_num, "weight": weight}
+    )
+    make = {
+        "share-keys": site.shares_payload,
+        "masked-input": site.masked_payload,
+        "unmask": site.unmask_payload,
+    }[stage]
+    payload = site.release(round_num, make(reply), ring)  # type: ignore[arg-type]
+    return encode_payload(payload)
+
+
+HANDLERS: dict[str, Handler] = {
+    "train": handle_train,
+    "evaluate": handle_evaluate,
+    "query": handle_query,
+}
+
+
+# -- the store of released updates ---------------------------------------------------------------
+
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_ROUND_FILE = re.compile(r"round-(\d+)\.pt")
+
+
+def adapter_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of an adapter as float32 tensors: names, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ReleaseStore:
+    """The training replies a deployed site has released, one file per job (its latest round):
+    ``folder/<job-id>/round-<r>.pt``.
+
+    A coordinator that lost a round (a crash, a retry) may ask for it again. Training it again
+    would draw the same noise for a different global adapter, or fresh noise for the same one:
+    either way a second release of one round, which the ledger (one entry per job and round)
+    would not charge. So the site answers a repeated round from here: the same global adapter
+    gets the stored reply again, a different one is refused, and so is a round older than the
+    latest released. Under secure aggregation a round is never answered twice: a second
+    protocol run over the same update with another set of survivors could reveal it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.replays = 0  # how many replies were sent again from the store
+
+    def _job_dir(self, job_id: str) -> Path:
+        if not _JOB_ID.fullmatch(job_id):
+            raise FedSLMError(f"job id {job_id!r} is not usable as a folder name")
+        return self.folder / job_id
+
+    def latest(self, job_id: str) -> dict[str, Any] | None:
+        """The stored record of ``job_id``'s latest released round, or None."""
+        rounds = []
+        folder = self._job_dir(job_id)
+        if folder.is_dir():
+            for f in folder.iterdir():
+                m = _ROUND_FILE.fullmatch(f.name)
+                if m:
+                    rounds.append((int(m.group(1)), f))
+        if not rounds:
+            return None
+        _, path = max(rounds)
+        # weights_only: tensors, numbers, strings, lists and dicts, never arbitrary objects
+        record: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return record
+
+    def prior(
+        self, site: Site, round_num: int, global_state: dict[str, torch.Tensor]
+    ) -> Payload | None:
+        """The stored reply to send again for ``round_num``, None to train it, or
+        ``SiteRefusal`` when releasing this round would be a second, different release."""
+        job = site.job_id
+        rec = self.latest(job)
+        if rec is None:
+            return None
+        if rec["job_fingerprint"] != site.job.fingerprint():
+            raise SiteRefusal(
+                [
+                    f"job id {job} was already used for a different job (fingerprint "
+                    f"{rec['job_fingerprint'][:12]}…, this one {site.job.fingerprint()[:12]}…); "
+                    "a new job needs a new job id"
+                ]
+            )
+        stored = int(rec["round"])
+        if stored < round_num:
+            return None
+        if stored > round_num:
+            raise SiteRefusal(
+                [
+                    f"round {round_num} of job {job} was asked after round {stored} was "
+                    "released; a job's rounds only move forward (training an earlier round "
+                    "again would release a second update for it)"
+                ]
+            )
+        if rec["secure"]:
+            raise SiteRefusal(
+                [
+                    f"round {round_num} of job {job} was already answered under secure "
+                    "aggregation; a second protocol run over the same update could reveal it"
+                ]
+            )
+        if rec["input_sha256"] != adapter_sha256(global_state):
+            raise SiteRefusal(
+                [
+                    f"round {round_num} of job {job} was already released for a different "
+                    "global adapter; releasing again would spend privacy twice"
+                ]
+            )
+        self.replays += 1
+        return Payload(
+            str(rec["kind"]), dict(rec["tensors"]), dict(rec["metrics"]), dict(rec["fields"])
+        )
+
+    def store(
+        self,
+        site: Site,
+        round_num: int,
+        global_state: dict[str, torch.Tensor],
+        payload: Payload,
+    ) -> None:
+        """Keep ``payload`` (released for ``round_num``) atomically, and drop older rounds."""
+        folder = self._job_dir(site.job_id)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure = site.job.federation.secure_aggregation
+        record = {
+            "format": 1,
+            "job_id": site.job_id,
+            "job_fingerprint": site.job.fingerprint(),
+            "round": int(round_num),
+            "input_sha256": adapter_sha256(global_state),
+            "secure": bool(secure),
+            "kind": payload.kind,
+            # under secure aggregation only the fact of the round is kept: its reply holds key
+            # material, and it is never sent again anyway
+            "tensors": {} if secure else {k: v.detach().cpu() for k, v in payload.tensors.items()},
+            "metrics": {} if secure else dict(payload.metrics),
+            "fields": {} if secure else dict(payload.fields),
+        }
+        path = folder / f"round-{round_num}.pt"
+        write_torch(path, record)
+        for f in folder.iterdir():
+            m = _ROUND_FILE.fullmatch(f.name)
+            if m and int(m.group(1)) != round_num:
+                f.unlink(missing_ok=True)
