@@ -83,7 +83,7 @@ def test_upstream_name_and_addresses(tmp_path: Path) -> None:
         proxy={"host": "::", "port": 443},
     )
     text = proxy.render_proxy_config(wild)
-    assert "server 127.0.0.1:7000;" in text and "listen [::]:443 ssl" in text
+    assert "server 127.0.0.1:7000;" in text and "listen [::]:443 ipv6only=off ssl" in text
     named = _settings(tmp_path, superlink={"host": "superlink.internal", "port": 7000})
     assert proxy.upstream_tls_name(named) == "superlink.internal"
 

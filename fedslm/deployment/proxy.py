@@ -72,8 +72,12 @@ def render_proxy_config(settings: CoordinatorSettings, *, upstream_name: str | N
     name = upstream_name if upstream_name is not None else upstream_tls_name(settings)
     if not _DNS_NAME.fullmatch(name):
         raise ProxyError(f"{name!r} is not a name nginx can check a certificate against")
+    listen = _host_port(settings.proxy.host, settings.proxy.port)
+    if settings.proxy.host == "::":
+        # every interface, IPv4 included: nginx listens on IPv6 only by default
+        listen += " ipv6only=off"
     values = {
-        "listen": _host_port(settings.proxy.host, settings.proxy.port),
+        "listen": listen,
         "upstream": _host_port(_upstream_host(settings), settings.superlink.port),
         "upstream_name": name,
         "pid": _path(base / PID_FILE, "proxy pid file"),
