@@ -17,7 +17,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from fedslm.clients.codec import state_to_arrays
-from fedslm.server.strategy import FedSLMStrategy
+from fedslm.server.strategy import FedSLMStrategy, exchange
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -49,7 +49,7 @@ def run_rounds(
     for r in range(first_round, fed.rounds + 1):
         for attempt in range(retries + 1):
             messages = strategy.configure_train(r, arrays, ConfigRecord(dict(config)), grid)
-            replies = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
+            replies = exchange(grid, messages, fed.round_timeout_s)
             new_arrays, _ = strategy.aggregate_train(r, replies)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -67,7 +67,7 @@ def run_rounds(
             reporter.warn(f"round {r} not aggregated ({rec.get('reason')}); sending it again")
         eval_config = ConfigRecord(dict(config))
         messages = strategy.configure_evaluate(r, arrays, eval_config, grid)
-        replies = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
+        replies = exchange(grid, messages, fed.round_timeout_s)
         strategy.aggregate_evaluate(r, replies)
         reporter.round_done(coordinator.end_round(), fed.rounds)
 

@@ -99,6 +99,8 @@ class Cluster:
         self.config.write_text(yaml.safe_dump(settings))
         for i, name in enumerate((*SITES, "site-x")):
             self._make_site(name, seed=i)
+
+    def register_sites(self) -> None:
         for name in SITES:  # site-x stays unregistered
             _cli("coordinator", "add-site", name, str(self.site_dir(name) / "site.pub"),
                  "--config", str(self.config))  # fmt: skip
@@ -266,6 +268,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         c.setup()
         c.start_coordinator()
+        c.register_sites()
         for name in SITES:
             c.start_site(name)
         yield c

@@ -51,6 +51,7 @@ class FakeGrid:
         self.params = job_params(job, session_id("job", 1), 3)
         self.fail = fail
         self.states: dict[int, dict] = {}
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(NODES)
@@ -65,22 +66,28 @@ class FakeGrid:
         payload = Payload("train-secure", {}, metrics, fields)
         return Message(content=encode_payload(payload), reply_to=request)
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for m in messages:
-            node, stage = m.metadata.dst_node_id, str(m.content["config"]["stage"])
-            if self.fail.get(stage) == node:
-                replies.append(Message(Error(code=1, reason="site went away"), reply_to=m))
-                continue
-            request = config_to_message(_REQUESTS[stage], m.content["secagg"])
-            reply, self.states[node] = site_stage(
-                self.params, self.states[node], stage, request, UPDATES[node], WEIGHTS[node]
-            )
-            payload = _PAYLOADS[stage](reply)  # type: ignore[operator]
-            replies.append(Message(content=encode_payload(payload), reply_to=m))
-        return replies
+            # as Flower's grid does: a pushed message gets its id, which its reply refers to
+            m.metadata.__dict__["_message_id"] = msg_id = f"m{len(self.replies)}"
+            self.replies[msg_id] = self._answer(m)
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def _answer(self, m: Message) -> Message:
+        node, stage = m.metadata.dst_node_id, str(m.content["config"]["stage"])
+        if self.fail.get(stage) == node:
+            return Message(Error(code=1, reason="site went away"), reply_to=m)
+        request = config_to_message(_REQUESTS[stage], m.content["secagg"])
+        reply, self.states[node] = site_stage(
+            self.params, self.states[node], stage, request, UPDATES[node], WEIGHTS[node]
+        )
+        payload = _PAYLOADS[stage](reply)  # type: ignore[operator]
+        return Message(content=encode_payload(payload), reply_to=m)
 
 
 def _run(tmp_path: Path, fail: dict[str, int], threshold: int = 2) -> FedSLMStrategy:

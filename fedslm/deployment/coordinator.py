@@ -73,6 +73,10 @@ class Paths:
     def pid(self) -> Path:
         return self.state / "coordinator.pid"
 
+    @property
+    def started(self) -> Path:
+        return self.state / "superlink.started"
+
 
 def flwr_env(settings: CoordinatorSettings) -> dict[str, str]:
     """The environment of every Flower program the coordinator starts: its own Flower home
@@ -291,6 +295,9 @@ def start(settings: CoordinatorSettings) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     write_text(paths.pid, f"{os.getpid()}\n")
+    # runs Flower still lists as running but submitted before this start died with the
+    # previous SuperLink: `resume` may stop them (see ``resume``)
+    write_text(paths.started, f"{time.time()}\n")
     try:
         superlink_log = paths.logs / "superlink.log"
         procs["superlink"] = _spawn(superlink_command(settings), superlink_log, settings)
@@ -570,19 +577,31 @@ def _rounds_done(folder: Path) -> int:
 
 
 def resume(settings: CoordinatorSettings, name: str) -> int:
-    """Submit run ``name`` again; the ServerApp continues after its last completed round."""
+    """Submit run ``name`` again; the ServerApp continues after its last completed round.
+
+    A run whose coordinator was killed is still listed as running by the restarted
+    SuperLink; it cannot be (its ServerApp died with the old SuperLink), so it is stopped
+    first. A run submitted since this SuperLink started may really be running: refused.
+    """
     from fedslm.deployment.runs import read_status
 
     folder = run_folder(settings, name)
     status = read_status(folder)
     if status.get("state") == "finished":
         raise CoordinatorError(f"run {name!r} has finished; there is nothing to resume")
-    rid = flower_run_id(folder)
+    ids = json.loads((folder / "flower_runs.json").read_text())
+    rid, submitted = int(ids[-1]["run_id"]), float(ids[-1]["submitted"])
+    started_file = Paths(settings.state).started
+    started = float(started_file.read_text()) if started_file.exists() else 0.0
     for r in flwr(settings, "ls").get("runs", []):
-        if int(r["run-id"]) == rid and str(r.get("status", "")).startswith("running"):
+        if int(r["run-id"]) != rid or not str(r.get("status", "")).startswith("running"):
+            continue
+        if submitted >= started:
             raise CoordinatorError(
-                f"run {name!r} is still running (Flower run {rid}); stop it first"
+                f"run {name!r} is still running (Flower run {rid}); stop it first "
+                f"(`fedslm coordinator stop {name}`)"
             )
+        flwr(settings, "stop", str(rid))  # orphaned by the coordinator's restart
     return _submit_flower_run(settings, folder, resume=True)
 
 
