@@ -82,9 +82,12 @@ def send_message(sock: socket.socket, header: dict[str, Any], content: bytes, st
     parts = [MAGIC]
     for data in (head, content, state):
         parts += [_LENGTH.pack(len(data)), data]
-    # one sendall per part: no copy of a large content frame into one buffer
+    # one sendall per part: no copy of a large content frame into one buffer. Empty parts are
+    # skipped: a peer that has read everything may already have closed, and a send of nothing
+    # to it would fail (EPIPE) although the message arrived whole.
     for part in parts:
-        sock.sendall(part)
+        if part:
+            sock.sendall(part)
 
 
 def recv_message(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -304,13 +305,22 @@ def find_supernode() -> str:
     return found
 
 
-def explain_exit(code: int, settings: DaemonSettings, tail: str) -> str:
-    """Why the SuperNode exited with status ``code``, and what to do."""
+def explain_exit(status: int, settings: DaemonSettings, output: str) -> str:
+    """Why the SuperNode exited with ``status``, and what to do; ``output`` is what it wrote
+    since it started.
+
+    Flower logs its own exit code ("Exit Code: 305") but the process may end with another
+    status (1 in Flower 1.41, after its web server shuts down), and a status has only 8 bits
+    (305 would arrive as 49): the logged code wins.
+    """
     from flwr.supercore.exit.exit_code import EXIT_CODE_HELP, ExitCode
 
-    # an exit status has 8 bits: Flower's code 305 reaches its parent as 49
-    flower = {c % 256: c for c in EXIT_CODE_HELP if c >= 256}.get(code, code)
-    shown = f"{code} (Flower exit code {flower})" if flower != code else str(code)
+    logged = re.findall(r"Exit Code: (\d+)", output)
+    if logged:
+        flower = int(logged[-1])
+    else:
+        flower = {c % 256: c for c in EXIT_CODE_HELP if c >= 256}.get(status, status)
+    shown = f"{status} (Flower exit code {flower})" if flower != status else str(status)
     if flower == ExitCode.SUPERNODE_CONNECTION_ERROR:
         why = (
             "it could not connect to the coordinator. The pre-flight reached the coordinator "
@@ -325,20 +335,28 @@ def explain_exit(code: int, settings: DaemonSettings, tail: str) -> str:
         why = "it was stopped by a signal from outside the daemon"
     elif flower == ExitCode.GRACEFUL_EXIT_SIGINT:
         why = "it was interrupted (SIGINT), or it failed (see its log)"
-    elif code < 0:
-        why = f"it was killed by signal {-code}"
+    elif status < 0:
+        why = f"it was killed by signal {-status}"
     else:
         why = EXIT_CODE_HELP.get(flower) or "see its log"
-    last = f"\nlast lines of its log:\n{tail}" if tail.strip() else ""
+    lines = [x for x in output.splitlines() if x.strip()]
+    marks = [i for i, x in enumerate(lines) if "Exit Code:" in x]
+    # Flower's own explanation follows its exit code; otherwise the end of the log says most
+    shown_lines = lines[marks[-1] : marks[-1] + 5] if marks else lines[-8:]
+    tail = "\n".join("  " + x for x in shown_lines)
+    last = f"\nlast lines of its log:\n{tail}" if tail else ""
     return f"the SuperNode exited with code {shown}: {why}{last}"
 
 
-def _tail(path: Path, lines: int = 8) -> str:
+def _output_since(path: Path, offset: int) -> str:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
     except OSError:
         return ""
-    return "\n".join("  " + x for x in text.splitlines()[-lines:])
+    # Flower colours its log levels; the daemon's log is plain text
+    return re.sub(r"\x1b\[[0-9;]*m", "", data.decode("utf-8", errors="replace"))
 
 
 def _claim_pid_file(path: Path) -> None:
@@ -419,6 +437,7 @@ def _run_supernode(
     log_path = state / SUPERNODE_LOG
     try:
         with log_path.open("ab") as out:
+            offset = out.tell()
             # its own session: a Ctrl-C in the terminal reaches the daemon, which stops it
             proc = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -430,7 +449,7 @@ def _run_supernode(
                 continue
             if stop.wait(POLL_S):  # stopped along with us (e.g. systemd signals the group)
                 break
-            log(explain_exit(code, settings, _tail(log_path)))
+            log(explain_exit(code, settings, _output_since(log_path, offset)))
             return 1
         name = signal.Signals(received[0]).name if received else "stop"
         log(f"{name}: stopping the SuperNode")

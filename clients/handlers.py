@@ -14,7 +14,6 @@ round is never released twice with different contents.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from fedslm.progress import Reporter
 from fedslm.secagg import KeyRoster, SecAggParams, SecAggSite, ShareInbox, UnmaskRequest
 from fedslm.secagg.adapter import job_params, session_id, update_vector
 from fedslm.secagg.driver import site_stage
-from fedslm.site import Site, SiteRefusal, SiteUpdate
+from fedslm.site import Site, SiteRefusal, SiteUpdate, adapter_sha256
 
 # State keys: the secure-aggregation state and the pending update of this node. They hold
 # private keys and the unmasked update: they never leave the site.
@@ -188,16 +187,6 @@ HANDLERS: dict[str, Handler] = {
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _ROUND_FILE = re.compile(r"round-(\d+)\.pt")
-
-
-def adapter_sha256(state: dict[str, torch.Tensor]) -> str:
-    """sha256 of an adapter as float32 tensors: names, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}\0{tuple(t.shape)}\0".encode())
-        digest.update(t.numpy().tobytes())
-    return digest.hexdigest()
 
 
 class ReleaseStore:

@@ -25,7 +25,6 @@ never handed to the ClientApp process, whose code the coordinator ships.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import re
@@ -220,7 +219,8 @@ class Worker:
         threading.Thread(target=_warm_up, name="fedslm-warm-up", daemon=True).start()
 
     def stop(self) -> None:
-        """Stop accepting, close the socket and remove its file (a request in progress ends)."""
+        """Stop accepting, close the socket and remove its file (a request in progress is
+        abandoned when the process exits)."""
         self._stop.set()
         if self._server is not None:
             self._server.close()
@@ -264,10 +264,12 @@ class Worker:
                 conn, _ = self._server.accept()
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     return
-                raise
+                self.log(f"accepting a connection failed: {exc}")  # e.g. out of file handles
+                time.sleep(0.5)
+                continue
             if not self._slots.acquire(blocking=False):
                 self._reply_error(conn, "busy", "the site worker has too many requests open")
                 conn.close()
@@ -296,12 +298,13 @@ class Worker:
                 self._reply_error(
                     conn,
                     "busy",
-                    f"the site is busy with {self._current} (for {busy:.0f} s); waited "
-                    f"{self.wait_s:.0f} s for it",
+                    f"the site is busy with {self._current or 'another request'} (for "
+                    f"{busy:.0f} s); waited {self.wait_s:.0f} s for it",
                 )
                 return
             try:
-                self._current, self._started_at = f"a {kind} request", time.monotonic()
+                self._current = _describe_request(kind, content)
+                self._started_at = time.monotonic()
                 answer = self._answer(kind, node_id, run_id, content, state)
             finally:
                 self._current = ""
@@ -327,6 +330,8 @@ class Worker:
         """``handle`` with its timing logged; an exception becomes a ``_Failure``."""
         start = time.perf_counter()
         what = _describe_request(kind, content)
+        if kind == "train":
+            self.log(f"{what}: started")  # a round can take long: say so before it ends
         try:
             reply, new_state = self.handle(kind, node_id, run_id, content, state)
         except RequestError as exc:
@@ -514,9 +519,6 @@ class Worker:
         try:
             train, held, dataset = self._split_data(job, job_id)
             assert self._secret is not None, "start() makes the secret"
-            # bound to the job id: two jobs never draw the same noise, whatever the
-            # coordinator puts in them (a reused job id is refused by the release store)
-            secret = hmac.new(self._secret, f"job/{job_id}".encode(), hashlib.sha256).digest()
             site = Site(
                 job,
                 self.name,
@@ -529,7 +531,7 @@ class Worker:
                 policy=self.policy,
                 source=f"job {job_id}",
                 dataset=dataset,
-                noise_secret=secret,
+                noise_secret=self._secret,
             )
         except ConfigError as exc:
             raise Refused([f"the site cannot run this job: {exc}"]) from None

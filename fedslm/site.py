@@ -195,6 +195,16 @@ def noise_fingerprint(job: JobConfig) -> str:
     return job.model_copy(update={"federation": fed}).fingerprint()
 
 
+def adapter_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of an adapter as float32 tensors: names, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def simulated_noise_secret(job: JobConfig) -> bytes:
     """The noise secret of a simulated site, derived from the job's seed.
 
@@ -214,11 +224,11 @@ class Site:
     jobs splitting it differently still spend from one lifetime budget.
 
     ``noise_secret`` seeds the DP noise and the Poisson sampling together with the job's
-    noise fingerprint, the site's name and the round. Whoever knows it can regenerate the noise
-    and subtract it from a released update, so a real site's secret never leaves the site
-    (the coordinator chooses ``job.seed``, so the seed cannot come from the job alone). Its
-    job-to-job uniqueness is the caller's: the site daemon binds the job id into it. Default: 32
-    fresh random bytes (updates are then not reproducible, and private).
+    noise fingerprint, the site's name, the round and the hash of the global adapter trained
+    from. Whoever knows it can regenerate the noise and subtract it from a released update, so
+    a real site's secret never leaves the site (the coordinator chooses ``job.seed``, so the
+    seed cannot come from the job alone). Default: 32 fresh random bytes (updates are then not
+    reproducible, and private).
     """
 
     def __init__(
@@ -367,7 +377,8 @@ class Site:
                 max(1, round(plan.sample_rate * plan.records)),
             )
         # dropout draws from the global generator; seeding it makes a round reproducible
-        torch.manual_seed(self._seed(round_num))
+        seed = self._seed(round_num, adapter_sha256(global_state))
+        torch.manual_seed(seed)
         start = time.perf_counter()
         result = train_steps(
             self.module,
@@ -377,7 +388,7 @@ class Site:
             optimizer=optimizer,
             device=self.loaded.device,
             dp=dp,
-            seed=self._seed(round_num),
+            seed=seed,
             on_step=on_step,
             proximal=proximal,
         )
@@ -533,12 +544,15 @@ class Site:
             self.loaded.model, self.eval_data, self.job.train.eval_batch_size, self.loaded.device
         )
 
-    def _seed(self, round_num: int) -> int:
+    def _seed(self, round_num: int, input_sha256: str) -> int:
         # The site's secret first: a seed the coordinator could compute (from job.seed, which
-        # it chooses) would let it regenerate the noise and subtract it from the update.
+        # it chooses) would let it regenerate the noise and subtract it from the update. The
+        # global adapter trained from is part of it: the same question (job, round, adapter)
+        # gets the same answer, which tells nothing new, and any other adapter gets fresh
+        # noise, so two releases never share noise that a difference would cancel.
         # Independent of site order and of Python's hash randomisation, so reruns match.
         h = hashlib.sha256(self._noise_secret)
-        h.update(f"\0{self._noise_fingerprint}\0{self.name}\0{round_num}".encode())
+        h.update(f"\0{self._noise_fingerprint}\0{self.name}\0{round_num}\0{input_sha256}".encode())
         return int.from_bytes(h.digest()[:6], "big")
 
 

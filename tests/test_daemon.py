@@ -266,15 +266,22 @@ def test_a_policy_without_a_daemon_section_is_a_clear_error(
 
 def test_an_unregistered_key_is_explained(tmp_path: Path, pki: Path, server: TLSServer) -> None:
     policy = _site(tmp_path / "s", pki, server.port)
-    # what flower-supernode does when the coordinator refuses its key: exit 305 (49 as a status)
-    fake = _script(tmp_path / "supernode", "echo 'SuperNode: connection failed' >&2; exit 305")
-    assert start(policy, supernode=fake) == 1
+    # what flower-supernode 1.41 does when the coordinator refuses its key: it logs exit code
+    # 305 in colour, then its web server shuts down and the process exits with status 1
+    fake = _script(
+        tmp_path / "supernode",
+        "printf '\\033[91mERROR \\033[0m:     Exit Code: 305\\n[code: 2004] Failed to "
+        "activate SuperNode.\\n' >&2; echo 'INFO:     Shutting down'; exit 1",
+    )
     state = tmp_path / "s" / "state"
+    state.mkdir(parents=True)
+    (state / "supernode.log").write_text("Exit Code: 302\n")  # an earlier start's: not read
+    assert start(policy, supernode=fake) == 1
     log = (state / "daemon.log").read_text()
-    assert "exited with code 49 (Flower exit code 305)" in log
+    assert "exited with code 1 (Flower exit code 305)" in log
     assert "this site's key is not registered" in log
     assert "`fedslm coordinator add-site site-1 site.pub`" in log
-    assert "SuperNode: connection failed" in log  # the tail of its own log
+    assert "ERROR :     Exit Code: 305" in log and "Failed to activate" in log  # its log's tail
     assert not (state / "worker.sock").exists() and not (state / "daemon.pid").exists()
     assert (state / "site.secret").stat().st_mode & 0o777 == 0o600
 
@@ -322,5 +329,6 @@ def test_exit_explanations() -> None:
         name="bank-a", coordinator="c:1", ca_cert="ca.crt", key="k", state_dir="s"
     )
     assert "add-site bank-a site.pub" in explain_exit(305 % 256, settings, "")
+    assert "code 49 (Flower exit code 305)" in explain_exit(305 % 256, settings, "")
     assert "not a usable EC private key" in explain_exit(302 % 256, settings, "")
     assert "killed by signal 9" in explain_exit(-9, settings, "")
