@@ -128,6 +128,12 @@ def load_yaml_settings(
         value = node.get(leaf) if isinstance(node, dict) else None
         if isinstance(value, str) and not Path(value).is_absolute():
             node[leaf] = str(base / value)
+    models = raw.get("models")
+    if isinstance(models, dict):  # name -> folder: folders relative to the file too
+        raw["models"] = {
+            k: str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v
+            for k, v in models.items()
+        }
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

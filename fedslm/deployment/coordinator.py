@@ -305,9 +305,14 @@ def start(settings: CoordinatorSettings) -> int:
         host = "127.0.0.1" if link.host in ("0.0.0.0", "::") else link.host
         wait_for_tls(host, link.port, settings.tls.ca_cert, 60, procs["superlink"], superlink_log)
         if settings.proxy.enabled:
-            from fedslm.deployment.proxy import proxy_command, write_proxy_config
+            from fedslm.deployment.proxy import (
+                check_proxy_config,
+                proxy_command,
+                write_proxy_config,
+            )
 
             write_proxy_config(settings)
+            check_proxy_config(settings)  # nginx -t: its own message, before anything listens
             proxy_log = paths.logs / "proxy.log"
             procs["proxy"] = _spawn(proxy_command(settings), proxy_log, settings)
             p = settings.proxy
