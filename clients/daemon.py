@@ -31,6 +31,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
@@ -42,6 +43,11 @@ from fedslm.policy import SitePolicy, load_policy
 PREFLIGHT_TIMEOUT_S = 10.0
 GRACE_S = 10.0  # between SIGTERM and SIGKILL of the SuperNode
 POLL_S = 0.5
+# Flower's SuperLink counts a node online until 2 heartbeats (30 s apart) are missed, and
+# refuses to activate it again meanwhile: a site restarted after a crash waits that long
+RETRY_WINDOW_S = 90.0
+RETRY_EVERY_S = 10.0
+_CONNECTION_ERROR = 305  # flwr ExitCode.SUPERNODE_CONNECTION_ERROR
 PID_FILE, DAEMON_LOG, SUPERNODE_LOG = "daemon.pid", "daemon.log", "supernode.log"
 
 # OpenSSL X509_V_ERR_* codes the pre-flight explains
@@ -305,9 +311,11 @@ def find_supernode() -> str:
     return found
 
 
-def explain_exit(status: int, settings: DaemonSettings, output: str) -> str:
+def explain_exit(
+    status: int, settings: DaemonSettings, output: str, connected_before: bool = False
+) -> str:
     """Why the SuperNode exited with ``status``, and what to do; ``output`` is what it wrote
-    since it started.
+    since it started, ``connected_before`` whether this site's key was ever accepted.
 
     Flower logs its own exit code ("Exit Code: 305") but the process may end with another
     status (1 in Flower 1.41, after its web server shuts down), and a status has only 8 bits
@@ -315,10 +323,8 @@ def explain_exit(status: int, settings: DaemonSettings, output: str) -> str:
     """
     from flwr.supercore.exit.exit_code import EXIT_CODE_HELP, ExitCode
 
-    logged = re.findall(r"Exit Code: (\d+)", output)
-    if logged:
-        flower = int(logged[-1])
-    else:
+    flower = _flower_code(status, output)
+    if flower == status:
         flower = {c % 256: c for c in EXIT_CODE_HELP if c >= 256}.get(status, status)
     shown = f"{status} (Flower exit code {flower})" if flower != status else str(status)
     if flower == ExitCode.SUPERNODE_CONNECTION_ERROR:
@@ -329,6 +335,13 @@ def explain_exit(status: int, settings: DaemonSettings, output: str) -> str:
             f"`fedslm coordinator add-site {settings.name} site.pub` with this site's public "
             "key (the site.pub made with daemon.key)"
         )
+        if connected_before:
+            why = (
+                f"the coordinator refused to activate this site for {RETRY_WINDOW_S:g} s "
+                "although it accepted its key before: the key may have been removed "
+                "(`fedslm coordinator remove-site`); ask the coordinator operator to run "
+                f"`fedslm coordinator add-site {settings.name} site.pub` again"
+            )
     elif flower == ExitCode.SUPERNODE_NODE_AUTH_KEY_INVALID:
         why = f"daemon.key ({settings.key}) is not a usable EC private key (`fedslm site keygen`)"
     elif flower in (ExitCode.GRACEFUL_EXIT_SIGQUIT, ExitCode.GRACEFUL_EXIT_SIGTERM):
@@ -435,21 +448,38 @@ def _run_supernode(
     env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     env.pop("FLWR_ALLOW_RUNTIME_DEPENDENCY_INSTALLATION", None)
     log_path = state / SUPERNODE_LOG
+    refused_since: float | None = None
     try:
-        with log_path.open("ab") as out:
-            offset = out.tell()
-            # its own session: a Ctrl-C in the terminal reaches the daemon, which stops it
-            proc = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        log(f"SuperNode started (pid {proc.pid}), dialling {settings.coordinator}; log {log_path}")
-        while not stop.wait(POLL_S):
-            code = proc.poll()
+        while True:
+            with log_path.open("ab") as out:
+                offset = out.tell()
+                # its own session: a Ctrl-C in the terminal reaches the daemon, which stops it
+                proc = subprocess.Popen(
+                    command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            log(f"SuperNode started (pid {proc.pid}), dialling {settings.coordinator}")
+            code = _watch(proc, stop)
             if code is None:
-                continue
-            if stop.wait(POLL_S):  # stopped along with us (e.g. systemd signals the group)
                 break
-            log(explain_exit(code, settings, _output_since(log_path, offset)))
+            output = _output_since(log_path, offset)
+            if "SuperNode ID:" in output:
+                refused_since = None  # it was connected: a later refusal starts a new window
+            if _flower_code(code, output) == _CONNECTION_ERROR and _connected_before(log_path):
+                # This key was accepted before: most likely this site stopped without signing
+                # off (a crash, a kill) and the coordinator counts it online until 2 missed
+                # heartbeats (60 s) have passed. Try again for a while before giving up.
+                now = time.monotonic()
+                refused_since = refused_since if refused_since is not None else now
+                if now - refused_since < RETRY_WINDOW_S:
+                    log(
+                        "the coordinator refused to activate this site, which was connected "
+                        "before; it may still count this site's last session as online (for "
+                        f"up to 60 s after a crash): trying again in {RETRY_EVERY_S:g} s"
+                    )
+                    if stop.wait(RETRY_EVERY_S):
+                        break
+                    continue
+            log(explain_exit(code, settings, output, _connected_before(log_path)))
             return 1
         name = signal.Signals(received[0]).name if received else "stop"
         log(f"{name}: stopping the SuperNode")
@@ -458,6 +488,34 @@ def _run_supernode(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _watch(proc: subprocess.Popen[bytes], stop: threading.Event) -> int | None:
+    """Wait until ``proc`` exits (its status) or ``stop`` is set (None)."""
+    while not stop.wait(POLL_S):
+        code = proc.poll()
+        if code is None:
+            continue
+        if stop.wait(POLL_S):  # stopped along with us (e.g. systemd signals the group)
+            return None
+        return code
+    return None
+
+
+def _flower_code(status: int, output: str) -> int:
+    """The exit code Flower logged (``Exit Code: N``), else the status."""
+    logged = re.findall(r"Exit Code: (\d+)", output)
+    return int(logged[-1]) if logged else status
+
+
+def _connected_before(log_path: Path) -> bool:
+    """Whether a SuperNode of this state_dir was ever accepted by the coordinator (it logs the
+    node id it got)."""
+    try:
+        with log_path.open("rb") as fh:
+            return any(b"SuperNode ID:" in line for line in fh)
+    except OSError:
+        return False
 
 
 def _terminate(proc: subprocess.Popen[bytes], log: DaemonLog) -> None:

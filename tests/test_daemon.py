@@ -322,6 +322,46 @@ def test_sigterm_stops_the_supernode_and_removes_the_socket(
     assert f"--root-certificates {pki / 'good' / 'ca.crt'}" in args and "--insecure" not in args
 
 
+def test_a_site_restarted_after_a_crash_retries_until_the_coordinator_lets_it_in(
+    tmp_path: Path, pki: Path, server: TLSServer
+) -> None:
+    """After a crash the coordinator counts the site online for up to 60 s and refuses to
+    activate it (Flower exit 305, as for an unregistered key); a site that was connected
+    before tries again instead of giving up."""
+    policy = _site(tmp_path / "s", pki, server.port)
+    state = tmp_path / "s" / "state"
+    state.mkdir()
+    (state / "supernode.log").write_text("INFO :      SuperNode ID: 42\n")  # an earlier session
+    runs = tmp_path / "runs"
+    fake = _script(
+        tmp_path / "supernode",
+        f"echo x >> {runs}\n"
+        f'if [ $(wc -l < {runs}) -lt 3 ]; then echo "Exit Code: 305"; exit 1; fi\n'
+        'echo "SuperNode ID: 42"; exec sleep 60',
+    )
+    code = (
+        "import sys; from pathlib import Path; import fedslm.clients.daemon as d\n"
+        "d.RETRY_EVERY_S = 0.2\n"
+        f"sys.exit(d.start(Path({str(policy)!r}), supernode={fake!r}))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not runs.exists() or len(runs.read_text().splitlines()) < 3:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the SuperNode was not started again"
+            time.sleep(0.1)
+        time.sleep(1)
+        assert proc.poll() is None  # connected: still running
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert out.count("refused to activate this site, which was connected before") == 2
+
+
 def test_exit_explanations() -> None:
     from fedslm.deployment.config import DaemonSettings
 
@@ -332,3 +372,5 @@ def test_exit_explanations() -> None:
     assert "code 49 (Flower exit code 305)" in explain_exit(305 % 256, settings, "")
     assert "not a usable EC private key" in explain_exit(302 % 256, settings, "")
     assert "killed by signal 9" in explain_exit(-9, settings, "")
+    later = explain_exit(1, settings, "Exit Code: 305", connected_before=True)
+    assert "may have been removed" in later and "add-site bank-a site.pub` again" in later
