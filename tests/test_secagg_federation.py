@@ -17,7 +17,7 @@ from fedslm.egress import Payload, RingSpec, check, describe
 from fedslm.privacy.accounting import Segment
 from fedslm.secagg import SecAggError, SecAggParams, SecAggResult, SecAggSite, sum_error_bound
 from fedslm.secagg.adapter import flatten, mean_state, unflatten, update_vector, vector_size
-from fedslm.secagg.driver import run_rounds, site_stage
+from fedslm.secagg.driver import Dropout, NoReply, run_rounds, site_stage
 from fedslm.site import Site
 
 
@@ -143,7 +143,7 @@ def test_a_dropout_at_any_stage_above_the_threshold_still_aggregates(stage: str)
     fake.fail[stage] = {gone}
     outcome = run_rounds(params, fake.adverts, fake, vector_length=8)
     assert outcome.result is not None, outcome.failure
-    assert any(str(gone) in d and stage in d for d in outcome.dropouts)
+    assert outcome.dropouts == [Dropout(gone, stage, "no reply")]  # once, at its stage
     # a site that dropped before its input arrived is not in the sum; after, it is
     expected = [i for i in updates if i != gone or stage == "unmask"]
     assert sorted(outcome.result.survivors) == sorted(expected)
@@ -163,6 +163,28 @@ def test_below_the_threshold_the_round_fails_with_a_reason() -> None:
     assert "unmask" not in fake.asked  # nothing more was asked of the sites
 
 
+def test_the_transports_reason_for_a_missing_reply_is_kept_once() -> None:
+    updates = _updates(4)
+    params = SecAggParams(b"s", 4, clip_range=1.0, threshold=3)
+    fake = FakeSites(params, updates)
+    gone = sorted(updates)[3]
+    fake.fail["masked-input"] = {gone}
+
+    def refusing(stage: str, requests: Mapping[int, object]) -> dict[int, object]:
+        answers = fake(stage, requests)
+        if stage == "masked-input":  # the transport knows why: the site refused
+            answers[gone] = NoReply("refused: egress guard blocked the reply")
+        return answers
+
+    outcome = run_rounds(params, fake.adverts, refusing, vector_length=8)
+    assert outcome.result is not None and gone not in outcome.result.survivors
+    assert outcome.result.dropped == [gone]
+    assert outcome.dropouts == [
+        Dropout(gone, "masked-input", "refused: egress guard blocked the reply")
+    ]
+    assert str(outcome.dropouts[0]).startswith(f"site {gone} dropped out at stage 'masked-input'")
+
+
 def test_a_masked_input_of_the_wrong_length_is_a_dropout() -> None:
     updates = _updates(3)
     params = SecAggParams(b"s", 3, clip_range=1.0, threshold=2)
@@ -171,7 +193,7 @@ def test_a_masked_input_of_the_wrong_length_is_a_dropout() -> None:
     updates[bad] = np.zeros(9, dtype=np.float32)
     outcome = run_rounds(params, fake.adverts, fake, vector_length=8)
     assert outcome.result is not None and bad not in outcome.result.survivors
-    assert any("malformed" in d for d in outcome.dropouts)
+    assert outcome.dropouts == [Dropout(bad, "masked-input", "malformed reply")]
 
 
 # -- egress kinds -------------------------------------------------------------------------------
