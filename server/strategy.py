@@ -82,10 +82,13 @@ class FedSLMStrategy(Strategy):
     def summary(self) -> None:
         """Describe the strategy in the log."""
         job = self.coordinator.job
+        secure = ""
+        if job.federation.secure_aggregation:
+            ring = job_params(job, b"summary", self.num_sites).ring_bits
+            secure = f", secure aggregation ({ring}-bit ring)"
         self.reporter.info(
             f"strategy: {job.federation.aggregation} over {self.num_sites} sites, "
-            f"{job.federation.rounds} rounds, min_sites {job.federation.required_sites}"
-            + (", secure aggregation" if job.federation.secure_aggregation else "")
+            f"{job.federation.rounds} rounds, min_sites {job.federation.required_sites}{secure}"
         )
 
     def _nodes(self, grid: Grid) -> list[int]:

@@ -56,6 +56,7 @@ class FakeGrid:
         self.refuse = refuse or {}
         self.states: dict[int, dict] = {}
         self.replies: dict[str, Message] = {}
+        self.masked: list[np.ndarray] = []  # the masked vectors as they travelled
 
     def get_node_ids(self) -> list[int]:
         return list(NODES)
@@ -96,6 +97,7 @@ class FakeGrid:
             self.params, self.states[node], stage, request, UPDATES[node], WEIGHTS[node]
         )
         payload = _PAYLOADS[stage](reply)  # type: ignore[operator]
+        self.masked += payload.vectors.values()
         return Message(content=encode_payload(payload), reply_to=m)
 
 
@@ -104,6 +106,7 @@ def _run(
     fail: dict[str, int],
     threshold: int = 2,
     refuse: dict[str, int] | None = None,
+    secagg: dict | None = None,
 ) -> FedSLMStrategy:
     job = JobConfig.model_validate(
         {
@@ -111,13 +114,13 @@ def _run(
                 "sites": 3,
                 "min_sites": 2,
                 "secure_aggregation": True,
-                "secagg": {"threshold": threshold},
+                "secagg": {"threshold": threshold, **(secagg or {})},
             }
         }
     )
     coordinator = Coordinator(job, tmp_path, torch.nn.Module(), dict(GLOBAL), {})
     strategy = FedSLMStrategy(coordinator, 3, Reporter(quiet=True), job_id="job")
-    grid = FakeGrid(job, fail, refuse)
+    strategy.grid = grid = FakeGrid(job, fail, refuse)  # type: ignore[attr-defined]
     arrays = ConfigRecord()  # unused by the fake grid
     config = ConfigRecord({"round": 1})
     requests = list(strategy.configure_train(1, arrays, config, grid))  # type: ignore[arg-type]
@@ -187,3 +190,23 @@ def test_a_site_refusing_a_stage_is_a_dropout_with_its_reasons(tmp_path: Path) -
     torch.testing.assert_close(
         s.coordinator.state["w"], torch.tensor(mean, dtype=torch.float32), atol=1e-6, rtol=0
     )
+
+
+@pytest.mark.parametrize(
+    ("secagg", "dtype"), [({}, "<u8"), ({"bits": 16, "max_weight": 64}, "<u4")]
+)
+def test_a_bounded_weight_fits_a_32_bit_ring_and_the_mean_stays_within_the_bound(
+    tmp_path: Path, secagg: dict, dtype: str
+) -> None:
+    # 3 sites x weight <= 64 x (2**15 - 1) < 2**31: the masked vectors halve to 4 bytes
+    s = _run(tmp_path, {}, secagg=secagg)
+    rec = s.coordinator.record
+    assert rec["aggregated"], rec
+    masked = s.grid.masked  # type: ignore[attr-defined]
+    assert len(masked) == 3 and {v.dtype.str for v in masked} == {dtype}
+    mean = sum(WEIGHTS[n] * UPDATES[n] for n in NODES) / sum(WEIGHTS.values())
+    bound = rec["secure_aggregation"]["sum_error_bound"] / rec["secure_aggregation"]["total_weight"]
+    step = s.grid.params.clip_range / (2 ** (s.grid.params.bits - 1) - 1)  # type: ignore[attr-defined]
+    assert step / 2 <= bound < step  # the grid is what the job asked for
+    err = (s.coordinator.state["w"].double() - torch.tensor(mean)).abs().max().item()
+    assert err <= bound + 1e-7, (err, bound)  # + float32 rounding of global + mean
