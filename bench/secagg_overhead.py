@@ -21,10 +21,12 @@ Two parts, in one invocation:
    exchanges, unmasking, evaluation). Round 1 pays Ray start-up and model loading, so the
    comparison is the median over rounds >= 2 (of ``--sim-pairs`` plain/secure runs, which
    alternate so that a busy spell on the shared machine hits both); each round is tagged with
-   the cores processes outside this benchmark used meanwhile.
+   the cores processes outside this benchmark used meanwhile, and the medians are given over
+   all those rounds and over the quiet ones. The secure runs' ``secure_aggregation.seconds``
+   split the protocol into its three exchanges.
 
     python -m bench.secagg_overhead [--repeats 5] [--threads 1] [--max-wait 60] [--json FILE]
-        [--sim-rounds 6] [--sim-local-steps 2] [--sim-rows 100] [--sim-pairs 2]
+        [--sim-rounds 6] [--sim-local-steps 2] [--sim-rows 100] [--sim-pairs 2] [--quiet 0.25]
         [--out runs/bench-secagg]
 """
 
@@ -47,6 +49,7 @@ from bench.common import OtherLoad, machine, median, spread, table, wait_for_qui
 from bench.framework_overhead import run_simulated
 from bench.procload import ForeignLoad
 from fedslm.aggregation import fedavg
+from fedslm.artifacts import read_jsonl
 from fedslm.secagg import SecAggParams, encode, run_in_process, shamir
 from fedslm.secagg import crypto as sc
 
@@ -252,27 +255,39 @@ def write_sim_configs(out: Path, rounds: int, local_steps: int, rows: int) -> di
 
 
 def simulate(
-    rounds: int, local_steps: int, rows: int, pairs: int, out: Path, max_wait: float
+    rounds: int,
+    local_steps: int,
+    rows: int,
+    pairs: int,
+    out: Path,
+    max_wait: float,
+    quiet: float,
 ) -> dict[str, Any]:
     """Run the job plain, then secure, ``pairs`` times; return every run's rounds and the
-    summary (rounds >= 2 of all runs of a mode pooled)."""
+    summary: rounds >= 2 of all runs of a mode pooled, all of them and the quiet ones (other
+    processes used at most ``quiet`` cores), and the secure runs' protocol time per exchange
+    (``secure_aggregation.seconds`` of ``metrics.jsonl``)."""
     from safetensors import safe_open
 
     configs = write_sim_configs(out, rounds, local_steps, rows)
     monitor = ForeignLoad()
     monitor.start()
     runs: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in SIM_MODES}
+    stages: list[dict[str, float]] = []  # secure rounds >= 2
     try:
         for i in range(pairs):
             for mode in SIM_MODES:
                 wait_for_quiet(max_wait)
                 print(f"[{i + 1}/{pairs}] simulated run, {mode} ...", file=sys.stderr, flush=True)
-                run_dir = out / mode
+                run_dir = out / f"{mode}-{i + 1}"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 runs[mode].append(run_simulated(configs[mode], run_dir, monitor))
+                if mode == "secure":
+                    lines = read_jsonl(run_dir / "metrics.jsonl")[1:]
+                    stages += [rec["secure_aggregation"]["seconds"] for rec in lines]
     finally:
         monitor.stop()
-    weights = out / "secure" / "adapter" / "adapter_model.safetensors"
+    weights = out / "secure-1" / "adapter" / "adapter_model.safetensors"
     with safe_open(str(weights), framework="numpy") as fh:
         params = sum(int(np.prod(fh.get_slice(k).get_shape())) for k in fh.keys())  # noqa: SIM118
     summary: dict[str, Any] = {
@@ -283,20 +298,34 @@ def simulate(
         "rows_per_site": rows,
         "pairs": pairs,
         "lora": SIM_LORA,
+        "quiet_threshold_cores": quiet,
     }
     for m in SIM_MODES:
         later = [r for run in runs[m] for r in run[1:]]
         seconds = [r["seconds"] for r in later]
+        calm = [
+            r["seconds"]
+            for r in later
+            if r["foreign_cores"] is not None and r["foreign_cores"] <= quiet
+        ]
         summary[m] = {
             "round1_s": median([run[0]["seconds"] for run in runs[m]]),
             "later_median_s": median(seconds) if seconds else None,
             "later_spread": spread(seconds) if seconds else None,
             "later_rounds": len(seconds),
+            "quiet_median_s": median(calm) if calm else None,
+            "quiet_rounds": len(calm),
             "later_foreign_cores": [r["foreign_cores"] for r in later],
         }
-    a, b = summary["secure"]["later_median_s"], summary["plain"]["later_median_s"]
-    summary["difference_s"] = a - b if a is not None and b is not None else None
-    summary["ratio"] = a / b if a and b else None
+    for key in ("later", "quiet"):
+        a, b = summary["secure"][f"{key}_median_s"], summary["plain"][f"{key}_median_s"]
+        summary[f"{key}_difference_s"] = a - b if a is not None and b is not None else None
+        summary[f"{key}_ratio"] = a / b if a and b else None
+    summary["secure_stage_median_s"] = {
+        k: median([st[k] for st in stages if k in st])
+        for k in ("share-keys", "masked-input", "unmask", "protocol")
+        if any(k in st for st in stages)
+    }
     return {"runs": runs, "summary": summary}
 
 
@@ -313,12 +342,18 @@ def format_simulation(result: dict[str, Any]) -> str:
 
     rows = [
         [m, fmt(s[m]["round1_s"]), fmt(s[m]["later_median_s"]), s[m]["later_spread"] or "n/a",
-         s[m]["later_rounds"], load(m)]
+         s[m]["later_rounds"], load(m), fmt(s[m]["quiet_median_s"]), s[m]["quiet_rounds"]]
         for m in SIM_MODES
     ]  # fmt: skip
-    rows.append(["secure - plain", "", fmt(s["difference_s"]), "", "", ""])
-    rows.append(["secure / plain", "", fmt(s["ratio"]), "", "", ""])
-    headers = ["run", "round 1", "rounds >= 2, median", "min-max", "rounds", "foreign cores"]
+    rows.append(["secure - plain", "", fmt(s["later_difference_s"]), "", "", "",
+                 fmt(s["quiet_difference_s"]), ""])  # fmt: skip
+    rows.append(["secure / plain", "", fmt(s["later_ratio"]), "", "", "",
+                 fmt(s["quiet_ratio"]), ""])  # fmt: skip
+    headers = [
+        "run", "round 1", "rounds >= 2: median", "min-max", "rounds", "foreign cores (median)",
+        f"quiet rounds (<= {s['quiet_threshold_cores']} foreign cores): median", "rounds",
+    ]  # fmt: skip
+    stage_rows = [[k, fmt(v)] for k, v in s["secure_stage_median_s"].items()]
     lines = [
         f"Simulated round, plain vs secure: {s['sites']} sites, tiny-bert + LoRA r="
         f"{s['lora']['r']} on {', '.join(s['lora']['target_modules'])} ({s['params']:,} adapter "
@@ -326,6 +361,10 @@ def format_simulation(result: dict[str, Any]) -> str:
         f"{s['rounds']} rounds, {s['pairs']} plain/secure pair(s); seconds (goal: secure - plain "
         "below 1 s)",
         table(headers, rows),
+        "",
+        "Secure runs, rounds >= 2, median seconds of each exchange after training and of the "
+        "whole protocol (exchanges plus the coordinator's summing and unmasking):",
+        table(["stage", "seconds"], stage_rows),
     ]
     for m in SIM_MODES:
         for run in result["runs"][m]:
@@ -354,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sim-rows", type=int, default=100, help="synthetic rows per site")
     ap.add_argument("--sim-pairs", type=int, default=2, help="plain/secure runs, alternating")
     ap.add_argument(
+        "--quiet", type=float, default=0.25, help="most foreign cores for a 'quiet' round"
+    )
+    ap.add_argument(
         "--out", type=Path, default=Path("runs/bench-secagg"), help="work folder of part 2"
     )
     args = ap.parse_args(argv)
@@ -366,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sim_pairs,
             args.out.resolve(),
             args.max_wait,
+            args.quiet,
         )
         print()
         print(format_simulation(sim))

@@ -10,7 +10,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +218,7 @@ class Coordinator:
         survivors: list[str],
         protocol_failure: str | None = None,
         dropouts: Sequence[SecureDropout] = (),
+        seconds: Mapping[str, float] | None = None,
     ) -> AdapterState | None:
         """Record a secure-aggregation round and apply its unmasked sum.
 
@@ -226,9 +227,11 @@ class Coordinator:
         ``survivors`` (the site names whose masked input is in the sum). Nothing can be
         screened; the sites that took part are accounted like ``aggregate`` does. ``failures``
         are training replies that failed; ``dropouts`` the sites that trained and then left the
-        protocol (each listed once, in ``failures`` and in ``secure_aggregation.dropouts``). A
-        round whose protocol failed (``result`` None, ``protocol_failure`` says why) or with
-        fewer than ``federation.min_sites`` survivors keeps the previous global adapter.
+        protocol (each listed once, in ``failures`` and in ``secure_aggregation.dropouts``).
+        ``seconds`` is the wall time of the protocol after training (``protocol``) and of each
+        of its message exchanges, kept as ``secure_aggregation.seconds``. A round whose
+        protocol failed (``result`` None, ``protocol_failure`` says why) or with fewer than
+        ``federation.min_sites`` survivors keeps the previous global adapter.
         """
         rec = self._begin_aggregation(round_num, failures, refusals)
         rec["failures"].extend(d.describe() for d in dropouts)
@@ -237,6 +240,7 @@ class Coordinator:
             "dropouts": [{"site": d.site, "stage": d.stage, "reason": d.reason} for d in dropouts],
             "total_weight": result.total_weight if result is not None else None,
             "sum_error_bound": result.sum_error_bound if result is not None else None,
+            "seconds": dict(seconds or {}),
         }
         # every site that trained spent privacy, whether or not its input reached the sum
         good = [r for r in reports if r.site in set(survivors)] if result is not None else []

@@ -199,7 +199,10 @@ class FedSLMStrategy(Strategy):
         length = vector_size(self.coordinator.state) + 1
         grid, config = self._grid, self._config
         assert grid is not None and config is not None
-        outcome = run_rounds(params, adverts, self._exchange(grid, config), length)
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        outcome = run_rounds(params, adverts, self._exchange(grid, config, seconds), length)
+        seconds["protocol"] = time.perf_counter() - start
         dropouts += [
             SecureDropout(names.get(d.site_id, f"node {d.site_id}"), d.stage, d.reason)
             for d in outcome.dropouts
@@ -215,17 +218,25 @@ class FedSLMStrategy(Strategy):
             survivors,
             None if outcome.failure is None else f"secure aggregation failed: {outcome.failure}",
             dropouts,
+            seconds,
         )
         return self._train_result(state)
 
-    def _exchange(self, grid: Grid, config: ConfigRecord) -> Exchange:
-        """The transport of ``run_rounds``: one QUERY per site and stage. An error reply (or a
-        timeout: no reply at all), a refusal by the site's egress guard or an undecodable reply
-        is answered as ``NoReply`` with its reason; ``run_rounds`` records it as the site's
-        dropout."""
+    def _exchange(self, grid: Grid, config: ConfigRecord, seconds: dict[str, float]) -> Exchange:
+        """The transport of ``run_rounds``: one QUERY per site and stage, its wall time noted in
+        ``seconds``. An error reply (or a timeout: no reply at all), a refusal by the site's
+        egress guard or an undecodable reply is answered as ``NoReply`` with its reason;
+        ``run_rounds`` records it as the site's dropout."""
         timeout = self.coordinator.job.federation.round_timeout_s
 
         def stage_exchange(stage: str, requests: Mapping[int, object]) -> dict[int, object]:
+            start = time.perf_counter()
+            try:
+                return ask(stage, requests)
+            finally:
+                seconds[stage] = time.perf_counter() - start
+
+        def ask(stage: str, requests: Mapping[int, object]) -> dict[int, object]:
             stage_config = ConfigRecord({**dict(config), "stage": stage})
             messages = [
                 Message(

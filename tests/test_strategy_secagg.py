@@ -133,6 +133,10 @@ def test_all_sites_secure_mean_equals_the_weighted_mean(tmp_path: Path) -> None:
     s = _run(tmp_path, {})
     rec = s.coordinator.record
     assert rec["aggregated"], rec
+    seconds = rec["secure_aggregation"]["seconds"]  # each exchange and the whole protocol
+    assert set(seconds) == {"share-keys", "masked-input", "unmask", "protocol"}
+    exchanges = seconds["share-keys"] + seconds["masked-input"] + seconds["unmask"]
+    assert 0 < exchanges <= seconds["protocol"]
     mean = sum(WEIGHTS[n] * UPDATES[n] for n in NODES) / sum(WEIGHTS.values())
     torch.testing.assert_close(
         s.coordinator.state["w"], torch.tensor(mean, dtype=torch.float32), atol=1e-6, rtol=0
@@ -169,6 +173,7 @@ def test_below_the_threshold_the_round_is_recorded_not_aggregated(tmp_path: Path
     )
     assert rec["secure_aggregation"]["survivors"] == []
     assert [d["site"] for d in rec["secure_aggregation"]["dropouts"]] == ["site-1"]
+    assert set(rec["secure_aggregation"]["seconds"]) == {"share-keys", "masked-input", "protocol"}
     torch.testing.assert_close(s.coordinator.state["w"], GLOBAL["w"])
 
 
