@@ -25,7 +25,7 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
     ledger = ["--json", str(out / "ledger_overhead.json")]
     families = ["--json", str(out / "families.json")]
     aggregation = ["--json", str(out / "aggregation_throughput.json")]
-    secagg = ["--json", str(out / "secagg_overhead.json")]
+    secagg = ["--json", str(out / "secagg_overhead.json"), "--out", str(out / "secagg")]
     if quick:
         # a check that every benchmark runs, not a measurement
         dp += ["--steps", "3", "--warmup", "1", "--budget", "30", "--max-wait", "0"]
@@ -35,7 +35,7 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
         ledger += ["--rows", "150", "--rounds", "2", "--max-wait", "0"]
         families += ["--steps", "2", "--warmup", "1", "--max-wait", "0", "--budget", "10"]
         aggregation += ["--counts", "2", "4", "--repeats", "1", "--max-wait", "0"]
-        secagg += ["--repeats", "1", "--max-wait", "0"]
+        secagg += ["--repeats", "1", "--max-wait", "0", "--sim-rounds", "2", "--sim-pairs", "1"]
     runs = [
         ("dp_overhead", dp),
         ("framework_overhead", fw),

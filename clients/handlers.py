@@ -130,8 +130,10 @@ def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: in
     """One later stage of secure aggregation (share-keys, masked-input, unmask).
 
     The protocol state comes from ``state`` (a fresh process may answer each message); the
-    reply passes the egress guard like every other message. Any error is raised, which becomes
-    an error reply that the coordinator counts as this site dropping out.
+    reply passes the egress guard like every other message, and one the guard blocks (for
+    instance a masked vector larger than the policy's ``max_bytes_per_round``) is answered
+    with a refusal, as in training. Any other error is raised, which becomes an error reply.
+    The coordinator counts either as this site dropping out.
     """
     config = content["config"]
     stage, round_num = str(config["stage"]), int(config["round"])  # type: ignore[arg-type]
@@ -172,7 +174,13 @@ def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: in
         "masked-input": site.masked_payload,
         "unmask": site.unmask_payload,
     }[stage]
-    payload = site.release(round_num, make(reply), ring)  # type: ignore[arg-type]
+    try:
+        payload = site.release(round_num, make(reply), ring)  # type: ignore[arg-type]
+    except SiteRefusal as refusal:
+        Reporter(quiet=bool(config.get("quiet", False))).warn(  # type: ignore[union-attr]
+            f"[{site.name}] refused secure aggregation {stage} in round {round_num}: {refusal}"
+        )
+        payload = site.release(round_num, site.refusal_payload(refusal.reasons))
     return encode_payload(payload)
 
 

@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedslm.config import load_config
     from fedslm.job import prepare_job
     from fedslm.progress import Reporter
-    from fedslm.site import check_delta
+    from fedslm.site import check_delta, check_secagg_weight
 
     job = load_config(args.config, args.overrides)
     if job.data.at_sites:
@@ -154,7 +154,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         prepared = prepare_job(job, str(args.config), out)
         for site in prepared.sites:
-            check_delta(job, _count_rows(site.files.train), f"{args.config} (site {site.name})")
+            rows, where = _count_rows(site.files.train), f"{args.config} (site {site.name})"
+            check_delta(job, rows, where)
+            check_secagg_weight(job, rows, where)
     except FedSLMError:
         if created:
             shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left behind

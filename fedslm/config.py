@@ -295,6 +295,12 @@ class SecAggConfig(_Section):
         default=None,
         description="Fewest sites that must survive every protocol stage (default: a majority).",
     )
+    max_weight: PositiveInt = Field(
+        default=2**20,
+        description="Largest weight one site puts into the sum: its training records (a site "
+        "with more cannot take part). It sizes the ring: 32-bit, half the masked upload, when "
+        "sites * max_weight * (2**(bits-1) - 1) < 2**31, else 64-bit.",
+    )
 
 
 class FederationConfig(_Section):
@@ -410,6 +416,16 @@ class FederationConfig(_Section):
             raise ValueError(
                 f"federation.secagg.threshold={t} is more than the {n} sites; it must be in "
                 f"[2, {n}]"
+            )
+        s = self.secagg
+        largest = n * s.max_weight * (2 ** (s.bits - 1) - 1)
+        if largest >= 2**63:
+            raise ValueError(
+                f"federation.secagg.max_weight={s.max_weight} and federation.secagg.bits="
+                f"{s.bits} with {n} sites: the weighted sum can reach {n} * {s.max_weight} * "
+                f"(2**{s.bits - 1} - 1) = {largest:.3g}, which does not fit the 64-bit ring "
+                "(it must stay below 2**63); lower federation.secagg.bits or "
+                "federation.secagg.max_weight"
             )
 
     @property

@@ -10,6 +10,7 @@ import json
 import math
 import secrets
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,22 @@ class SiteEval:
     loss: float
     accuracy: float
     num_examples: int
+
+
+@dataclass(frozen=True)
+class SecureDropout:
+    """A site that trained but left secure aggregation: the stage it did not answer (the
+    protocol's ``share-keys``, ``masked-input`` or ``unmask``; ``advertise-keys`` for an
+    unusable key advert) and why (an error, a timeout, its own refusal, a malformed reply)."""
+
+    site: str
+    stage: str
+    reason: str
+
+    def describe(self) -> str:
+        """One line for the round's ``failures``."""
+        where = f"secure aggregation at stage {self.stage!r}"
+        return f"{self.site} dropped out of {where}: {self.reason}"
 
 
 @dataclass
@@ -200,21 +217,30 @@ class Coordinator:
         result: SecAggResult | None,
         survivors: list[str],
         protocol_failure: str | None = None,
+        dropouts: Sequence[SecureDropout] = (),
+        seconds: Mapping[str, float] | None = None,
     ) -> AdapterState | None:
         """Record a secure-aggregation round and apply its unmasked sum.
 
         ``reports`` carry each site's metrics and DP fields but no tensors (``state`` is
         empty): the coordinator saw only ``result``, the records-weighted sum of the updates of
         ``survivors`` (the site names whose masked input is in the sum). Nothing can be
-        screened; the sites that took part are accounted like ``aggregate`` does. A round whose
+        screened; the sites that took part are accounted like ``aggregate`` does. ``failures``
+        are training replies that failed; ``dropouts`` the sites that trained and then left the
+        protocol (each listed once, in ``failures`` and in ``secure_aggregation.dropouts``).
+        ``seconds`` is the wall time of the protocol after training (``protocol``) and of each
+        of its message exchanges, kept as ``secure_aggregation.seconds``. A round whose
         protocol failed (``result`` None, ``protocol_failure`` says why) or with fewer than
         ``federation.min_sites`` survivors keeps the previous global adapter.
         """
         rec = self._begin_aggregation(round_num, failures, refusals)
+        rec["failures"].extend(d.describe() for d in dropouts)
         rec["secure_aggregation"] = {
             "survivors": sorted(survivors),
+            "dropouts": [{"site": d.site, "stage": d.stage, "reason": d.reason} for d in dropouts],
             "total_weight": result.total_weight if result is not None else None,
             "sum_error_bound": result.sum_error_bound if result is not None else None,
+            "seconds": dict(seconds or {}),
         }
         # every site that trained spent privacy, whether or not its input reached the sum
         good = [r for r in reports if r.site in set(survivors)] if result is not None else []

@@ -76,10 +76,11 @@ def _cost_job(
 ) -> tuple[list[str], list[str]]:
     from fedslm.config import load_config
     from fedslm.models.registry import resolve_model
-    from fedslm.site import check_delta, job_refusal, plan_privacy
+    from fedslm.site import check_delta, check_secagg_weight, job_refusal, plan_privacy
 
     job = load_config(job_path)
     check_delta(job, records, str(job_path))
+    check_secagg_weight(job, records, str(job_path))
     plan = plan_privacy(job, records, str(job_path))
     model = resolve_model(job.model)
     lines = [f"job {job_path}: {job.federation.rounds} rounds, model {model.name}"]

@@ -148,6 +148,20 @@ def check_delta(job: JobConfig, records: int, source: str) -> None:
         )
 
 
+def check_secagg_weight(job: JobConfig, records: int, source: str) -> None:
+    """Under secure aggregation a site's weight in the sum is its training records, which
+    must not exceed ``federation.secagg.max_weight`` (the bound that sizes the ring)."""
+    if not job.federation.secure_aggregation:
+        return
+    bound = job.federation.secagg.max_weight
+    if records > bound:
+        raise ConfigError(
+            f"{source}: federation.secagg.max_weight={bound} is below this site's {records} "
+            "training records (its weight in the secure sum); raise "
+            f"federation.secagg.max_weight to at least {records}"
+        )
+
+
 class SiteRefusal(FedSLMError):
     """The site's policy forbids this job or this round; nothing was trained."""
 
@@ -275,6 +289,7 @@ class Site:
         self.train_data = self._encode(train_file)
         self.eval_data = self._encode(eval_file)
         self.plan = plan_privacy(job, len(self.train_data), source)
+        check_secagg_weight(job, len(self.train_data), source)
         # Opacus hooks are attached once, after LoRA and before any optimizer exists
         self.module: torch.nn.Module = (
             per_sample_module(self.loaded.model) if self.plan.enabled else self.loaded.model

@@ -23,11 +23,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedslm.coordinator import Coordinator, SiteReport
+from fedslm.coordinator import Coordinator, SecureDropout, SiteReport
 from fedslm.errors import FederationError
 from fedslm.progress import Reporter
 from fedslm.secagg.adapter import job_params, session_id, vector_size
-from fedslm.secagg.driver import Exchange, run_rounds
+from fedslm.secagg.driver import Exchange, NoReply, run_rounds
 
 T = TypeVar("T")
 
@@ -82,10 +82,13 @@ class FedSLMStrategy(Strategy):
     def summary(self) -> None:
         """Describe the strategy in the log."""
         job = self.coordinator.job
+        secure = ""
+        if job.federation.secure_aggregation:
+            ring = job_params(job, b"summary", self.num_sites).ring_bits
+            secure = f", secure aggregation ({ring}-bit ring)"
         self.reporter.info(
             f"strategy: {job.federation.aggregation} over {self.num_sites} sites, "
-            f"{job.federation.rounds} rounds, min_sites {job.federation.required_sites}"
-            + (", secure aggregation" if job.federation.secure_aggregation else "")
+            f"{job.federation.rounds} rounds, min_sites {job.federation.required_sites}{secure}"
         )
 
     def _nodes(self, grid: Grid) -> list[int]:
@@ -177,13 +180,16 @@ class FedSLMStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Secure aggregation: the training replies carry metrics and key adverts; the later
-        stages run here, each sent to the sites that completed the one before."""
+        stages run here, each sent to the sites that completed the one before. A site that
+        trained and then left the protocol is one ``SecureDropout`` (listed once)."""
         decoded, failures, refusals = _sort_replies(replies, _decode_secure, self._identity)
         reports, adverts, names = [], [], {}
+        dropouts: list[SecureDropout] = []
         for node, (report, advert) in decoded:
             reports.append(report)
             if advert.site_id != node:  # a site speaks for itself only
-                failures.append(f"node {node}: key advert for another site id {advert.site_id}")
+                reason = f"key advert for another site id {advert.site_id} (node {node})"
+                dropouts.append(SecureDropout(report.site, "advertise-keys", reason))
                 continue
             adverts.append(advert)
             names[node] = report.site
@@ -193,8 +199,14 @@ class FedSLMStrategy(Strategy):
         length = vector_size(self.coordinator.state) + 1
         grid, config = self._grid, self._config
         assert grid is not None and config is not None
-        outcome = run_rounds(params, adverts, self._exchange(grid, config, failures), length)
-        failures.extend(outcome.dropouts)
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        outcome = run_rounds(params, adverts, self._exchange(grid, config, seconds), length)
+        seconds["protocol"] = time.perf_counter() - start
+        dropouts += [
+            SecureDropout(names.get(d.site_id, f"node {d.site_id}"), d.stage, d.reason)
+            for d in outcome.dropouts
+        ]
         if outcome.result is not None:
             survivors = [names[i] for i in outcome.result.survivors]
         state = self.coordinator.aggregate_secure(
@@ -205,15 +217,26 @@ class FedSLMStrategy(Strategy):
             outcome.result,
             survivors,
             None if outcome.failure is None else f"secure aggregation failed: {outcome.failure}",
+            dropouts,
+            seconds,
         )
         return self._train_result(state)
 
-    def _exchange(self, grid: Grid, config: ConfigRecord, failures: list[str]) -> Exchange:
-        """The transport of ``run_rounds``: one QUERY per site and stage; errors and timeouts
-        are noted in ``failures`` and the site left out (a dropout)."""
+    def _exchange(self, grid: Grid, config: ConfigRecord, seconds: dict[str, float]) -> Exchange:
+        """The transport of ``run_rounds``: one QUERY per site and stage, its wall time noted in
+        ``seconds``. An error reply (or a timeout: no reply at all), a refusal by the site's
+        egress guard or an undecodable reply is answered as ``NoReply`` with its reason;
+        ``run_rounds`` records it as the site's dropout."""
         timeout = self.coordinator.job.federation.round_timeout_s
 
         def stage_exchange(stage: str, requests: Mapping[int, object]) -> dict[int, object]:
+            start = time.perf_counter()
+            try:
+                return ask(stage, requests)
+            finally:
+                seconds[stage] = time.perf_counter() - start
+
+        def ask(stage: str, requests: Mapping[int, object]) -> dict[int, object]:
             stage_config = ConfigRecord({**dict(config), "stage": stage})
             messages = [
                 Message(
@@ -229,12 +252,16 @@ class FedSLMStrategy(Strategy):
             for reply in exchange(grid, messages, timeout):
                 node = reply.metadata.src_node_id
                 if reply.has_error():
-                    failures.append(f"node {node} at secagg {stage}: {reply.error.reason}")
+                    answers[node] = NoReply(f"error reply: {reply.error.reason}")
+                    continue
+                refusal = decode_refusal(reply.content)
+                if refusal is not None:
+                    answers[node] = NoReply(f"refused: {'; '.join(refusal[1])}")
                     continue
                 try:
                     answers[node] = decode_protocol_reply(stage, reply.content)
                 except (KeyError, TypeError, ValueError) as exc:
-                    failures.append(f"node {node} at secagg {stage}: malformed ({exc!r})")
+                    answers[node] = NoReply(f"malformed reply ({exc!r})")
             return answers
 
         return stage_exchange

@@ -80,6 +80,18 @@ def test_delta_not_below_one_over_n(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "job.yaml" in err and "privacy.delta" in err and "1/N" in err
 
 
+def test_secagg_max_weight_below_a_sites_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = csv(tmp_path, "data.csv", "text,label\n" + ROWS)  # 2 sites x 20 rows, 16 to train
+    secure = "  secure_aggregation: true\n  secagg:\n    max_weight: 15\n"
+    cfg = job_file(tmp_path, f"  path: {path}\n  split:\n    method: iid\n")
+    cfg.write_text(cfg.read_text().replace("  rounds: 1\n", "  rounds: 1\n" + secure))
+    err = run_bad(cfg, tmp_path / "out", capsys)
+    assert "job.yaml (site site-1): federation.secagg.max_weight=15" in err
+    assert "16 training records" in err
+
+
 def test_bad_key_and_bad_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = run_bad(ROOT / "configs" / "smoke.yaml", tmp_path / "out", capsys, "--set", "lora.r=0")
     assert "smoke.yaml" in err and "lora.r" in err

@@ -14,11 +14,26 @@ import torch
 from fedslm.config import JobConfig
 from fedslm.coordinator import Coordinator, SiteReport
 from fedslm.egress import Payload, RingSpec, check, describe
+from fedslm.errors import ConfigError
 from fedslm.privacy.accounting import Segment
-from fedslm.secagg import SecAggError, SecAggParams, SecAggResult, SecAggSite, sum_error_bound
-from fedslm.secagg.adapter import flatten, mean_state, unflatten, update_vector, vector_size
-from fedslm.secagg.driver import run_rounds, site_stage
-from fedslm.site import Site
+from fedslm.secagg import (
+    SecAggError,
+    SecAggParams,
+    SecAggResult,
+    SecAggSite,
+    run_in_process,
+    sum_error_bound,
+)
+from fedslm.secagg.adapter import (
+    flatten,
+    job_params,
+    mean_state,
+    unflatten,
+    update_vector,
+    vector_size,
+)
+from fedslm.secagg.driver import Dropout, NoReply, run_rounds, site_stage
+from fedslm.site import Site, check_secagg_weight
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -73,12 +88,55 @@ def test_secure_mean_equals_fedavg_within_the_quantisation_bound() -> None:
         ({"robust": {"max_update_norm": 1.0}}, "leave federation.robust at its defaults"),
         ({"sites": 1}, "at least 2 sites"),
         ({"sites": 3, "secagg": {"threshold": 4}}, "threshold=4"),
+        (
+            {"sites": 3, "secagg": {"bits": 53}},
+            "federation.secagg.max_weight=1048576 and federation.secagg.bits=53",
+        ),
+        (
+            {"sites": 4, "secagg": {"bits": 40, "max_weight": 2**23}},
+            "does not fit the 64-bit ring",
+        ),
     ],
 )
 def test_validator_rejects_what_cannot_be_exact(update: dict, fragment: str) -> None:
     with pytest.raises(ValueError, match=None) as exc:
         JobConfig.model_validate({"federation": {"secure_aggregation": True, **update}})
     assert fragment in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("secagg", "ring"),
+    [
+        ({}, 64),  # 5 x 2**20 x (2**23 - 1) needs 64 bits
+        ({"bits": 16, "max_weight": 13107}, 32),  # 5 x 13107 x 32767 < 2**31
+        ({"bits": 16, "max_weight": 13108}, 64),  # one more and the sum may not fit
+        ({"bits": 40, "max_weight": 2**20}, 64),  # 5 x 2**20 x (2**39 - 1) < 2**63
+    ],
+)
+def test_max_weight_and_bits_choose_the_ring(secagg: dict, ring: int) -> None:
+    job = JobConfig.model_validate(
+        {"federation": {"sites": 5, "secure_aggregation": True, "secagg": secagg}}
+    )
+    params = job_params(job, b"s", 5)
+    assert params.max_weight == job.federation.secagg.max_weight
+    assert params.ring_bits == ring and params.dtype.itemsize == ring // 8
+
+
+def test_a_site_with_more_records_than_max_weight_cannot_take_part() -> None:
+    job = JobConfig.model_validate(
+        {"federation": {"secure_aggregation": True, "secagg": {"max_weight": 500}}}
+    )
+    check_secagg_weight(job, 500, "job.yaml")  # at the bound: fits
+    with pytest.raises(ConfigError) as err:
+        check_secagg_weight(job, 501, "job.yaml (site a)")
+    assert "job.yaml (site a): federation.secagg.max_weight=500" in str(err.value)
+    assert "501 training records" in str(err.value)
+    plain = JobConfig.model_validate({"federation": {"secagg": {"max_weight": 500}}})
+    check_secagg_weight(plain, 10_000, "job.yaml")  # no secure sum, no bound
+    # the protocol itself refuses a weight above the bound, before anything is masked
+    params = job_params(job, b"s", 3)
+    with pytest.raises(SecAggError, match="max_weight=500"):
+        run_in_process(params, [np.zeros(3)] * 3, [10, 501, 10])
 
 
 def test_validator_rejects_central_dp_and_accepts_the_linear_modes() -> None:
@@ -143,7 +201,7 @@ def test_a_dropout_at_any_stage_above_the_threshold_still_aggregates(stage: str)
     fake.fail[stage] = {gone}
     outcome = run_rounds(params, fake.adverts, fake, vector_length=8)
     assert outcome.result is not None, outcome.failure
-    assert any(str(gone) in d and stage in d for d in outcome.dropouts)
+    assert outcome.dropouts == [Dropout(gone, stage, "no reply")]  # once, at its stage
     # a site that dropped before its input arrived is not in the sum; after, it is
     expected = [i for i in updates if i != gone or stage == "unmask"]
     assert sorted(outcome.result.survivors) == sorted(expected)
@@ -163,6 +221,28 @@ def test_below_the_threshold_the_round_fails_with_a_reason() -> None:
     assert "unmask" not in fake.asked  # nothing more was asked of the sites
 
 
+def test_the_transports_reason_for_a_missing_reply_is_kept_once() -> None:
+    updates = _updates(4)
+    params = SecAggParams(b"s", 4, clip_range=1.0, threshold=3)
+    fake = FakeSites(params, updates)
+    gone = sorted(updates)[3]
+    fake.fail["masked-input"] = {gone}
+
+    def refusing(stage: str, requests: Mapping[int, object]) -> dict[int, object]:
+        answers = fake(stage, requests)
+        if stage == "masked-input":  # the transport knows why: the site refused
+            answers[gone] = NoReply("refused: egress guard blocked the reply")
+        return answers
+
+    outcome = run_rounds(params, fake.adverts, refusing, vector_length=8)
+    assert outcome.result is not None and gone not in outcome.result.survivors
+    assert outcome.result.dropped == [gone]
+    assert outcome.dropouts == [
+        Dropout(gone, "masked-input", "refused: egress guard blocked the reply")
+    ]
+    assert str(outcome.dropouts[0]).startswith(f"site {gone} dropped out at stage 'masked-input'")
+
+
 def test_a_masked_input_of_the_wrong_length_is_a_dropout() -> None:
     updates = _updates(3)
     params = SecAggParams(b"s", 3, clip_range=1.0, threshold=2)
@@ -171,7 +251,7 @@ def test_a_masked_input_of_the_wrong_length_is_a_dropout() -> None:
     updates[bad] = np.zeros(9, dtype=np.float32)
     outcome = run_rounds(params, fake.adverts, fake, vector_length=8)
     assert outcome.result is not None and bad not in outcome.result.survivors
-    assert any("malformed" in d for d in outcome.dropouts)
+    assert outcome.dropouts == [Dropout(bad, "masked-input", "malformed reply")]
 
 
 # -- egress kinds -------------------------------------------------------------------------------

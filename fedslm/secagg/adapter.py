@@ -84,6 +84,7 @@ def job_params(job: JobConfig, session: bytes, n_sites: int) -> SecAggParams:
         clip_range=s.clip_range,
         threshold=s.threshold,
         bits=s.bits,
+        max_weight=s.max_weight,
     )
 
 

@@ -3,9 +3,9 @@
 Round 0 (the key adverts) rides on the training replies; ``run_rounds`` then sends each later
 stage to the sites that completed the previous one through ``exchange``, a function the Flower
 ServerApp implements with ``grid.send_and_receive`` (and tests with plain ``SecAggSite``
-objects). A site whose reply is missing (error, timeout) or malformed at any stage is a dropout;
-the protocol tolerates dropouts down to the threshold, below it the session fails with the
-reason and nothing is aggregated.
+objects). A site whose reply is missing (error, timeout, refusal) or malformed at any stage is
+a dropout, recorded once with its stage and reason; the protocol tolerates dropouts down to the
+threshold, below it the session fails with the reason and nothing is aggregated.
 """
 
 from __future__ import annotations
@@ -31,17 +31,40 @@ _REPLIES: dict[str, type] = {
     "unmask": UnmaskShares,
 }
 
-# (stage, {site id: request}) -> {site id: reply}; a site left out of the answer dropped out
+
+@dataclass(frozen=True)
+class NoReply:
+    """What an ``exchange`` answers for a site whose reply did not come or cannot be used,
+    with the transport's reason (an error reply, a refusal, an undecodable message)."""
+
+    reason: str
+
+
+# (stage, {site id: request}) -> {site id: reply or NoReply}; a site left out of the answer
+# (or answered with NoReply) dropped out
 Exchange = Callable[[str, Mapping[int, object]], Mapping[int, object]]
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """One site leaving the session: at which stage (the request it did not answer) and why."""
+
+    site_id: int
+    stage: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"site {self.site_id} dropped out at stage {self.stage!r} ({self.reason})"
 
 
 @dataclass
 class SessionOutcome:
-    """How a session ended: the unmasked sum, or why there is none, and who dropped where."""
+    """How a session ended: the unmasked sum, or why there is none, and who dropped where
+    (each dropout once, in the order the stages ran)."""
 
     result: SecAggResult | None
     failure: str | None = None
-    dropouts: list[str] = field(default_factory=list)
+    dropouts: list[Dropout] = field(default_factory=list)
 
 
 def _sender(reply: object) -> int | None:
@@ -62,7 +85,7 @@ def run_rounds(
     not a ``vector_length`` vector of the ring dtype counts as a dropout rather than spoiling
     the sum."""
     coordinator = SecAggCoordinator(params)
-    dropouts: list[str] = []
+    dropouts: list[Dropout] = []
 
     def ask(stage: str, requests: Mapping[int, object]) -> list[object]:
         answers = exchange(stage, requests)
@@ -70,13 +93,15 @@ def run_rounds(
         for site_id in requests:
             reply = answers.get(site_id)
             if reply is None:
-                dropouts.append(f"site {site_id} dropped out at stage {stage!r} (no reply)")
+                dropouts.append(Dropout(site_id, stage, "no reply"))
+            elif isinstance(reply, NoReply):
+                dropouts.append(Dropout(site_id, stage, reply.reason))
             elif (
                 not isinstance(reply, _REPLIES[stage])
                 or _sender(reply) != site_id
                 or (isinstance(reply, MaskedInput) and not _fits(reply, params, vector_length))
             ):
-                dropouts.append(f"site {site_id} dropped out at stage {stage!r} (malformed)")
+                dropouts.append(Dropout(site_id, stage, "malformed reply"))
             else:
                 good.append(reply)
         return good
