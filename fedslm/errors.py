@@ -4,6 +4,8 @@ Every error raised for bad input names where the problem is (file, key, row) and
 The CLI prints these without a traceback; anything else is a bug and keeps its traceback.
 """
 
+from typing import Any
+
 
 class FedSLMError(Exception):
     """Base class for errors caused by input from outside the program."""
@@ -23,3 +25,13 @@ class ModelError(FedSLMError):
 
 class FederationError(FedSLMError):
     """A round or run cannot proceed (too few sites replied, a bad update arrived)."""
+
+
+def invalid(source: str, what: str, exc: Any) -> ConfigError:
+    """A ``ConfigError`` listing each problem of a pydantic ``ValidationError`` by key:
+    "SOURCE: invalid WHAT:" then one "  - key.path: message" line per problem."""
+    lines = [f"{source}: invalid {what}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  - {key}: {err['msg']}")
+    return ConfigError("\n".join(lines))

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedslm.deployment.config import DaemonSettings
-from fedslm.errors import ConfigError
+from fedslm.errors import ConfigError, invalid
 from fedslm.privacy.accounting import Segment, epsilon
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -129,11 +129,7 @@ def policy_from_mapping(raw: dict[str, Any], source: str) -> SitePolicy:
     try:
         return SitePolicy.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{source}: invalid site policy:"]
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  - {key}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise invalid(source, "site policy", exc) from None
 
 
 def merge_mappings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedslm.errors import ConfigError
+from fedslm.errors import ConfigError, invalid
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -137,11 +137,7 @@ def load_yaml_settings(
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{path}: invalid {what}:"]
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  - {key}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise invalid(str(path), what, exc) from None
 
 
 def load_coordinator_settings(path: Path) -> CoordinatorSettings:
