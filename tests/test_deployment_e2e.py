@@ -64,6 +64,9 @@ def test_unregistered_site_is_refused(cluster: LoopbackDeployment) -> None:
     out = (cluster.site_dir("site-x") / "daemon.out").read_text()
     assert code != 0
     assert "not registered" in out and "add-site" in out, out[-2000:]
+    # and on the coordinator's side, in the SuperLink's log
+    log = (cluster.root / "coordinator" / "state" / "logs" / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in log
 
 
 def test_run_and_resume_after_coordinator_crash(cluster: LoopbackDeployment) -> None:
