@@ -446,6 +446,9 @@ def _run_supernode(
     # flower-superexec and flwr-clientapp from this environment, whatever the caller's PATH
     env["PATH"] = os.pathsep.join([str(Path(command[0]).parent), env.get("PATH", "")])
     env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    # the SuperNode's SuperExec looks for a message to hand to a ClientApp once a second by
+    # default: half a second of every message's latency, for a local request costing ~nothing
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env.pop("FLWR_ALLOW_RUNTIME_DEPENDENCY_INSTALLATION", None)
     log_path = state / SUPERNODE_LOG
     refused_since: float | None = None
