@@ -19,7 +19,15 @@ from fedslm.clients.codec import (
     message_to_config,
     state_to_arrays,
 )
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -39,8 +47,12 @@ POLL_INTERVAL_S = 0.25
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
     """Push ``messages`` and collect their replies until all have arrived or ``timeout``
-    seconds have passed (``Grid.send_and_receive`` with a shorter polling interval)."""
-    pending = set(grid.push_messages(messages))
+    seconds have passed (``Grid.send_and_receive`` with a shorter polling interval). A
+    message still unanswered then gets an error reply in its site's name, so the round's
+    record says which site did not answer."""
+    sent = list(messages)
+    ids = list(grid.push_messages(sent))
+    pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending:
@@ -50,6 +62,10 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Me
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(POLL_INTERVAL_S)
+    for msg_id, msg in zip(ids, sent, strict=True):
+        if msg_id in pending:
+            reason = f"no reply within {timeout:g} s (federation.round_timeout_s)"
+            replies.append(Message(Error(code=0, reason=reason), reply_to=msg))
     return replies
 
 
@@ -124,6 +140,12 @@ class FedSLMStrategy(Strategy):
             return []
         return sorted(name for node, name in self.roster.items() if node not in nodes)
 
+    def _label(self, node: int) -> str:
+        """How a node is named in the round's record: its site, when the roster knows it."""
+        if self.roster is not None and node in self.roster:
+            return f"site {self.roster[node]} (node {node})"
+        return f"node {node}"
+
     def _identity(self, node: int, claimed: str) -> str | None:
         """Why a reply from ``node`` claiming to be site ``claimed`` is not accepted (None:
         it is). Without a roster (simulation) every node speaks for itself."""
@@ -163,7 +185,9 @@ class FedSLMStrategy(Strategy):
         """Decode replies, let the coordinator check and average them."""
         if self.coordinator.job.federation.secure_aggregation:
             return self._aggregate_secure(server_round, replies)
-        reports, failures, refusals = _sort_replies(replies, _decode_plain, self._identity)
+        reports, failures, refusals = _sort_replies(
+            replies, _decode_plain, self._identity, self._label
+        )
         state = self.coordinator.aggregate(server_round, reports, failures, refusals)
         return self._train_result(state)
 
@@ -182,7 +206,9 @@ class FedSLMStrategy(Strategy):
         """Secure aggregation: the training replies carry metrics and key adverts; the later
         stages run here, each sent to the sites that completed the one before. A site that
         trained and then left the protocol is one ``SecureDropout`` (listed once)."""
-        decoded, failures, refusals = _sort_replies(replies, _decode_secure, self._identity)
+        decoded, failures, refusals = _sort_replies(
+            replies, _decode_secure, self._identity, self._label
+        )
         reports, adverts, names = [], [], {}
         dropouts: list[SecureDropout] = []
         for node, (report, advert) in decoded:
@@ -280,12 +306,13 @@ class FedSLMStrategy(Strategy):
         evals, failures = [], []
         for reply in replies:
             if reply.has_error():
-                failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                failures.append(f"{self._label(reply.metadata.src_node_id)}: {reply.error.reason}")
                 continue
             try:
                 ev = decode_eval(reply.content)
             except (KeyError, TypeError, ValueError) as exc:
-                failures.append(f"node {reply.metadata.src_node_id}: malformed ({exc!r})")
+                node = reply.metadata.src_node_id
+                failures.append(f"{self._label(node)}: malformed ({exc!r})")
                 continue
             wrong = self._identity(reply.metadata.src_node_id, ev.site)
             if wrong is not None:
@@ -308,6 +335,7 @@ def _sort_replies(
     replies: Iterable[Message],
     decode: Callable[[RecordDict, int], T],
     identity: Callable[[int, str], str | None],
+    label: Callable[[int], str] = lambda node: f"node {node}",
 ) -> tuple[list[T], list[str], dict[str, list[str]]]:
     """Training replies sorted into decoded updates, failures (error, malformed, or speaking
     for another site than the node's key) and policy refusals. ``decode`` takes the content
@@ -318,7 +346,7 @@ def _sort_replies(
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            failures.append(f"node {node}: {reply.error.reason}")
+            failures.append(f"{label(node)}: {reply.error.reason}")
             continue
         try:
             refusal = decode_refusal(reply.content)
@@ -331,7 +359,7 @@ def _sort_replies(
                 continue
             item = decode(reply.content, node)
         except (KeyError, TypeError, ValueError) as exc:
-            failures.append(f"node {node}: malformed reply ({exc!r})")
+            failures.append(f"{label(node)}: malformed reply ({exc!r})")
             continue
         wrong = identity(node, _site_of(item))
         if wrong is not None:
