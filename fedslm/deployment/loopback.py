@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -170,11 +171,14 @@ class LoopbackDeployment:
 
     # -- processes -----------------------------------------------------------------------------
 
-    def _spawn(self, key: str, args: list[str], log: Path) -> subprocess.Popen:
+    def _spawn(
+        self, key: str, args: list[str], log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         with log.open("ab") as fh:
             proc = subprocess.Popen(
-                [FEDSLM, *args], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-            )
+                [FEDSLM, *args], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )  # fmt: skip
         self.procs[key] = proc
         self._note(proc.pid)
         return proc
@@ -192,8 +196,14 @@ class LoopbackDeployment:
     def start_site(self, name: str) -> subprocess.Popen:
         """``fedslm site start`` for ``name`` (its output in SITE/daemon.out)."""
         log = self.site_dir(name) / "daemon.out"
+        # sites sharing this machine share its cores, as simulated sites do (one each): a
+        # site on its own machine would use all of them
+        threads = str(max(1, (os.cpu_count() or 1) // len(self.sites)))
         return self._spawn(
-            name, ["site", "start", "--policy", str(self.site_dir(name) / "site.yaml")], log
+            name,
+            ["site", "start", "--policy", str(self.site_dir(name) / "site.yaml")],
+            log,
+            {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
         )
 
     def kill(self, key: str) -> None:
