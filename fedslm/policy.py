@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedslm.deployment.config import DaemonSettings
-from fedslm.errors import ConfigError, invalid
+from fedslm.deployment.config import DaemonSettings, read_yaml_mapping
+from fedslm.errors import invalid
 from fedslm.privacy.accounting import Segment, epsilon
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -98,15 +97,7 @@ class SitePolicy(BaseModel):
 def load_policy(path: str | Path, overrides: dict[str, Any] | None = None) -> SitePolicy:
     """Read and validate a site policy file; errors name the file and the key."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: site policy file not found") from None
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: site policy is not valid YAML text: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a site policy is a mapping of keys")
-    raw = merge_mappings(raw, overrides or {})
+    raw = merge_mappings(read_yaml_mapping(path, "site policy"), overrides or {})
     # relative to the policy file, so the site daemon can run from any folder
     _resolve(raw, ("data", "ledger"), path.parent)
     if isinstance(raw.get("daemon"), dict):

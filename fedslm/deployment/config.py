@@ -106,19 +106,26 @@ class DaemonSettings(_Section):
     )
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; ``ConfigError`` naming the file (and ``what`` it should
+    be) when it is missing, not YAML text, or not a mapping."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} file not found") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {what} is not valid YAML text: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a {what} is a mapping of keys")
+    return raw
+
+
 def load_yaml_settings(
     path: Path, model: type[BaseModel], keys_with_paths: tuple[str, ...], what: str
 ) -> Any:
     """Read ``path`` into ``model``; relative paths under ``keys_with_paths`` (dotted) are
     resolved against the file's folder. Errors name the file and the key."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid YAML text: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys")
+    raw = read_yaml_mapping(path, what)
     base = Path(path).resolve().parent
     for dotted in keys_with_paths:
         *parents, leaf = dotted.split(".")
