@@ -62,11 +62,7 @@ def deployed(args: argparse.Namespace, root: Path) -> list[tuple[float, float]]:
     nginx = "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
     d = LoopbackDeployment(root, names, rows_per_site=args.rows_per_site, nginx=nginx)
     try:
-        d.setup()
-        d.start_coordinator()
-        d.register_sites()
-        for name in names:
-            d.start_site(name)
+        d.start()
         spec = job(args, list(names))
         spec["data"] = {"at_sites": True, "labels": list(INTENTS)}
         path = d.write_job("bench", spec)

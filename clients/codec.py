@@ -91,34 +91,13 @@ def config_to_message(cls: type[T], record: ConfigRecord) -> T:
 def decode_secure_update(content: RecordDict) -> tuple[SiteReport, KeyAdvert]:
     """The coordinator's view of a training reply under secure aggregation: the metrics and DP
     fields (no adapter) and the site's key advert."""
-    m, info = content["metrics"], content["site"]
     if "arrays" in content:
         raise ValueError("a training reply under secure aggregation must carry no tensors")
-    segment = None
-    if info.get("dp"):
-        segment = Segment(float(info["q"]), float(info["sigma"]), int(info["dp_steps"]))
-    loss = float(m["train-loss"])
-    report = SiteReport(
-        site=str(info["site"]),
-        state={},
-        num_examples=int(m["num-examples"]),
-        train_loss=loss if loss >= 0 else math.nan,
-        steps=int(m["steps"]),
-        seconds=float(m["seconds"]),
-        privacy_seconds=float(m.get("privacy-seconds", 0.0)),
-        bytes_sent=m.count_bytes() + info.count_bytes(),
-        segment=segment,
-        epsilon=float(info["epsilon"]) if segment else None,
-        delta=float(info["delta"]) if segment else None,
-        accountant=str(info["accountant"]) if segment else None,
-        max_grad_norm=float(info["max_grad_norm"]) if segment else None,
-        lifetime_epsilon=float(info["lifetime_epsilon"]) if segment else None,
-        ledger_head=str(info["ledger_head"]) if segment else None,
-    )
+    info = content["site"]
     advert = KeyAdvert(
         from_wire(int(info["secagg_site_id"])), bytes(info["cipher_pk"]), bytes(info["mask_pk"])
     )
-    return report, advert
+    return _report(content, {}, 0), advert
 
 
 def decode_protocol_reply(stage: str, content: RecordDict) -> object:
@@ -149,6 +128,12 @@ def decode_protocol_reply(stage: str, content: RecordDict) -> object:
 def decode_update(content: RecordDict) -> SiteReport:
     """The coordinator's view of a training reply."""
     arrays = content["arrays"]
+    return _report(content, arrays_to_state(arrays), arrays.count_bytes())
+
+
+def _report(content: RecordDict, state: dict, array_bytes: int) -> SiteReport:
+    """A training reply's metrics and DP fields as a ``SiteReport`` holding ``state``;
+    ``array_bytes`` is what its tensors took on the wire."""
     m, info = content["metrics"], content["site"]
     segment = None
     if info.get("dp"):
@@ -156,13 +141,13 @@ def decode_update(content: RecordDict) -> SiteReport:
     loss = float(m["train-loss"])
     return SiteReport(
         site=str(info["site"]),
-        state=arrays_to_state(arrays),
+        state=state,
         num_examples=int(m["num-examples"]),
         train_loss=loss if loss >= 0 else math.nan,
         steps=int(m["steps"]),
         seconds=float(m["seconds"]),
         privacy_seconds=float(m.get("privacy-seconds", 0.0)),
-        bytes_sent=arrays.count_bytes() + m.count_bytes() + info.count_bytes(),
+        bytes_sent=array_bytes + m.count_bytes() + info.count_bytes(),
         segment=segment,
         epsilon=float(info["epsilon"]) if segment else None,
         delta=float(info["delta"]) if segment else None,

@@ -48,11 +48,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackDeploy
         tmp_path_factory.mktemp("deploy"), SITES, spare_sites=("site-x",), nginx=NGINX
     )
     try:
-        c.setup()
-        c.start_coordinator()
-        c.register_sites()
-        for name in SITES:
-            c.start_site(name)
+        c.start()
         yield c
     finally:
         alive = c.stop_all()

@@ -118,6 +118,14 @@ class LoopbackDeployment:
             return self.proxy_port
         return int(yaml.safe_load(self.config.read_text())["superlink"]["port"])
 
+    def start(self) -> None:
+        """Set up, start the coordinator, register the sites and start their daemons."""
+        self.setup()
+        self.start_coordinator()
+        self.register_sites()
+        for name in self.sites:
+            self.start_site(name)
+
     def register_sites(self) -> None:
         """``fedslm coordinator add-site`` for every site but the spare ones."""
         for name in self.sites:
