@@ -1,9 +1,12 @@
 """Per-round overhead of the deployed site's path: a fresh thin ClientApp process -> the worker.
 
-In deployment Flower starts a fresh ClientApp process for every message. Before the site
-worker, that process imported torch, loaded the model and prepared the data each time; now it
-imports Flower and ``fedslm.clients.app`` only and forwards the message to the site's
-long-lived worker over a Unix socket. Goal: at most 3 s per round beyond local training.
+With Flower's default isolation, a SuperNode starts a fresh ClientApp process for every
+message. Before the site worker, that process imported torch, loaded the model and prepared the
+data each time; with the worker it imports Flower and ``fedslm.clients.app`` only and forwards
+the message to the site's long-lived worker over a Unix socket. (Since then the site's
+executor, ``fedslm.clients.executor``, runs the ClientApp in one long-lived process, so of (a)
+below only the bridge round trip is paid per message; bench/deployment_overhead.py measures
+the whole deployed round.) Goal: at most 3 s per round beyond local training.
 
 Measured on the same training request (a tiny BERT, DP on, ``--steps`` local steps), each
 repetition a new round:

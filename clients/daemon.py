@@ -24,7 +24,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import shutil
+import secrets
 import signal
 import socket
 import ssl
@@ -41,7 +41,7 @@ from fedslm.errors import ConfigError, FedSLMError
 from fedslm.policy import SitePolicy, load_policy
 
 PREFLIGHT_TIMEOUT_S = 10.0
-GRACE_S = 10.0  # between SIGTERM and SIGKILL of the SuperNode
+GRACE_S = 10.0  # between SIGTERM and SIGKILL of a child
 POLL_S = 0.5
 # Flower's SuperLink counts a node online until 2 heartbeats (30 s apart) are missed, and
 # refuses to activate it again meanwhile: a site restarted after a crash waits that long
@@ -49,6 +49,7 @@ RETRY_WINDOW_S = 90.0
 RETRY_EVERY_S = 10.0
 _CONNECTION_ERROR = 305  # flwr ExitCode.SUPERNODE_CONNECTION_ERROR
 PID_FILE, DAEMON_LOG, SUPERNODE_LOG = "daemon.pid", "daemon.log", "supernode.log"
+EXECUTOR_LOG, EXECUTOR_SECRET = "executor.log", "executor.secret"
 
 # OpenSSL X509_V_ERR_* codes the pre-flight explains
 _EXPIRED, _NOT_YET_VALID = 10, 9
@@ -277,38 +278,58 @@ def check_settings(policy: SitePolicy, source: Path) -> DaemonSettings:
     return settings
 
 
-def supernode_command(settings: DaemonSettings, socket_path: Path, program: str) -> list[str]:
+def supernode_command(
+    settings: DaemonSettings,
+    socket_path: Path,
+    secret_file: Path,
+    launcher: list[str] | None = None,
+) -> list[str]:
     """The SuperNode's command line: TLS with the consortium CA (never ``--insecure``), the
-    site's key, the worker's socket in its node config, its runtime API on loopback.
+    site's key, the worker's socket in its node config, its runtime API on loopback for the
+    executor (``--isolation process``, authenticated by ``secret_file``).
 
-    Runtime dependency installation stays off (the SuperNode's default): the ClientApp code
-    that runs is this site's installed fedslm, not whatever a job would install.
+    ``launcher`` runs Flower's SuperNode (default: ``fedslm.clients.supernode`` with the
+    policy's poll intervals). Runtime dependency installation stays off (the SuperNode's
+    default): the ClientApp code that runs is this site's installed fedslm.
     """
     for what, value in (("daemon.state_dir", str(socket_path)), ("daemon.name", settings.name)):
         # Flower reads --node-config values as TOML basic strings
         if any(c in value for c in '"\\\n'):
             raise ConfigError(f"{what}: {value!r} must not contain a quote, backslash or newline")
+    if launcher is None:
+        launcher = [sys.executable, "-m", "fedslm.clients.supernode",
+                    "--poll-interval", f"{settings.poll_interval_s:g}",
+                    "--idle-poll-interval", f"{settings.idle_poll_interval_s:g}"]  # fmt: skip
     return [
-        program,
+        *launcher,
         "--superlink", settings.coordinator,
         "--root-certificates", str(settings.ca_cert),
         "--auth-supernode-private-key", str(settings.key),
         "--node-config", f'worker="{socket_path}" site="{settings.name}"',
-        "--isolation", "subprocess",
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(secret_file),
         "--host", "127.0.0.1",
         "--port", str(settings.runtime_port),
     ]  # fmt: skip
 
 
-def find_supernode() -> str:
-    """``flower-supernode`` from this Python's environment (else from PATH)."""
-    here = Path(sys.executable).parent / "flower-supernode"
-    if here.is_file():
-        return str(here)
-    found = shutil.which("flower-supernode")
-    if found is None:
-        raise DaemonError("flower-supernode is not installed here (pip install flwr)")
-    return found
+def executor_command(settings: DaemonSettings, secret_file: Path) -> list[str]:
+    """The ClientApp executor's command line (``fedslm.clients.executor``): it takes the
+    SuperNode's tasks from its loopback runtime API and exits when the daemon is gone."""
+    return [
+        sys.executable, "-m", "fedslm.clients.executor",
+        "--runtime-api", f"127.0.0.1:{settings.runtime_port}",
+        "--secret-file", str(secret_file),
+        "--parent-pid", str(os.getpid()),
+    ]  # fmt: skip
+
+
+def write_secret(path: Path) -> None:
+    """A fresh random secret for the SuperNode and the executor, readable by this user only."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_bytes(32))
 
 
 def explain_exit(
@@ -398,15 +419,17 @@ def _claim_pid_file(path: Path) -> None:
 
 
 def start(policy_path: Path, *, supernode: str | None = None) -> int:
-    """Run the site daemon until SIGTERM/SIGINT (exit 0) or until the SuperNode stops on its
-    own (exit 1). Raises ``FedSLMError`` (nothing started) for a bad policy or a failed
-    pre-flight."""
+    """Run the site daemon until SIGTERM/SIGINT (exit 0) or until the SuperNode or the
+    executor stops on its own (exit 1). Raises ``FedSLMError`` (nothing started) for a bad
+    policy or a failed pre-flight. ``supernode`` replaces the SuperNode's launcher (tests)."""
     from fedslm.clients.worker import SOCKET_NAME, Worker
 
     policy = load_policy(policy_path)
     settings = check_settings(policy, policy_path)
     state = Path(settings.state_dir)
-    command = supernode_command(settings, state / SOCKET_NAME, supernode or find_supernode())
+    secret = state / EXECUTOR_SECRET
+    launcher = [supernode] if supernode else None
+    command = supernode_command(settings, state / SOCKET_NAME, secret, launcher)
     state.mkdir(parents=True, exist_ok=True, mode=0o750)
     log = DaemonLog(state / DAEMON_LOG)
     pid_file = state / PID_FILE
@@ -423,16 +446,41 @@ def start(policy_path: Path, *, supernode: str | None = None) -> int:
         worker.start()
         log(f"worker listening at {worker.socket_path}")
         try:
-            return _run_supernode(settings, command, state, log)
+            write_secret(secret)
+            return _run(settings, command, executor_command(settings, secret), state, log)
         finally:
             worker.stop()
             log("worker stopped")
+            secret.unlink(missing_ok=True)
     finally:
         pid_file.unlink(missing_ok=True)
 
 
-def _run_supernode(
-    settings: DaemonSettings, command: list[str], state: Path, log: DaemonLog
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env.pop("FLWR_ALLOW_RUNTIME_DEPENDENCY_INSTALLATION", None)
+    return env
+
+
+def _spawn(command: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``command`` with its output appended to ``log_path``; the process and the log's
+    size before it started (where its output begins)."""
+    with log_path.open("ab") as out:
+        offset = out.tell()
+        # its own session: a Ctrl-C in the terminal reaches the daemon, which stops it
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+        )
+    return proc, offset
+
+
+def _run(
+    settings: DaemonSettings,
+    command: list[str],
+    executor: list[str],
+    state: Path,
+    log: DaemonLog,
 ) -> int:
     stop = threading.Event()
     received: list[int] = []
@@ -442,28 +490,25 @@ def _run_supernode(
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    env = dict(os.environ)
-    # flower-superexec and flwr-clientapp from this environment, whatever the caller's PATH
-    env["PATH"] = os.pathsep.join([str(Path(command[0]).parent), env.get("PATH", "")])
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    # the SuperNode's SuperExec looks for a message to hand to a ClientApp once a second by
-    # default: half a second of every message's latency, for a local request costing ~nothing
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
-    env.pop("FLWR_ALLOW_RUNTIME_DEPENDENCY_INSTALLATION", None)
-    log_path = state / SUPERNODE_LOG
+    log_path, executor_log = state / SUPERNODE_LOG, state / EXECUTOR_LOG
     refused_since: float | None = None
+    runner, runner_offset = _spawn(executor, executor_log)
+    log(f"ClientApp executor started (pid {runner.pid})")
+    proc: subprocess.Popen[bytes] | None = None
     try:
         while True:
-            with log_path.open("ab") as out:
-                offset = out.tell()
-                # its own session: a Ctrl-C in the terminal reaches the daemon, which stops it
-                proc = subprocess.Popen(
-                    command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-                )
+            proc, offset = _spawn(command, log_path)
             log(f"SuperNode started (pid {proc.pid}), dialling {settings.coordinator}")
-            code = _watch(proc, stop)
-            if code is None:
+            exited = _watch({"supernode": proc, "executor": runner}, stop)
+            if exited is None:
                 break
+            which, code = exited
+            if which == "executor":
+                output = _output_since(executor_log, runner_offset)
+                tail = "\n".join("  " + x for x in output.splitlines()[-8:] if x.strip())
+                log(f"the ClientApp executor exited with code {code}; last lines of its log "
+                    f"({executor_log}):\n{tail}")  # fmt: skip
+                return 1
             output = _output_since(log_path, offset)
             if "SuperNode ID:" in output:
                 refused_since = None  # it was connected: a later refusal starts a new window
@@ -485,23 +530,28 @@ def _run_supernode(
             log(explain_exit(code, settings, output, _connected_before(log_path)))
             return 1
         name = signal.Signals(received[0]).name if received else "stop"
-        log(f"{name}: stopping the SuperNode")
-        _terminate(proc, log)
+        log(f"{name}: stopping the SuperNode and the executor")
         return 0
     finally:
+        for p, what in ((proc, "SuperNode"), (runner, "ClientApp executor")):
+            if p is not None:
+                _terminate(p, what, log)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _watch(proc: subprocess.Popen[bytes], stop: threading.Event) -> int | None:
-    """Wait until ``proc`` exits (its status) or ``stop`` is set (None)."""
+def _watch(
+    procs: dict[str, subprocess.Popen[bytes]], stop: threading.Event
+) -> tuple[str, int] | None:
+    """Wait until one of ``procs`` exits (its key and status) or ``stop`` is set (None)."""
     while not stop.wait(POLL_S):
-        code = proc.poll()
-        if code is None:
-            continue
-        if stop.wait(POLL_S):  # stopped along with us (e.g. systemd signals the group)
-            return None
-        return code
+        for key, proc in procs.items():
+            code = proc.poll()
+            if code is None:
+                continue
+            if stop.wait(POLL_S):  # stopped along with us (e.g. systemd signals the group)
+                return None
+            return key, code
     return None
 
 
@@ -521,14 +571,14 @@ def _connected_before(log_path: Path) -> bool:
         return False
 
 
-def _terminate(proc: subprocess.Popen[bytes], log: DaemonLog) -> None:
+def _terminate(proc: subprocess.Popen[bytes], what: str, log: DaemonLog) -> None:
     if proc.poll() is not None:
         return
     proc.terminate()
     try:
         proc.wait(timeout=GRACE_S)
     except subprocess.TimeoutExpired:
-        log(f"the SuperNode did not stop within {GRACE_S:g} s; killing it")
+        log(f"the {what} did not stop within {GRACE_S:g} s; killing it")
         proc.kill()
         proc.wait()
-    log(f"SuperNode stopped (exit code {proc.returncode})")
+    log(f"{what} stopped (exit code {proc.returncode})")

@@ -152,10 +152,11 @@ class Coordinator:
 
     # -- per round --------------------------------------------------------------------------
 
-    def start_round(self, round_num: int) -> None:
-        """Mark the start of a round (wall time is measured from here)."""
+    def start_round(self, round_num: int, started: float | None = None) -> None:
+        """Mark the start of a round: wall time is measured from ``started``
+        (``time.perf_counter()``, default now), when the round's adapter was sent."""
         self.record = {"round": round_num, "sites": {}, "failures": []}
-        self._round_start = time.perf_counter()
+        self._round_start = time.perf_counter() if started is None else started
 
     def aggregate(
         self,
@@ -345,6 +346,7 @@ class Coordinator:
         """Write this round's checkpoint and its line of ``metrics.jsonl``; return the line."""
         rec = self.record
         rec["wall_seconds"] = time.perf_counter() - self._round_start
+        rec["finished_at"] = round(time.time(), 3)  # when the round was recorded (Unix time)
         rec["epsilon"] = {s: p.reported_epsilon for s, p in self.privacy.items()}
         if self.central_sigma is not None:
             rec["central_epsilon"] = self._central_epsilon(self.job.privacy.accountant)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 from fedslm.clients.codec import (
@@ -42,31 +44,77 @@ T = TypeVar("T")
 # How often replies are polled for. Flower's send_and_receive waits 3 s between polls, which
 # adds 1.5 s on average to every message of a deployed round; a poll is one small request to
 # the SuperLink on the coordinator itself.
-POLL_INTERVAL_S = 0.25
+POLL_INTERVAL_S = 0.1
+# Retry a reply's array that the SuperLink does not have yet after 20 ms (doubling to 0.5 s)
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.5
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Push ``messages`` and collect their replies until all have arrived or ``timeout``
-    seconds have passed (``Grid.send_and_receive`` with a shorter polling interval). A
-    message still unanswered then gets an error reply in its site's name, so the round's
-    record says which site did not answer."""
+def quicker_reply_pulls() -> None:
+    """Make the deployed ServerApp's grid retry a reply's missing arrays sooner.
+
+    The SuperLink lists a reply as soon as a SuperNode has sent it, before its arrays have
+    all arrived; Flower's grid then waits 1 s (doubling up to 10 s) before asking again,
+    which cost up to 1.4 s on a third of a deployed round's messages (docs/benchmarks.md,
+    section 11). Flower has no setting for it, so the grid module's ``pull_objects`` is bound
+    to shorter waits, in this process only.
+    """
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+    from flwr.superlink.grid import http_grid
+
+    http_grid.pull_objects = partial(  # type: ignore[attr-defined]
+        pull_objects, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S
+    )
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Messages pushed to the sites (in order, with the ids the SuperLink gave them), and
+    when (``time.perf_counter``); their replies are collected with ``collect``."""
+
+    messages: list[Message]
+    ids: list[str]
+    at: float
+
+    def split(self, k: int) -> tuple[Sent, Sent]:
+        """The first ``k`` messages and the rest, as two batches sent at the same time."""
+        return (
+            Sent(self.messages[:k], self.ids[:k], self.at),
+            Sent(self.messages[k:], self.ids[k:], self.at),
+        )
+
+
+def send(grid: Grid, messages: Iterable[Message]) -> Sent:
+    """Push ``messages`` to the sites in one call."""
     sent = list(messages)
-    ids = list(grid.push_messages(sent))
-    pending = set(ids)
+    at = time.perf_counter()
+    return Sent(sent, list(grid.push_messages(sent)), at)
+
+
+def collect(grid: Grid, sent: Sent, timeout: float) -> list[Message]:
+    """The replies to ``sent``, polled for until all have arrived or ``timeout`` seconds
+    after they were sent (``Grid.send_and_receive``'s wait with a shorter polling interval).
+    A message still unanswered then gets an error reply in its site's name, so the round's
+    record says which site did not answer."""
+    pending = set(sent.ids)
     replies: list[Message] = []
-    deadline = time.monotonic() + timeout
+    deadline = sent.at + timeout
     while pending:
         for reply in grid.pull_messages(pending):
             replies.append(reply)
             pending.discard(reply.metadata.reply_to_message_id)
-        if not pending or time.monotonic() >= deadline:
+        if not pending or time.perf_counter() >= deadline:
             break
         time.sleep(POLL_INTERVAL_S)
-    for msg_id, msg in zip(ids, sent, strict=True):
+    for msg_id, msg in zip(sent.ids, sent.messages, strict=True):
         if msg_id in pending:
             reason = f"no reply within {timeout:g} s (federation.round_timeout_s)"
             replies.append(Message(Error(code=0, reason=reason), reply_to=msg))
     return replies
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Push ``messages`` and collect their replies (``send`` then ``collect``)."""
+    return collect(grid, send(grid, messages), timeout)
 
 
 class FedSLMStrategy(Strategy):
@@ -175,6 +223,13 @@ class FedSLMStrategy(Strategy):
     ) -> Iterable[Message]:
         """Every site trains on the current global adapter."""
         self.coordinator.start_round(server_round)
+        return self.train_messages(server_round, arrays, config, grid)
+
+    def train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """``configure_train``'s messages without starting the round: the round loop sends
+        them ahead, with the previous round's evaluation (``start_round`` follows)."""
         config["round"] = server_round
         self._grid, self._config = grid, config
         return self._messages(MessageType.TRAIN, arrays, config, grid)

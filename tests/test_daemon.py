@@ -9,6 +9,7 @@ docs/site-daemon.md).
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fedslm.clients.daemon import (
     DaemonError,
+    DaemonLog,
+    _run,
     explain_exit,
     parse_address,
     preflight,
@@ -234,7 +237,13 @@ def test_supernode_command_is_tls_with_the_sites_key(tmp_path: Path, pki: Path) 
     policy = load_policy(_site(tmp_path / "s", pki, 9092))
     settings = policy.daemon
     assert settings is not None
-    cmd = supernode_command(settings, Path("/run/x/worker.sock"), "flower-supernode")
+    cmd = supernode_command(settings, Path("/run/x/worker.sock"), Path("/run/x/executor.secret"))
+    # Flower's SuperNode through fedslm's launcher, which shortens its polls
+    assert cmd[:7] == [sys.executable, "-m", "fedslm.clients.supernode",
+                       "--poll-interval", "0.2", "--idle-poll-interval", "3"]  # fmt: skip
+    # no SuperExec: fedslm's executor takes the tasks, authenticated with the secret
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == "/run/x/executor.secret"
     assert "--insecure" not in cmd
     assert "--allow-runtime-dependency-installation" not in cmd
     assert cmd[cmd.index("--root-certificates") + 1] == str(pki / "good" / "ca.crt")
@@ -307,6 +316,10 @@ def test_sigterm_stops_the_supernode_and_removes_the_socket(
         sock = state / "worker.sock"
         assert sock.is_socket() and sock.stat().st_mode & 0o777 == 0o660
         assert int((state / "daemon.pid").read_text()) == proc.pid
+        executor_log = state / "executor.log"
+        while not executor_log.exists() or "executor up" not in executor_log.read_text():
+            assert time.monotonic() < deadline, "the executor did not start"
+            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:
@@ -320,6 +333,29 @@ def test_sigterm_stops_the_supernode_and_removes_the_socket(
     # the SuperNode got TLS arguments and the worker's socket
     args = (state / "supernode.log").read_text()
     assert f"--root-certificates {pki / 'good' / 'ca.crt'}" in args and "--insecure" not in args
+    # the executor ran beside it, and stopped with it; its secret is gone
+    assert "ClientApp executor stopped (exit code 0)" in out
+    assert "executor stopped" in (state / "executor.log").read_text()
+    assert not (state / "executor.secret").exists()
+
+
+def test_an_executor_that_dies_stops_the_daemon_with_its_reason(tmp_path: Path) -> None:
+    from fedslm.deployment.config import DaemonSettings
+
+    settings = DaemonSettings(
+        name="bank-a", coordinator="c:1", ca_cert="ca.crt", key="k", state_dir=str(tmp_path)
+    )
+    child_pid = tmp_path / "child.pid"
+    supernode = [_script(tmp_path / "supernode", f"echo $$ > {child_pid}; exec sleep 60")]
+    executor = [_script(tmp_path / "executor", "echo 'cannot reach the runtime API' >&2; exit 3")]
+    log = DaemonLog(tmp_path / "daemon.log", stream=io.StringIO())
+    assert _run(settings, supernode, executor, tmp_path, log) == 1
+    text = (tmp_path / "daemon.log").read_text()
+    assert "the ClientApp executor exited with code 3" in text
+    assert "cannot reach the runtime API" in text  # the tail of its log
+    assert "SuperNode stopped" in text
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(child_pid.read_text()), 0)
 
 
 def test_a_site_restarted_after_a_crash_retries_until_the_coordinator_lets_it_in(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedslm.clients.codec import decode_update, encode_payload, state_to_arrays
+from fedslm.clients.codec import arrays_to_state, decode_update, encode_payload, state_to_arrays
 from fedslm.server.strategy import FedSLMStrategy
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
@@ -107,4 +107,4 @@ def test_enough_replies_are_averaged(tmp_path: Path) -> None:
         1, [_ok(1, "site-1", 2.0), _ok(2, "site-2", 4.0), error]
     )
     assert arrays is not None and metrics is not None
-    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((2,), 3.0))
+    torch.testing.assert_close(arrays_to_state(arrays)["w"], torch.full((2,), 3.0))

@@ -94,6 +94,21 @@ class DaemonSettings(_Section):
         default=9094,
         description="Loopback port of the SuperNode's runtime API (one per site on a shared host).",
     )
+    poll_interval_s: float = Field(
+        default=0.2,
+        ge=0.05,
+        le=60.0,
+        description="While a job runs (a message in the last minute): the longest the "
+        "SuperNode waits before asking the coordinator for the next message, or looking for "
+        "the ClientApp's reply. Each message waits up to about twice this at the site.",
+    )
+    idle_poll_interval_s: float = Field(
+        default=3.0,
+        ge=0.05,
+        le=60.0,
+        description="Between jobs: how often the SuperNode asks the coordinator for a message "
+        "(3 s is Flower's own). The first message of a job waits up to this long.",
+    )
     accept_versions: list[str] = Field(
         default_factory=list,
         description="fedslm versions (exact, or a prefix ending in '*', e.g. '0.4.*') of "

@@ -74,6 +74,7 @@ class LoopbackDeployment:
         spare_sites: tuple[str, ...] = (),
         rows_per_site: int = 120,
         nginx: str | None = "/usr/sbin/nginx",
+        poll_interval_s: float | None = None,
     ) -> None:
         import psutil
 
@@ -83,6 +84,7 @@ class LoopbackDeployment:
         self.spare_sites = spare_sites  # made like the others but never registered
         self.rows_per_site = rows_per_site
         self.nginx = nginx
+        self.poll_interval_s = poll_interval_s  # the sites' daemon.poll_interval_s (None: default)
         self.procs: dict[str, subprocess.Popen] = {}
         # psutil handles, not bare PIDs: they refuse to signal a recycled PID
         self.seen: dict[int, Any] = {}
@@ -157,6 +159,8 @@ class LoopbackDeployment:
                 "runtime_port": free_port(),
             },
         }
+        if self.poll_interval_s is not None:
+            policy["daemon"]["poll_interval_s"] = self.poll_interval_s
         (folder / "site.yaml").write_text(yaml.safe_dump(policy))
 
     def write_job(self, name: str, job: dict[str, Any] | None = None, **federation: object) -> Path:

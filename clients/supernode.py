@@ -1,0 +1,140 @@
+"""Flower's SuperNode with shorter waits while a job runs: ``python -m fedslm.clients.supernode``.
+
+Flower 1.41's SuperNode asks the SuperLink for a message and, when there is none, sleeps a
+fixed 3 s before asking again; while a ClientApp works on a message it looks for the reply
+every 0.5 s; and a message array the SuperLink does not have yet is asked for again after 1 s,
+then 2, 4 ... s. None of these is a setting. In a federated round the next message reaches
+the site just after the coordinator aggregated the previous replies, when the SuperNode has
+usually just gone to sleep, so the 3 s were paid by nearly every message: with two messages
+per round they were most of what a deployed round cost over a simulated one
+(docs/benchmarks.md, section 11).
+
+This entry point runs Flower's own ``flower-supernode`` with every argument as given, except
+that in this process:
+
+- while a job is running (a message was handled in the last ``ACTIVE_WINDOW_S`` seconds) the
+  SuperNode's waits last at most ``--poll-interval`` seconds (``daemon.poll_interval_s``);
+  otherwise at most ``--idle-poll-interval`` seconds (``daemon.idle_poll_interval_s``; 3 s,
+  Flower's own, by default), so an idle site costs the coordinator what Flower's does;
+- a missing message array is asked for again after 20 ms, doubling up to 0.5 s.
+
+The waits are changed by giving Flower's loop module (``flwr.supernode.start_client_internal``)
+a ``time`` whose ``sleep`` is bounded, and a ``pull_objects`` bound to shorter back-offs.
+``check_flower`` verifies that the pinned Flower still waits where this module expects (a
+test runs it), so an upgrade that changes the loop fails loudly instead of silently losing
+the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+from collections.abc import Callable
+from functools import partial, wraps
+from types import ModuleType
+from typing import Any
+
+DEFAULT_POLL_S = 0.2
+DEFAULT_IDLE_POLL_S = 3.0  # Flower's
+ACTIVE_WINDOW_S = 60.0
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.5
+# What flwr.supernode.start_client_internal must still contain (Flower 1.41)
+FLOWER_WAITS = ("time.sleep(3)", "time.sleep(0.5)", "pull_objects(", "def _push_messages(")
+
+
+class PollClock:
+    """Stands in for the ``time`` module in Flower's SuperNode loop: ``sleep`` lasts at most
+    ``active_s`` within ``window_s`` of the last message handled (``handled``), else at most
+    ``idle_s``; everything else is ``time``'s."""
+
+    def __init__(
+        self, active_s: float, idle_s: float, window_s: float = ACTIVE_WINDOW_S, clock: Any = time
+    ) -> None:
+        self.active_s, self.idle_s, self.window_s = active_s, idle_s, window_s
+        self._clock = clock
+        self.last_message = -float("inf")
+
+    def handled(self) -> None:
+        """A message is being handled now: the job is running."""
+        self.last_message = self._clock.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, at most the poll of the moment."""
+        active = self._clock.monotonic() - self.last_message < self.window_s
+        self._clock.sleep(min(seconds, self.active_s if active else self.idle_s))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._clock, name)
+
+
+def check_flower() -> ModuleType:
+    """Flower's SuperNode loop module, after checking that it still waits where this module
+    expects; ``RuntimeError`` naming what changed otherwise."""
+    from flwr.supernode import start_client_internal as loop
+
+    source = inspect.getsource(loop)
+    missing = [s for s in FLOWER_WAITS if s not in source]
+    if missing or not isinstance(getattr(loop, "time", None), (ModuleType, PollClock)):
+        raise RuntimeError(
+            "flwr.supernode.start_client_internal no longer has "
+            f"{', '.join(missing) or 'the time module'}: this Flower version is not the one "
+            "fedslm.clients.supernode was written for; check its loop before upgrading"
+        )
+    return loop
+
+
+def shorten_waits(active_s: float, idle_s: float = DEFAULT_IDLE_POLL_S) -> PollClock:
+    """Bound the SuperNode loop's waits (see the module's docstring), in this process; the
+    clock that now bounds them."""
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    loop = check_flower()
+    real = loop.time._clock if isinstance(loop.time, PollClock) else loop.time
+    clock = PollClock(active_s, idle_s, clock=real)
+    loop.time = clock  # type: ignore[attr-defined]
+    push = getattr(loop._push_messages, "__wrapped__", loop._push_messages)
+    loop._push_messages = _marking(push, clock)  # type: ignore[attr-defined]
+    loop.pull_objects = partial(  # type: ignore[attr-defined]
+        pull_objects, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S
+    )
+    return clock
+
+
+def _marking(push: Callable[..., None], clock: PollClock) -> Callable[..., None]:
+    """``push`` (Flower's wait-for-the-reply-and-send step, run for every message pulled),
+    telling ``clock`` when it starts and ends."""
+
+    @wraps(push)
+    def pushing(*args: Any, **kwargs: Any) -> None:
+        clock.handled()
+        try:
+            push(*args, **kwargs)
+        finally:
+            clock.handled()
+
+    return pushing
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the two poll intervals, shorten the waits, and run ``flower-supernode`` with
+    the rest of the arguments."""
+    # --help is Flower's: every argument but the two below is flower-supernode's
+    parser = argparse.ArgumentParser(prog="python -m fedslm.clients.supernode", add_help=False)
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S)
+    parser.add_argument("--idle-poll-interval", type=float, default=DEFAULT_IDLE_POLL_S)
+    args, flower_args = parser.parse_known_args(argv)
+    for name, value in (("--poll-interval", args.poll_interval),
+                        ("--idle-poll-interval", args.idle_poll_interval)):  # fmt: skip
+        if not 0.01 <= value <= 60.0:
+            parser.error(f"{name} must be between 0.01 and 60 seconds")
+    shorten_waits(args.poll_interval, args.idle_poll_interval)
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The site's Flower plumbing that makes a deployed round fast: the ClientApp executor (which
+app it agrees to run), the SuperNode launcher (which Flower sleeps it shortens), and the one
+array an adapter travels as.
+
+The executor, the launcher and the codec run for real, against a real SuperLink and
+SuperNodes, in tests/test_deployment_e2e.py; bench/deployment_overhead.py measures them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedslm.clients import supernode
+from fedslm.clients.codec import ADAPTER, ORDER, arrays_to_state, state_to_arrays
+from fedslm.clients.executor import CLIENTAPP, AppRefused, check_app
+from flwr.app import Array, ArrayRecord
+from flwr.cli.build import build_fab_from_disk
+
+from fedslm.deployment.config import CoordinatorSettings
+from fedslm.deployment.coordinator import write_app
+
+
+def _fab(tmp_path: Path, clientapp: str = CLIENTAPP, extra: dict[str, str] | None = None) -> bytes:
+    """The FAB `fedslm coordinator run` submits, with its clientapp line changed and extra
+    files added."""
+    settings = CoordinatorSettings(
+        state_dir=str(tmp_path / "state"),
+        tls={"ca_cert": "ca.crt", "cert": "server.pem", "key": "server.key"},
+    )
+    app = write_app(settings)
+    toml = app / "pyproject.toml"
+    toml.write_text(
+        toml.read_text().replace(f'clientapp = "{CLIENTAPP}"', f'clientapp = "{clientapp}"')
+    )
+    for name, text in (extra or {}).items():
+        (app / name).write_text(text)
+    return build_fab_from_disk(app)
+
+
+def test_the_executor_runs_the_app_the_coordinator_submits(tmp_path: Path) -> None:
+    check_app(_fab(tmp_path))
+
+
+def test_a_fab_naming_another_clientapp_is_refused(tmp_path: Path) -> None:
+    fab = _fab(tmp_path, "evil.app:app", {"evil.py": "import os; os.system('id')\n"})
+    with pytest.raises(AppRefused, match="runs only fedslm's installed ClientApp") as err:
+        check_app(fab)
+    assert "'evil.app:app'" in str(err.value)
+
+
+def test_bytes_that_are_not_a_fab_are_refused() -> None:
+    with pytest.raises(AppRefused, match="not a FAB naming a ClientApp"):
+        check_app(b"not a zip file")
+
+
+# -- the SuperNode launcher ------------------------------------------------------------------
+
+
+def test_the_pinned_flower_still_polls_where_the_launcher_expects() -> None:
+    """If this fails after a Flower upgrade, the SuperNode's loop changed: re-read
+    flwr/supernode/start_client_internal.py before adapting fedslm.clients.supernode."""
+    supernode.check_flower()
+
+
+class FakeClock:
+    """``time`` with a hand-moved clock that records the sleeps asked of it."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 1000.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+def test_the_poll_clock_is_quick_during_a_job_and_flowers_own_when_idle() -> None:
+    fake = FakeClock()
+    clock = supernode.PollClock(active_s=0.2, idle_s=3.0, window_s=60, clock=fake)
+    clock.sleep(3)  # nothing handled yet: Flower's idle wait
+    clock.handled()
+    fake.now += 59
+    clock.sleep(3)  # a message a minute ago: the job's poll
+    clock.sleep(0.5)  # waiting for a reply
+    clock.sleep(0.01)  # a shorter wait is never lengthened
+    fake.now += 2
+    clock.sleep(3)  # over a minute since the last message: idle again
+    assert fake.slept == [3.0, 0.2, 0.2, 0.01, 3.0]
+    assert clock.monotonic() == fake.now  # the rest of `time`, passed through
+
+
+def test_shorten_waits_binds_the_supernode_loop_and_marks_each_message() -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    saved = loop.time, loop._push_messages, loop.pull_objects
+    pushed: list[str] = []
+    try:
+        loop._push_messages = lambda **kw: pushed.append("sent")
+        supernode.shorten_waits(0.5)
+        clock = supernode.shorten_waits(0.3, 2.0)  # twice: wraps Flower's, not its own
+        assert loop.time is clock and clock._clock is time
+        assert (clock.active_s, clock.idle_s) == (0.3, 2.0)
+        assert clock.last_message == -float("inf")
+        loop._push_messages(state=None)  # what the loop calls after pulling a message
+        assert pushed == ["sent"] and clock.last_message > 0
+        assert loop.pull_objects.keywords == {
+            "initial_backoff": supernode.PULL_BACKOFF_S,
+            "backoff_cap": supernode.PULL_BACKOFF_CAP_S,
+        }
+    finally:
+        loop.time, loop._push_messages, loop.pull_objects = saved
+
+
+def test_the_launcher_refuses_a_poll_interval_out_of_range(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        supernode.main(["--poll-interval", "100", "--superlink", "x:1"])
+    assert "--poll-interval must be between 0.01 and 60 seconds" in capsys.readouterr().err
+
+
+# -- the adapter on the wire -----------------------------------------------------------------
+
+
+def test_an_adapter_travels_as_one_array_and_comes_back_bit_for_bit() -> None:
+    state = {
+        "base_model.layer.0.lora_A.weight": torch.randn(4, 32),
+        "base_model.layer.0.lora_B.weight": torch.randn(32, 4),
+        "classifier.bias": torch.tensor([1e-38, -0.0, float("inf")]),
+    }
+    record = state_to_arrays(state)
+    assert list(record) == [ADAPTER]
+    back = arrays_to_state(record)
+    assert list(back) == list(state)
+    for name, tensor in state.items():
+        assert back[name].dtype == torch.float32
+        assert torch.equal(back[name].view(torch.int32), tensor.view(torch.int32)), name
+
+
+def test_a_half_precision_adapter_is_sent_as_float32() -> None:
+    back = arrays_to_state(state_to_arrays({"w": torch.ones(3, dtype=torch.bfloat16)}))
+    assert back["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (ArrayRecord({"w": Array(np.zeros(3, np.float32))}), "expected one array 'adapter'"),
+        (ArrayRecord({ADAPTER: Array(np.zeros(3, np.float32))}), "must be 1-D uint8"),
+        (ArrayRecord({ADAPTER: Array(np.frombuffer(b"garbage!", np.uint8))}), "not an adapter"),
+    ],
+)
+def test_a_malformed_adapter_record_is_a_value_error_naming_the_problem(
+    record: ArrayRecord, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        arrays_to_state(record)
+
+
+def test_an_adapter_without_its_order_is_refused() -> None:
+    from safetensors.torch import save
+
+    record = ArrayRecord({ADAPTER: Array(np.frombuffer(save({"w": torch.zeros(2)}), np.uint8))})
+    with pytest.raises(ValueError, match="not an adapter in safetensors"):
+        arrays_to_state(record)
+
+
+def test_an_adapter_of_float64_tensors_is_refused() -> None:
+    from safetensors.torch import save
+
+    blob = save({"w": torch.zeros(2, dtype=torch.float64)}, metadata={ORDER: '["w"]'})
+    record = ArrayRecord({ADAPTER: Array(np.frombuffer(blob, np.uint8))})
+    with pytest.raises(ValueError, match="must be float32; not: w"):
+        arrays_to_state(record)
