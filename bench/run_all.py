@@ -26,6 +26,8 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
     families = ["--json", str(out / "families.json")]
     aggregation = ["--json", str(out / "aggregation_throughput.json")]
     secagg = ["--json", str(out / "secagg_overhead.json"), "--out", str(out / "secagg")]
+    worker = ["--json", str(out / "worker_overhead.json")]
+    deployment = ["--json", str(out / "deployment_overhead.json"), "--out", str(out / "deploy")]
     if quick:
         # a check that every benchmark runs, not a measurement
         dp += ["--steps", "3", "--warmup", "1", "--budget", "30", "--max-wait", "0"]
@@ -36,6 +38,9 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
         families += ["--steps", "2", "--warmup", "1", "--max-wait", "0", "--budget", "10"]
         aggregation += ["--counts", "2", "4", "--repeats", "1", "--max-wait", "0"]
         secagg += ["--repeats", "1", "--max-wait", "0", "--sim-rounds", "2", "--sim-pairs", "1"]
+        worker += ["--repeats", "1", "--max-repeats", "1", "--fat", "1", "--steps", "2"]
+        worker += ["--max-wait", "0"]
+        deployment += ["--rounds", "2", "--local-steps", "2"]
     runs = [
         ("dp_overhead", dp),
         ("framework_overhead", fw),
@@ -43,6 +48,8 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
         ("families", families),
         ("aggregation_throughput", aggregation),
         ("secagg_overhead", secagg),
+        ("worker_overhead", worker),
+        ("deployment_overhead", deployment),
     ]
     if with_utility:
         runs.append(("utility_banking77", util))

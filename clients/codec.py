@@ -26,6 +26,9 @@ from fedslm.secagg.messages import KeyAdvert, MaskedInput
 T = TypeVar("T")
 ADAPTER = "adapter"  # the one array of an adapter's ArrayRecord
 ORDER = "fedslm.order"  # safetensors metadata: the tensor names in the sender's order
+# A training reply that also carries the site's evaluation of the adapter it received holds
+# that evaluation's records under these names ("eval-metrics", "eval-site")
+EVAL_PREFIX = "eval-"
 _U64 = 2**64
 
 
@@ -93,23 +96,33 @@ def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: tensors[k] for k in order}
 
 
-def encode_payload(payload: Payload) -> RecordDict:
+def encode_payload(payload: Payload, prefix: str = "") -> RecordDict:
     """A site's checked and logged reply (``Site.release``) as Flower records.
 
     Tensors go in an ArrayRecord, metrics in a MetricRecord and the identifying and DP fields
-    in a ConfigRecord: exactly what the egress log recorded, nothing added here.
+    in a ConfigRecord: exactly what the egress log recorded, nothing added here. ``prefix``
+    goes before each record's name (``EVAL_PREFIX``: an evaluation joined to a training reply
+    with ``join_replies``).
     """
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     if payload.tensors:
-        records["arrays"] = state_to_arrays(payload.tensors)
+        records[prefix + "arrays"] = state_to_arrays(payload.tensors)
     if payload.vectors:
-        records["vectors"] = ArrayRecord(
+        records[prefix + "vectors"] = ArrayRecord(
             OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in payload.vectors.items())
         )
     if payload.metrics:
-        records["metrics"] = MetricRecord(dict(payload.metrics))
-    records["site"] = ConfigRecord({k: to_wire(v) for k, v in payload.fields.items()})
+        records[prefix + "metrics"] = MetricRecord(dict(payload.metrics))
+    records[prefix + "site"] = ConfigRecord({k: to_wire(v) for k, v in payload.fields.items()})
     return RecordDict(records)
+
+
+def join_replies(evaluation: RecordDict, reply: RecordDict) -> RecordDict:
+    """One message for two released payloads: ``reply`` (training) and ``evaluation``
+    (encoded with ``EVAL_PREFIX``). Each was checked and logged on its own."""
+    if any(not k.startswith(EVAL_PREFIX) for k in evaluation) or set(evaluation) & set(reply):
+        raise ValueError("an evaluation to join must be encoded with EVAL_PREFIX")
+    return RecordDict({**dict(reply.items()), **dict(evaluation.items())})
 
 
 def message_to_config(m: object) -> ConfigRecord:
@@ -195,19 +208,21 @@ def _report(content: RecordDict, state: dict, array_bytes: int) -> SiteReport:
     )
 
 
-def decode_refusal(content: RecordDict) -> tuple[str, list[str]] | None:
-    """``(site, reasons)`` if ``content`` is a refusal, else None."""
-    info = content.get("site")
+def decode_refusal(content: RecordDict, prefix: str = "") -> tuple[str, list[str]] | None:
+    """``(site, reasons)`` if ``content`` (its records named with ``prefix``) is a refusal,
+    else None."""
+    info = content.get(prefix + "site")
     if not isinstance(info, ConfigRecord) or not info.get("refused"):
         return None
     return str(info["site"]), [str(r) for r in info["reasons"]]
 
 
-def decode_eval(content: RecordDict) -> SiteEval:
-    """The coordinator's view of an evaluation reply."""
-    m = content["metrics"]
+def decode_eval(content: RecordDict, prefix: str = "") -> SiteEval:
+    """The coordinator's view of an evaluation reply, or with ``prefix=EVAL_PREFIX`` of the
+    evaluation a training reply carries."""
+    m = content[prefix + "metrics"]
     return SiteEval(
-        str(content["site"]["site"]),
+        str(content[prefix + "site"]["site"]),
         float(m["eval-loss"]),
         float(m["eval-accuracy"]),
         int(m["num-examples"]),

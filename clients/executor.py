@@ -16,7 +16,15 @@ no code from a FAB is imported. The code that runs at a site is the code the sit
 
 The runtime API is on loopback; the SuperNode hands tasks only to a holder of the secret in
 ``--secret-file`` (Flower's SuperExec authentication), which the daemon writes, mode 0600, at
-every start. One task runs at a time, as the SuperNode sends one message at a time.
+every start. One task runs at a time, as the SuperNode handles one message at a time.
+
+One exception to "a task has a message": Flower 1.41's SuperNode creates a task for a message
+before pulling its content, and when the message's run has stopped meanwhile (a coordinator
+that restarted and resumed in a new run) it drops the message but leaves the task. The task's
+content then never arrives. Because the SuperNode takes its next message only once the one in
+hand is answered or dropped, a new task that appears while a task waits for its content
+means that content is not coming: the waiting task is given up (reported failed) and the new
+one runs.
 """
 
 from __future__ import annotations
@@ -53,7 +61,10 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectUnavailableError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -98,9 +109,24 @@ def check_app(content: bytes) -> None:
         )
 
 
-def run_task(address: str, token: str, log: Log) -> None:
+class Superseded(Exception):
+    """A newer task (its token in ``token``) appeared while this one waited for its message:
+    the SuperNode dropped that message."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__("the SuperNode dropped this task's message and moved on to another")
+        self.token = token
+
+
+def run_task(
+    address: str, token: str, log: Log, acquire: Callable[[], str | None] = lambda: None
+) -> str | None:
     """Run the ClientApp task ``token`` grants: pull its message, answer it with fedslm's
-    ClientApp (an error reply when the app raises), push the reply and the node's context."""
+    ClientApp (an error reply when the app raises), push the reply and the node's context.
+
+    While the message's content is not all there yet, ``acquire`` is asked for a newer task;
+    if there is one, this task is given up and the newer one's token returned, to run next.
+    """
     from fedslm.clients.app import app
 
     client = RuntimeHttpClient.from_server_address(
@@ -119,14 +145,17 @@ def run_task(address: str, token: str, log: Log) -> None:
     reply: Message | None = None
     status, details = SubStatus.FAILED, "the task failed before its message was read"
     marks = [("start", time.monotonic())]
+    newer: str | None = None
     beats.start()
     try:
-        message, context, fab = pull_input(client)
+        message, context, fab = pull_input(client, acquire)
         marks.append(("pull", time.monotonic()))
         check_app(fab.content)
         reply = app(message=message, context=context)
         marks.append(("app", time.monotonic()))
         status, details = SubStatus.COMPLETED, ""
+    except Superseded as superseded:
+        newer, details = superseded.token, str(superseded)
     except Exception as exc:  # every failure becomes an error reply
         details = f"{type(exc).__name__}: {exc}"
         code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -153,12 +182,17 @@ def run_task(address: str, token: str, log: Log) -> None:
             log(f"{what}: could not hand the reply to the SuperNode: {exc}")
         finally:
             client.close()
+    return newer
 
 
-def pull_input(client: RuntimeHttpClient) -> tuple[Message, Context, Fab]:
+def pull_input(
+    client: RuntimeHttpClient, acquire: Callable[[], str | None] = lambda: None
+) -> tuple[Message, Context, Fab]:
     """The task's message, the node's context and the FAB, as Flower's ``pull_task_input``
     reads them, but retrying a message array the SuperNode does not have yet after 20 ms
-    (doubling to 0.5 s) instead of after 1 s (doubling to 10 s)."""
+    (doubling to 0.5 s) instead of after 1 s (doubling to 10 s). Each retry first asks
+    ``acquire`` for a newer task: ``Superseded`` when there is one (see the module's
+    docstring)."""
     task = client.PullTaskInput(PullTaskInputRequest())
     context = context_from_proto(task.context)
     fab = fab_from_proto(task.fab)
@@ -170,14 +204,27 @@ def pull_input(client: RuntimeHttpClient) -> tuple[Message, Context, Fab]:
         raise RuntimeError("the SuperNode's runtime API returned no message for this task")
     tree = pulled.message_object_trees[0]
     node = Node(node_id=context.node_id)
+    pull = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
+    lock = threading.Lock()  # Flower pulls on two threads; one asks for a newer task
+
+    def pull_or_give_up(object_id: str) -> bytes:
+        try:
+            return pull(object_id)
+        except ObjectUnavailableError:
+            with lock:
+                newer = acquire()
+            if newer is not None:
+                raise Superseded(newer) from None
+            raise
+
     message = pull_and_inflate_object_from_tree(
         tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        pull_or_give_up,
         make_confirm_message_received_fn_protobuf(
             client.ConfirmMessageReceived, node, context.run_id
         ),
         return_type=Message,
-        max_tries_per_object=None,
+        max_tries_per_object=None,  # Flower's own limit, PULL_MAX_TIME (2 h), still applies
         initial_backoff=PULL_BACKOFF_S,
         backoff_cap=PULL_BACKOFF_CAP_S,
     )
@@ -220,11 +267,16 @@ def serve(address: str, secret: bytes, stop: threading.Event, log: Log) -> None:
         ],
     )
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+
+    def acquire() -> str | None:
+        response = client.AcquireTask(request)
+        return response.token if response.HasField("task") and response.token else None
+
     reachable: bool | None = None
     try:
         while not stop.is_set():
             try:
-                response = client.AcquireTask(request)
+                token = acquire()
             except httpx.HTTPError as exc:
                 if reachable is not False:
                     log(f"waiting for the SuperNode's runtime API at {address} ({exc})")
@@ -234,10 +286,10 @@ def serve(address: str, secret: bytes, stop: threading.Event, log: Log) -> None:
             if not reachable:
                 log(f"connected to the SuperNode's runtime API at {address}")
                 reachable = True
-            if response.HasField("task") and response.token:
-                run_task(address, response.token, log)
-            else:
+            if token is None:
                 stop.wait(TASK_POLL_S)
+            while token is not None:  # a task given up hands over the newer one
+                token = run_task(address, token, log, acquire)
     finally:
         client.close()
 

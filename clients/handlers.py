@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 from fedslm.clients.codec import (
+    EVAL_PREFIX,
     arrays_to_state,
     config_to_message,
     encode_payload,
     from_wire,
+    join_replies,
     to_wire,
 )
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -59,6 +61,11 @@ def handle_train(
 ) -> RecordDict:
     """One round of local training on the received global adapter, or a refusal.
 
+    With config ``evaluate-round`` (every round of a run but its first), the received adapter
+    is that round's global adapter, and the site evaluates it before training on it: the reply
+    carries the evaluation too (``EVAL_PREFIX``), so a round takes one message, not two. The
+    evaluation is released on its own and sent even when training is refused.
+
     Under secure aggregation the reply carries metrics and a key advert, and the update stays
     in ``state`` for the masked-input stage. With ``releases``, a round already released is
     answered from the store (same input) or refused (different input), without training.
@@ -66,12 +73,32 @@ def handle_train(
     config = content["config"]
     round_num = int(config["round"])  # type: ignore[arg-type]
     reporter = Reporter(quiet=bool(config.get("quiet", False)))  # type: ignore[union-attr]
+    global_state = arrays_to_state(content["arrays"])  # type: ignore[arg-type]
+    if "evaluate-round" not in config:
+        return _train(site, round_num, global_state, state, node_id, reporter, releases)
+    evaluated = int(config["evaluate-round"])  # type: ignore[arg-type]
+    try:
+        payload = site.release(evaluated, site.eval_payload(site.evaluate(global_state)))
+    except SiteRefusal as refusal:  # the egress guard blocked it: training goes on
+        payload = site.release(evaluated, site.refusal_payload(refusal.reasons))
+    evaluation = encode_payload(payload, EVAL_PREFIX)
+    reply = _train(site, round_num, global_state, state, node_id, reporter, releases)
+    return join_replies(evaluation, reply)
 
+
+def _train(
+    site: Site,
+    round_num: int,
+    global_state: dict[str, torch.Tensor],
+    state: RecordDict,
+    node_id: int,
+    reporter: Reporter,
+    releases: ReleaseStore | None,
+) -> RecordDict:
     def on_step(step: int, steps: int, loss: float) -> None:
         reporter.step(site.name, round_num, step, steps, loss)
 
     try:
-        global_state = arrays_to_state(content["arrays"])  # type: ignore[arg-type]
         if releases is not None:
             stored = releases.prior(site, round_num, global_state)
             if stored is not None:
@@ -92,7 +119,8 @@ def handle_train(
 
 
 def handle_evaluate(site: Site, content: RecordDict, state: RecordDict, node_id: int) -> RecordDict:
-    """Evaluate the received global adapter on this site's held-out split."""
+    """Evaluate the received global adapter on this site's held-out split (the last round's;
+    the others are evaluated with the next round's training, ``handle_train``)."""
     config = content["config"]
     round_num = int(config.get("round", 0))  # type: ignore[union-attr, arg-type]
     result = site.evaluate(arrays_to_state(content["arrays"]))  # type: ignore[arg-type]

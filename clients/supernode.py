@@ -16,13 +16,19 @@ that in this process:
   SuperNode's waits last at most ``--poll-interval`` seconds (``daemon.poll_interval_s``);
   otherwise at most ``--idle-poll-interval`` seconds (``daemon.idle_poll_interval_s``; 3 s,
   Flower's own, by default), so an idle site costs the coordinator what Flower's does;
-- a missing message array is asked for again after 20 ms, doubling up to 0.5 s.
+- a missing message array is asked for again after 20 ms, doubling up to 0.5 s;
+- the reply to the message just received is always the one waited for. Flower's loop takes a
+  message, then sends whatever replies there are and takes the next message. After a
+  coordinator restart a reply to a message of the stopped run can be all there is (Flower
+  then drops it); the loop would go on to the next message and leave the reply that matters
+  until after it, a round's timeout late. So the loop keeps sending until the reply to the
+  message it took has gone.
 
-The waits are changed by giving Flower's loop module (``flwr.supernode.start_client_internal``)
-a ``time`` whose ``sleep`` is bounded, and a ``pull_objects`` bound to shorter back-offs.
-``check_flower`` verifies that the pinned Flower still waits where this module expects (a
-test runs it), so an upgrade that changes the loop fails loudly instead of silently losing
-the speed-up.
+The loop is changed by giving Flower's loop module (``flwr.supernode.start_client_internal``)
+a ``time`` whose ``sleep`` is bounded, a ``pull_objects`` bound to shorter back-offs, and its
+pull and push steps wrapped. ``check_flower`` verifies that the pinned Flower still has what
+this module expects (a test runs it), so an upgrade that changes the loop fails loudly
+instead of silently losing the speed-up.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ DEFAULT_IDLE_POLL_S = 3.0  # Flower's
 ACTIVE_WINDOW_S = 60.0
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.5
 # What flwr.supernode.start_client_internal must still contain (Flower 1.41)
-FLOWER_WAITS = ("time.sleep(3)", "time.sleep(0.5)", "pull_objects(", "def _push_messages(")
+FLOWER_WAITS = ("time.sleep(3)", "time.sleep(0.5)", "pull_objects(", "def _push_messages(",
+                "def _pull_and_store_message(", "receive=receive", "send=send")  # fmt: skip
 
 
 class PollClock:
@@ -86,32 +93,80 @@ def check_flower() -> ModuleType:
 
 
 def shorten_waits(active_s: float, idle_s: float = DEFAULT_IDLE_POLL_S) -> PollClock:
-    """Bound the SuperNode loop's waits (see the module's docstring), in this process; the
-    clock that now bounds them."""
+    """Bound the SuperNode loop's waits and make it wait for the reply that matters (see the
+    module's docstring), in this process; the clock that now bounds the waits."""
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
 
     loop = check_flower()
     real = loop.time._clock if isinstance(loop.time, PollClock) else loop.time
     clock = PollClock(active_s, idle_s, clock=real)
     loop.time = clock  # type: ignore[attr-defined]
+    exchange = Exchange()
+    pull = getattr(loop._pull_and_store_message, "__wrapped__", loop._pull_and_store_message)
+    loop._pull_and_store_message = _receiving(pull, exchange)  # type: ignore[attr-defined]
     push = getattr(loop._push_messages, "__wrapped__", loop._push_messages)
-    loop._push_messages = _marking(push, clock)  # type: ignore[attr-defined]
+    loop._push_messages = _answering(push, clock, exchange)  # type: ignore[attr-defined]
     loop.pull_objects = partial(  # type: ignore[attr-defined]
         pull_objects, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S
     )
     return clock
 
 
-def _marking(push: Callable[..., None], clock: PollClock) -> Callable[..., None]:
-    """``push`` (Flower's wait-for-the-reply-and-send step, run for every message pulled),
-    telling ``clock`` when it starts and ends."""
+class Exchange:
+    """The message the loop took last (``awaiting``: its id, until its reply has gone) and
+    the messages whose replies it sent (``answered``)."""
+
+    def __init__(self) -> None:
+        self.awaiting: str | None = None
+        self.answered: set[str] = set()
+
+
+def _receiving(pull_and_store: Callable[..., Any], exchange: Exchange) -> Callable[..., Any]:
+    """Flower's take-a-message step, noting in ``exchange`` the message it took (none when
+    there was none or Flower dropped it)."""
+
+    @wraps(pull_and_store)
+    def pulling(**kwargs: Any) -> Any:
+        receive = kwargs["receive"]
+        taken: list[str] = []
+
+        def receiving() -> Any:
+            got = receive()
+            if got is not None:
+                taken.append(got[0].metadata.message_id)
+            return got
+
+        run_id = pull_and_store(**{**kwargs, "receive": receiving})
+        exchange.awaiting = taken[0] if run_id is not None and taken else None
+        return run_id
+
+    return pulling
+
+
+def _answering(
+    push: Callable[..., None], clock: PollClock, exchange: Exchange
+) -> Callable[..., None]:
+    """Flower's wait-for-replies-and-send step (run after every message taken), telling
+    ``clock`` when it starts and ends, and run again until the reply to the message taken
+    has been sent (Flower's sends the replies there are, maybe only stale ones)."""
 
     @wraps(push)
-    def pushing(*args: Any, **kwargs: Any) -> None:
+    def pushing(**kwargs: Any) -> None:
+        send = kwargs["send"]
+
+        def sending(message: Any, *args: Any) -> Any:
+            exchange.answered.add(message.metadata.reply_to_message_id)
+            return send(message, *args)
+
         clock.handled()
         try:
-            push(*args, **kwargs)
+            while True:
+                push(**{**kwargs, "send": sending})
+                if exchange.awaiting is None or exchange.awaiting in exchange.answered:
+                    break
         finally:
+            exchange.awaiting = None
+            exchange.answered.clear()
             clock.handled()
 
     return pushing

@@ -382,6 +382,17 @@ class Worker:
         round_num = config.get("round")
         if isinstance(round_num, bool) or not isinstance(round_num, int) or round_num < 0:
             raise RequestError(f"config 'round' must be an integer >= 0, got {round_num!r}")
+        evaluated = config.get("evaluate-round")
+        if evaluated is not None and (
+            kind != "train"
+            or isinstance(evaluated, bool)
+            or not isinstance(evaluated, int)
+            or not 0 < evaluated < round_num
+        ):
+            raise RequestError(
+                f"config 'evaluate-round' ({evaluated!r}) belongs in a train message only, as "
+                f"an earlier round than 'round' ({round_num})"
+            )
         if kind == "query" and not isinstance(config.get("stage"), str):
             raise RequestError("a query message needs config 'stage' (secure aggregation)")
         if kind in ("train", "evaluate") and not isinstance(content.get("arrays"), ArrayRecord):

@@ -132,6 +132,7 @@ class Coordinator:
         # release must not count their spend twice
         self._accounted: set[tuple[str, int]] = set()
         self._round_start = time.perf_counter()
+        self._recorded_at: float | None = None  # when the last round was recorded
         central = job.privacy.central
         self.central_sigma: float | None = None
         if central.enabled:
@@ -153,8 +154,8 @@ class Coordinator:
     # -- per round --------------------------------------------------------------------------
 
     def start_round(self, round_num: int, started: float | None = None) -> None:
-        """Mark the start of a round: wall time is measured from ``started``
-        (``time.perf_counter()``, default now), when the round's adapter was sent."""
+        """Start a round's record; ``started`` (``time.perf_counter()``, default now) is when
+        its training messages were sent."""
         self.record = {"round": round_num, "sites": {}, "failures": []}
         self._round_start = time.perf_counter() if started is None else started
 
@@ -345,7 +346,12 @@ class Coordinator:
     def end_round(self) -> dict[str, Any]:
         """Write this round's checkpoint and its line of ``metrics.jsonl``; return the line."""
         rec = self.record
-        rec["wall_seconds"] = time.perf_counter() - self._round_start
+        now = time.perf_counter()
+        # What the round added to the run: since the previous round was recorded (the first
+        # round in this process: since its start). A round's evaluation comes back with the
+        # next round's replies, so the time since its own start would count two rounds.
+        since = self._round_start if self._recorded_at is None else self._recorded_at
+        rec["wall_seconds"], self._recorded_at = now - since, now
         rec["finished_at"] = round(time.time(), 3)  # when the round was recorded (Unix time)
         rec["epsilon"] = {s: p.reported_epsilon for s, p in self.privacy.items()}
         if self.central_sigma is not None:

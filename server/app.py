@@ -17,7 +17,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from fedslm.clients.codec import state_to_arrays
-from fedslm.server.strategy import FedSLMStrategy, Sent, collect, quicker_reply_pulls, send
+from fedslm.server.strategy import FedSLMStrategy, collect, exchange, quicker_reply_pulls, send
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -35,34 +35,38 @@ def run_rounds(
     reporter: Reporter,
     config: ConfigRecord,
     first_round: int = 1,
-    send_ahead: bool = False,
 ) -> None:
     """Rounds ``first_round`` .. ``federation.rounds``: train, aggregate, evaluate, record.
+
+    One message per site and round: round r's training message carries round r-1's global
+    adapter, which the site evaluates before training on it, and the reply carries both. So
+    round r-1 is recorded (``aggregate_evaluate``, ``end_round``) when round r's replies are
+    in, and then round r is aggregated. The last round's adapter is evaluated with a message
+    of its own. (Two messages per round, train then evaluate, cost a deployed round one more
+    trip through Flower's SuperLink and SuperNodes: about a second here.)
 
     A round that cannot be aggregated because sites failed is sent again up to
     ``federation.round_retries`` times (not under secure aggregation); then, or at once when
     nothing failed that a retry could mend (e.g. every site refused), the run stops with the
     round's reason. The round's record is written either way.
-
-    ``send_ahead`` (deployment): round r's evaluation and round r+1's training both need
-    only round r's adapter, so they are sent together, and a site evaluates and then trains
-    (or the other way round) while the coordinator waits for the evaluations and writes round
-    r's record, instead of the two trips adding up. Round r+1 starts (``start_round``) once
-    round r is recorded. Only where a node handles its messages one at a time, as a SuperNode
-    does: Flower's simulation may run two messages of one node at once, in two processes.
     """
     fed = coordinator.job.federation
     retries = 0 if fed.secure_aggregation else fed.round_retries
     arrays = state_to_arrays(coordinator.state)
-    ahead: Sent | None = None  # round r's training messages, sent with round r-1's evaluation
+    unevaluated: int | None = None  # the last aggregated round, until its evaluation is in
     for r in range(first_round, fed.rounds + 1):
         for attempt in range(retries + 1):
-            if ahead is not None and attempt == 0:
-                coordinator.start_round(r, started=ahead.at)
-                sent = ahead
-            else:
-                sent = send(grid, strategy.configure_train(r, arrays, _copy(config), grid))
-            new_arrays, _ = strategy.aggregate_train(r, collect(grid, sent, fed.round_timeout_s))
+            train_config = _copy(config)
+            if unevaluated is not None:
+                train_config["evaluate-round"] = unevaluated
+            sent = send(grid, strategy.configure_train(r, arrays, train_config, grid))
+            replies = collect(grid, sent, fed.round_timeout_s)
+            if unevaluated is not None:
+                strategy.aggregate_evaluate(unevaluated, replies)
+                reporter.round_done(coordinator.end_round(), fed.rounds)
+                unevaluated = None
+            coordinator.start_round(r, started=sent.at)
+            new_arrays, _ = strategy.aggregate_train(r, replies)
             if new_arrays is not None:
                 arrays = new_arrays
                 break
@@ -77,14 +81,11 @@ def run_rounds(
                     f"(all recorded in {coordinator.out / 'metrics.jsonl'})"
                 )
             reporter.warn(f"round {r} not aggregated ({rec.get('reason')}); sending it again")
-        evaluation = list(strategy.configure_evaluate(r, arrays, _copy(config), grid))
-        following = []
-        if send_ahead and r < fed.rounds:
-            following = strategy.train_messages(r + 1, arrays, _copy(config), grid)
-        sent, ahead = send(grid, [*evaluation, *following]).split(len(evaluation))
-        strategy.aggregate_evaluate(r, collect(grid, sent, fed.round_timeout_s))
+        unevaluated = r
+    if unevaluated is not None:
+        messages = strategy.configure_evaluate(unevaluated, arrays, _copy(config), grid)
+        strategy.aggregate_evaluate(unevaluated, exchange(grid, messages, fed.round_timeout_s))
         reporter.round_done(coordinator.end_round(), fed.rounds)
-        ahead = ahead if following else None
 
 
 def _copy(config: ConfigRecord) -> ConfigRecord:
@@ -108,11 +109,10 @@ def _run_to_end(
     config: ConfigRecord,
     out: Path,
     first_round: int = 1,
-    send_ahead: bool = False,
 ) -> dict:
     strategy.summary()
     try:
-        run_rounds(grid, strategy, coordinator, reporter, config, first_round, send_ahead)
+        run_rounds(grid, strategy, coordinator, reporter, config, first_round)
     finally:
         summary = coordinator.finish()  # the record is written even when the run fails
     if coordinator.aggregated_rounds == 0:
@@ -172,9 +172,8 @@ def run_deployed(grid: Grid, run_dir: Path, resume: bool, reporter: Reporter) ->
     )
     write_status(run_dir, "running", job_id=prepared.job_id, first_round=first)
     try:
-        config = deployed_config(prepared)
         summary = _run_to_end(
-            grid, strategy, coordinator, reporter, config, run_dir, first, send_ahead=True
+            grid, strategy, coordinator, reporter, deployed_config(prepared), run_dir, first
         )
     except Exception as exc:
         write_status(run_dir, "failed", job_id=prepared.job_id, reason=str(exc))

@@ -13,6 +13,7 @@ from functools import partial
 from typing import TypeVar
 
 from fedslm.clients.codec import (
+    EVAL_PREFIX,
     decode_eval,
     decode_protocol_reply,
     decode_refusal,
@@ -75,13 +76,6 @@ class Sent:
     ids: list[str]
     at: float
 
-    def split(self, k: int) -> tuple[Sent, Sent]:
-        """The first ``k`` messages and the rest, as two batches sent at the same time."""
-        return (
-            Sent(self.messages[:k], self.ids[:k], self.at),
-            Sent(self.messages[k:], self.ids[k:], self.at),
-        )
-
 
 def send(grid: Grid, messages: Iterable[Message]) -> Sent:
     """Push ``messages`` to the sites in one call."""
@@ -94,12 +88,21 @@ def collect(grid: Grid, sent: Sent, timeout: float) -> list[Message]:
     """The replies to ``sent``, polled for until all have arrived or ``timeout`` seconds
     after they were sent (``Grid.send_and_receive``'s wait with a shorter polling interval).
     A message still unanswered then gets an error reply in its site's name, so the round's
-    record says which site did not answer."""
+    record says which site did not answer; so does an error the SuperLink wrote for a site
+    (e.g. "Node Unavailable", which Flower sends from the SuperLink's own node id)."""
     pending = set(sent.ids)
+    asked = dict(zip(sent.ids, sent.messages, strict=True))
     replies: list[Message] = []
     deadline = sent.at + timeout
     while pending:
         for reply in grid.pull_messages(pending):
+            original = asked.get(reply.metadata.reply_to_message_id)
+            if (
+                reply.has_error()
+                and original is not None
+                and reply.metadata.src_node_id != original.metadata.dst_node_id
+            ):
+                reply = Message(reply.error, reply_to=original)
             replies.append(reply)
             pending.discard(reply.metadata.reply_to_message_id)
         if not pending or time.perf_counter() >= deadline:
@@ -221,15 +224,11 @@ class FedSLMStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Every site trains on the current global adapter."""
-        self.coordinator.start_round(server_round)
-        return self.train_messages(server_round, arrays, config, grid)
-
-    def train_messages(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        """``configure_train``'s messages without starting the round: the round loop sends
-        them ahead, with the previous round's evaluation (``start_round`` follows)."""
+        """Every site trains on the current global adapter (and, when ``config`` has
+        ``evaluate-round``, first evaluates it: ``aggregate_evaluate`` takes those replies).
+        The round loop starts the coordinator's round (``Coordinator.start_round``) once the
+        previous round is recorded, which with an evaluation riding along is after the
+        replies to these messages."""
         config["round"] = server_round
         self._grid, self._config = grid, config
         return self._messages(MessageType.TRAIN, arrays, config, grid)
@@ -357,16 +356,25 @@ class FedSLMStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Fold evaluations into the round's record (weighted by held-out examples)."""
+        """Fold evaluations into the round's record (weighted by held-out examples): the
+        replies to evaluate messages, or to train messages that carried an evaluation."""
         evals, failures = [], []
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                failures.append(f"{self._label(reply.metadata.src_node_id)}: {reply.error.reason}")
+                failures.append(f"{self._label(node)}: {reply.error.reason}")
                 continue
+            prefix = EVAL_PREFIX if reply.metadata.message_type == MessageType.TRAIN else ""
             try:
-                ev = decode_eval(reply.content)
+                if prefix and prefix + "site" not in reply.content:
+                    refusal = decode_refusal(reply.content)  # the whole message was refused
+                else:
+                    refusal = decode_refusal(reply.content, prefix)
+                if refusal is not None:
+                    failures.append(f"{self._label(node)}: refused: {'; '.join(refusal[1])}")
+                    continue
+                ev = decode_eval(reply.content, prefix)
             except (KeyError, TypeError, ValueError) as exc:
-                node = reply.metadata.src_node_id
                 failures.append(f"{self._label(node)}: malformed ({exc!r})")
                 continue
             wrong = self._identity(reply.metadata.src_node_id, ev.site)

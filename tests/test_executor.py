@@ -16,7 +16,7 @@ import pytest
 import torch
 from fedslm.clients import supernode
 from fedslm.clients.codec import ADAPTER, ORDER, arrays_to_state, state_to_arrays
-from fedslm.clients.executor import CLIENTAPP, AppRefused, check_app
+from fedslm.clients.executor import CLIENTAPP, AppRefused, Superseded, check_app, pull_input
 from flwr.app import Array, ArrayRecord
 from flwr.cli.build import build_fab_from_disk
 
@@ -55,6 +55,55 @@ def test_a_fab_naming_another_clientapp_is_refused(tmp_path: Path) -> None:
 def test_bytes_that_are_not_a_fab_are_refused() -> None:
     with pytest.raises(AppRefused, match="not a FAB naming a ClientApp"):
         check_app(b"not a zip file")
+
+
+class DroppedMessageRuntime:
+    """The SuperNode's runtime API as the executor sees it for a task whose message Flower's
+    SuperNode dropped (its run stopped): the task and its context exist, its message's content
+    never becomes available."""
+
+    def __init__(self, fab: bytes) -> None:
+        self.fab, self.pulls = fab, 0
+
+    def PullTaskInput(self, _request: object) -> object:
+        from flwr.app import Context, RecordDict
+        from flwr.common.serde import context_to_proto, fab_to_proto
+        from flwr.proto.runtime_pb2 import PullTaskInputResponse
+        from flwr.supercore.fab import Fab
+
+        context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+        return PullTaskInputResponse(
+            context=context_to_proto(context), fab=fab_to_proto(Fab("h", self.fab, {})), task_id=9
+        )
+
+    def PullMessages(self, _request: object) -> object:
+        from flwr.proto.message_pb2 import Message as ProtoMessage
+        from flwr.proto.message_pb2 import ObjectTree
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+
+        return PullAppMessagesResponse(
+            messages_list=[ProtoMessage()], message_object_trees=[ObjectTree(object_id="m")]
+        )
+
+    def PullObject(self, _request: object) -> object:
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        self.pulls += 1
+        return PullObjectResponse(object_found=True, object_available=False)
+
+    def ConfirmMessageReceived(self, _request: object) -> object:
+        raise AssertionError("a message that never arrived cannot be confirmed")
+
+
+def test_a_task_whose_message_never_comes_gives_way_to_the_next(tmp_path: Path) -> None:
+    """Waiting for a dropped message's content, the executor asks for a newer task between
+    tries; once there is one, it gives the waiting task up and hands that task on."""
+    runtime = DroppedMessageRuntime(_fab(tmp_path))
+    offers = iter([None, None, "token-2"])
+    with pytest.raises(Superseded) as err:
+        pull_input(runtime, lambda: next(offers))  # type: ignore[arg-type]
+    assert err.value.token == "token-2"
+    assert runtime.pulls >= 3  # it kept trying until the newer task appeared
 
 
 # -- the SuperNode launcher ------------------------------------------------------------------
@@ -97,7 +146,7 @@ def test_the_poll_clock_is_quick_during_a_job_and_flowers_own_when_idle() -> Non
 def test_shorten_waits_binds_the_supernode_loop_and_marks_each_message() -> None:
     from flwr.supernode import start_client_internal as loop
 
-    saved = loop.time, loop._push_messages, loop.pull_objects
+    saved = loop.time, loop._push_messages, loop._pull_and_store_message, loop.pull_objects
     pushed: list[str] = []
     try:
         loop._push_messages = lambda **kw: pushed.append("sent")
@@ -106,14 +155,51 @@ def test_shorten_waits_binds_the_supernode_loop_and_marks_each_message() -> None
         assert loop.time is clock and clock._clock is time
         assert (clock.active_s, clock.idle_s) == (0.3, 2.0)
         assert clock.last_message == -float("inf")
-        loop._push_messages(state=None)  # what the loop calls after pulling a message
+        loop._push_messages(state=None, send=None)  # what the loop calls after a message
         assert pushed == ["sent"] and clock.last_message > 0
         assert loop.pull_objects.keywords == {
             "initial_backoff": supernode.PULL_BACKOFF_S,
             "backoff_cap": supernode.PULL_BACKOFF_CAP_S,
         }
     finally:
-        loop.time, loop._push_messages, loop.pull_objects = saved
+        loop.time, loop._push_messages, loop._pull_and_store_message, loop.pull_objects = saved
+
+
+class _Msg:
+    """What the loop's steps read of a message: its id, and the id it replies to."""
+
+    def __init__(self, message_id: str, reply_to: str = "") -> None:
+        self.metadata = type("M", (), {"message_id": message_id, "reply_to_message_id": reply_to})
+
+
+def test_the_loop_waits_for_the_reply_to_the_message_it_took() -> None:
+    """After a coordinator restart, a reply to a message of the stopped run may be all there
+    is when the loop looks: Flower sends (drops) it and would take the next message; the
+    wrapped loop looks again until the reply to the message it took has gone."""
+    exchange = supernode.Exchange()
+    clock = supernode.PollClock(0.2, 3.0)
+    pending = [[_Msg("r-old", reply_to="old")], [_Msg("r-new", reply_to="new")]]
+    sent: list[str] = []
+
+    def flower_pull(**kw: object) -> int:
+        kw["receive"]()  # type: ignore[operator]
+        return 7  # the run id: the message was taken
+
+    def flower_push(**kw: object) -> None:
+        for reply in pending.pop(0):  # what Flower finds: one batch of replies per call
+            kw["send"](reply, None, 0.0)  # type: ignore[operator]
+
+    pull = supernode._receiving(flower_pull, exchange)
+    push = supernode._answering(flower_push, clock, exchange)
+    pull(receive=lambda: (_Msg("new"), None))
+    push(send=lambda m, *a: sent.append(m.metadata.message_id))
+    assert sent == ["r-old", "r-new"] and not pending
+    # a message Flower dropped (run stopped) is not waited for
+    pending = [[_Msg("r-x", reply_to="x")]]
+    pull_dropped = supernode._receiving(lambda **kw: kw["receive"]() and None, exchange)
+    pull_dropped(receive=lambda: (_Msg("dropped"), None))
+    push(send=lambda m, *a: sent.append(m.metadata.message_id))
+    assert sent[-1] == "r-x" and not pending
 
 
 def test_the_launcher_refuses_a_poll_interval_out_of_range(

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedslm.clients.codec import arrays_to_state, decode_update, encode_payload, state_to_arrays
-from fedslm.server.strategy import FedSLMStrategy
+from fedslm.clients.codec import (
+    EVAL_PREFIX,
+    arrays_to_state,
+    decode_update,
+    encode_payload,
+    join_replies,
+    state_to_arrays,
+)
+from fedslm.server.strategy import FedSLMStrategy, exchange
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedslm.config import JobConfig
@@ -108,3 +115,86 @@ def test_enough_replies_are_averaged(tmp_path: Path) -> None:
     )
     assert arrays is not None and metrics is not None
     torch.testing.assert_close(arrays_to_state(arrays)["w"], torch.full((2,), 3.0))
+
+
+def _eval_payload(site: str, loss: float) -> Payload:
+    return Payload(
+        "evaluate", {}, {"num-examples": 5, "eval-loss": loss, "eval-accuracy": 0.5}, {"site": site}
+    )
+
+
+def test_evaluations_riding_on_training_replies_are_recorded(tmp_path: Path) -> None:
+    """Round 2's training replies carry the sites' evaluations of round 1's adapter: each
+    part is read on its own; a site that refused training still evaluated."""
+    strategy = _strategy(tmp_path, min_sites=1)
+    trained = _ok(1, "site-1", 2.0)
+    joined = join_replies(
+        encode_payload(_eval_payload("site-1", 1.0), EVAL_PREFIX), trained.content
+    )
+    training_refused = encode_payload(
+        Payload("refusal", {}, {}, {"site": "site-2", "refused": True, "reasons": ["budget"]})
+    )
+    refused_but_evaluated = join_replies(
+        encode_payload(_eval_payload("site-2", 3.0), EVAL_PREFIX), training_refused
+    )
+    whole_message_refused = encode_payload(  # e.g. the site does not run this job at all
+        Payload("refusal", {}, {}, {"site": "site-3", "refused": True, "reasons": ["no"]})
+    )
+    replies = [
+        Message(joined, reply_to=_request(1)),
+        Message(refused_but_evaluated, reply_to=_request(2)),
+        Message(whole_message_refused, reply_to=_request(3)),
+    ]
+    strategy.aggregate_evaluate(1, replies)
+    rec = strategy.coordinator.record
+    assert rec["eval_loss"] == pytest.approx(2.0)  # (1.0 * 5 + 3.0 * 5) / 10
+    assert rec["sites"]["site-1"]["eval_loss"] == 1.0 and rec["sites"]["site-2"]["eval_loss"] == 3.0
+    assert rec["failures"] == ["evaluate: node 3: refused: no"]
+    # and the training parts are what aggregate_train sees
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert rec["refusals"] == {"site-2": ["budget"], "site-3": ["no"]}
+
+
+def test_only_an_evaluation_encoded_with_its_prefix_joins_a_reply() -> None:
+    evaluation = encode_payload(_eval_payload("site-1", 1.0))
+    with pytest.raises(ValueError, match="EVAL_PREFIX"):
+        join_replies(evaluation, _ok(1, "site-1", 2.0).content)
+
+
+class _OneShotGrid:
+    """Pushes record the message ids; each pull returns the replies ``answer`` makes."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer, self.sent = answer, []
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+        self.sent = list(messages)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids: object) -> list[Message]:
+        replies, self.sent = [self.answer(m) for m in self.sent], []  # type: ignore[operator]
+        return replies
+
+
+def test_an_error_the_superlink_writes_for_a_site_is_in_that_sites_name() -> None:
+    def superlink_error(m: Message) -> Message:
+        reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=m)
+        reply.metadata.__dict__["_src_node_id"] = 1  # Flower writes these from node 1
+        return reply
+
+    (reply,) = exchange(_OneShotGrid(superlink_error), [_request(42)], timeout=5)  # type: ignore[arg-type]
+    assert reply.has_error() and reply.error.reason == "Node Unavailable"
+    assert reply.metadata.src_node_id == 42
+
+
+def test_a_message_nobody_answers_gets_an_error_in_its_sites_name() -> None:
+    class Silent(_OneShotGrid):
+        def pull_messages(self, ids: object) -> list[Message]:
+            return []
+
+    (reply,) = exchange(Silent(None), [_request(7)], timeout=0.05)  # type: ignore[arg-type]
+    assert reply.has_error() and "no reply within 0.05 s" in reply.error.reason
+    assert reply.metadata.src_node_id == 7

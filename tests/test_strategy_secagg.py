@@ -125,6 +125,7 @@ def _run(
     config = ConfigRecord({"round": 1})
     requests = list(strategy.configure_train(1, arrays, config, grid))  # type: ignore[arg-type]
     replies = [grid.train_reply(m.metadata.dst_node_id, m) for m in requests]
+    coordinator.start_round(1)  # the round loop's part
     strategy.aggregate_train(1, replies)
     return strategy
 

@@ -22,7 +22,14 @@ from typing import Any
 import pytest
 import torch
 from fedslm.clients.bridge import MAGIC, WorkerError, call_worker
-from fedslm.clients.codec import arrays_to_state, decode_refusal, state_to_arrays
+from fedslm.clients.codec import (
+    EVAL_PREFIX,
+    arrays_to_state,
+    decode_eval,
+    decode_refusal,
+    decode_update,
+    state_to_arrays,
+)
 from fedslm.clients.handlers import (
     SECRET_STATE_KEYS,
     STATE_KEY,
@@ -217,6 +224,43 @@ def test_a_retried_round_is_replayed_and_spends_once(deployment: Deployment) -> 
     assert files == ["round-2.pt"]  # only the latest round is kept
     with PrivacyLedger(d.worker.ledger_path, create=False) as ledger:
         assert [e.round for e in ledger.entries() if e.job_id == job_id] == [1, 2]
+
+
+def test_a_train_message_carries_the_evaluation_of_the_adapter_it_brings(
+    deployment: Deployment,
+) -> None:
+    """Round r's training message brings round r-1's global adapter: the site evaluates it,
+    then trains on it, and answers both in one reply, each part released and logged apart."""
+    d = deployment
+    job_id = "job-joined"
+    first, _ = d.call("train", content(message_config(d.job, 1, job_id), d.adapter))
+    global_1 = arrays_to_state(first["arrays"])  # type: ignore[arg-type]
+    joined, _ = d.call(
+        "train", content(message_config(d.job, 2, job_id, **{"evaluate-round": 1}), global_1)
+    )
+    alone, _ = d.call("evaluate", content(message_config(d.job, 1, job_id), global_1))
+    assert dict(joined["eval-metrics"]) == dict(alone["metrics"])  # type: ignore[call-overload]
+    assert decode_eval(joined, EVAL_PREFIX) == decode_eval(alone)
+    assert decode_update(joined).site == SITE and decode_update(joined).steps > 0
+    with PrivacyLedger(d.worker.ledger_path, create=False) as ledger:
+        sent = [(e.round, e.kind) for e in egress_entries(ledger, job_id)]
+    assert sent == [(1, "train"), (1, "evaluate"), (2, "train"), (1, "evaluate")]
+    # round 2 again with another adapter: training is refused, the evaluation still goes
+    other = {k: v + 0.01 for k, v in global_1.items()}
+    refused, _ = d.call(
+        "train", content(message_config(d.job, 2, job_id, **{"evaluate-round": 1}), other)
+    )
+    assert "already released" in decode_refusal(refused)[1][0]  # type: ignore[index]
+    assert decode_refusal(refused, EVAL_PREFIX) is None
+    assert decode_eval(refused, EVAL_PREFIX).site == SITE
+    for bad in (2, 0, True, "1"):
+        cfg = message_config(d.job, 2, job_id, **{"evaluate-round": bad})
+        with pytest.raises(WorkerError, match="'evaluate-round'"):
+            d.call("train", content(cfg, global_1))
+    with pytest.raises(WorkerError, match="belongs in a train message only"):
+        d.call(
+            "evaluate", content(message_config(d.job, 2, job_id, **{"evaluate-round": 1}), other)
+        )
 
 
 def _raw_request(path: Path, data: bytes) -> dict[str, Any]:
