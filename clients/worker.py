@@ -606,7 +606,7 @@ class Worker:
         """The site's data file split into train/eval for this job, under
         ``state_dir/jobs/<job-id>/``, and the fingerprint of the whole file."""
         from fedslm.artifacts import write_json
-        from fedslm.data import check_labels, read_table, train_eval_split, write_rows
+        from fedslm.data import read_site_file, train_eval_split, write_rows
         from fedslm.data.sites import _derive_seed
         from fedslm.privacy.ledger import DatasetFingerprint
 
@@ -615,28 +615,16 @@ class Worker:
         # the whole file, not a split: every job on it spends from the same lifetime budget
         dataset = DatasetFingerprint.of_file(source)
         d = job.data
-        classification = job.task.type == "classification"
-        columns = (
-            [d.text_column, d.label_column]
-            if classification
-            else [d.prompt_column, d.response_column]
-        )
-        table = read_table(source, columns)
-        labels = None
-        if classification:
-            labels = [row[d.label_column].strip() for row in table.rows]
-            for row, label in zip(table.rows, labels, strict=True):
-                row[d.label_column] = label
-            check_labels(table.path, labels, table.locations, d.labels or [], d.label_column)
+        rows, labels = read_site_file(source, d, job.task.type)
         # the same split a simulated site of this name would make of these rows
         seed = _derive_seed(job.seed, self.name, "eval")
-        train, held = train_eval_split(len(table), d.eval_fraction, seed, labels)
+        train, held = train_eval_split(len(rows), d.eval_fraction, seed, labels)
         folder = self.state_dir / "jobs" / job_id
         folder.parent.mkdir(exist_ok=True, mode=0o700)
         folder.mkdir(exist_ok=True, mode=0o700)
         paths = folder / "train.jsonl", folder / "eval.jsonl"
         for part, path in zip((train, held), paths, strict=True):
-            write_rows([{c: table.rows[i][c] for c in columns} for i in part], path)
+            write_rows([rows[i] for i in part], path)
         write_json(
             folder / "split.json",
             {"data": str(source), "dataset": dataset.key, "train": len(train), "eval": len(held)},

@@ -62,7 +62,7 @@ def check_text(policy_path: Path, job_path: Path | None = None) -> tuple[str, bo
         lines.append(f"ledger {ledger_path}: not created yet (nothing spent)")
     if job_path is None:
         return "\n".join(lines), True
-    reasons, job_lines = _cost_job(policy, job_path, fp.rows, spent)
+    reasons, job_lines = _cost_job(policy, job_path, data, fp.rows, spent)
     lines.extend(job_lines)
     if reasons:
         lines.append("REFUSED: " + "; ".join(reasons))
@@ -72,13 +72,22 @@ def check_text(policy_path: Path, job_path: Path | None = None) -> tuple[str, bo
 
 
 def _cost_job(
-    policy: Any, job_path: Path, records: int, spent: list[Segment]
+    policy: Any, job_path: Path, data: Path, records: int, spent: list[Segment]
 ) -> tuple[list[str], list[str]]:
     from fedslm.config import load_config
+    from fedslm.data import read_site_file
+    from fedslm.errors import DataError
     from fedslm.models.registry import resolve_model
     from fedslm.site import check_delta, check_secagg_weight, job_refusal, plan_privacy
 
     job = load_config(job_path)
+    misfit = []
+    if job.data.at_sites:
+        # what the site's worker will check when the job arrives: the columns and the labels
+        try:
+            read_site_file(data, job.data, job.task.type)
+        except DataError as exc:
+            misfit = [f"the site's data does not fit this job: {exc}"]
     check_delta(job, records, str(job_path))
     check_secagg_weight(job, records, str(job_path))
     plan = plan_privacy(job, records, str(job_path))
@@ -98,7 +107,7 @@ def _cost_job(
         ]
     else:
         lines.append("  DP is OFF in this job")
-    return job_refusal(policy, job, plan, model.sha256, spent), lines
+    return misfit + job_refusal(policy, job, plan, model.sha256, spent), lines
 
 
 def _check_cmd(args: argparse.Namespace) -> int:

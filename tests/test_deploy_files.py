@@ -404,6 +404,10 @@ def test_compose_file() -> None:
     assert not networks["site-a"] & networks["site-b"], "the sites must not share a network"
     job = load_config(COMPOSE / "jobs" / "example-job.yaml")
     assert job.data.at_sites and job.federation.sites == ["site-a", "site-b"]
+    # the walkthrough's site data comes from `fedslm synth`: the job must know every label
+    from fedslm.data import INTENTS
+
+    assert set(job.data.labels or []) == set(INTENTS)
 
 
 def test_helm_chart() -> None:

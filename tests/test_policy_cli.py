@@ -116,3 +116,23 @@ def test_missing_policy_and_foreign_ledger(
         pass
     code, _, err = _run(["policy", "check", str(site / "site.yaml")], capsys)
     assert code == 2 and "ledger belongs to data set" in err
+
+
+def test_a_deployed_job_whose_labels_miss_the_sites_data_is_refused(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the site's worker would refuse when the job arrives is refused here first."""
+    from fedslm.data import INTENTS
+
+    job = yaml.safe_load((site.parent / "job.yaml").read_text())
+    job["data"] = {"at_sites": True, "labels": sorted(INTENTS)}
+    (site.parent / "deployed.yaml").write_text(yaml.safe_dump(job))
+    args = ["policy", "check", str(site / "site.yaml"), "--job", str(site.parent / "deployed.yaml")]
+    code, out, _ = _run(args, capsys)
+    assert code == 0, out
+    job["data"]["labels"] = sorted(INTENTS)[1:]  # one label of the site's data is missing
+    (site.parent / "deployed.yaml").write_text(yaml.safe_dump(job))
+    code, out, _ = _run(args, capsys)
+    assert code == 1, out
+    assert "REFUSED: the site's data does not fit this job" in out
+    assert f"label {sorted(INTENTS)[0]!r}" in out and "train.jsonl" in out

@@ -1,6 +1,6 @@
 """Site data: reading and validating files, splitting into sites, and the synthetic data set."""
 
-from fedslm.data.sites import SiteFiles, infer_labels, materialize_sites
+from fedslm.data.sites import SiteFiles, infer_labels, materialize_sites, read_site_file
 from fedslm.data.split import split_by_column, split_dirichlet, split_iid, train_eval_split
 from fedslm.data.synthetic import INTENTS, corpus_for_tokenizer, generate_bank_messages
 from fedslm.data.tables import (
@@ -31,6 +31,7 @@ __all__ = [
     "read_examples",
     "read_instructions",
     "read_rows",
+    "read_site_file",
     "read_table",
     "split_by_column",
     "split_dirichlet",

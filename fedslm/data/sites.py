@@ -217,6 +217,18 @@ def _from_site_files(data: DataConfig, site_names: list[str], task: str) -> list
     return sites
 
 
+def read_site_file(
+    path: Path, data: DataConfig, task: str
+) -> tuple[list[dict[str, str]], list[str] | None]:
+    """A deployed site's own data file, read for a job: the task's columns of every row
+    (validated), and for classification the stripped labels, each one of ``data.labels``.
+    ``DataError`` names the file, the row and what to fix."""
+    columns = _task_columns(data, task)
+    table = read_table(path, columns)
+    labels = _labels_of(data, task, Path(path), table.rows, table.locations)
+    return [_project(row, columns) for row in table.rows], labels
+
+
 def infer_labels(files: list[SiteFiles], label_column: str) -> list[str]:
     """The sorted union of the labels in the sites' training files."""
     found: set[str] = set()
