@@ -14,8 +14,10 @@ with the same number of rows each:
 
 Per round, from ``metrics.jsonl``: ``wall_seconds``, what the round added to the run (from
 the previous round's record to its own), and the slowest site's local training time. Round 1
-is shown apart (model loading, Ray start-up). Over rounds >= 2 the table gives the medians of
-the round, of (deployed - local training) and of (deployed - simulated).
+is shown apart (model loading, Ray start-up), and the last round is left out: its record waits
+for an evaluate message alone, where every other round's waits for the next round's training
+message, which carries the evaluation. Over rounds 2 .. R-1 the table gives the medians of the
+round, of (deployed - local training) and of (deployed - simulated).
 
     python -m bench.deployment_overhead [--rounds 6] [--local-steps 5] [--rows-per-site 160]
         [--poll-interval 0.2 ...]
@@ -111,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-deployment")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.rounds < 2:
-        parser.error("--rounds must be at least 2 (round 1 is reported apart)")
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3 (the first and the last are left out)")
     shutil.rmtree(args.out, ignore_errors=True)
     sim = simulated(args, args.out / "sim")
-    later = range(1, args.rounds)
+    later = range(1, args.rounds - 1)
     deployments = {p: deployed(args, args.out / f"deploy-{p:g}", p) for p in args.poll_interval}
 
     def row(name: str, poll: object, figures: list[tuple[float, float]]) -> list[object]:
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row("simulated", "-", sim)]
     rows += [row("deployed", poll, dep) for poll, dep in deployments.items()]
     print(f"{args.sites} sites, model {args.model}, {args.local_steps} DP steps per round, "
-          f"{args.rows_per_site} rows per site; medians over rounds 2-{args.rounds}")  # fmt: skip
+          f"{args.rows_per_site} rows per site; medians of rounds 2-{args.rounds - 1}")  # fmt: skip
     headers = ["", "site poll s", "round 1 s", "round s", "local training s",
                "round - local training s", "round - simulated round s"]  # fmt: skip
     print(table(headers, rows))

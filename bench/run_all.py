@@ -40,7 +40,7 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
         secagg += ["--repeats", "1", "--max-wait", "0", "--sim-rounds", "2", "--sim-pairs", "1"]
         worker += ["--repeats", "1", "--max-repeats", "1", "--fat", "1", "--steps", "2"]
         worker += ["--max-wait", "0"]
-        deployment += ["--rounds", "2", "--local-steps", "2"]
+        deployment += ["--rounds", "3", "--local-steps", "2"]
     runs = [
         ("dp_overhead", dp),
         ("framework_overhead", fw),

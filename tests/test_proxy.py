@@ -276,12 +276,29 @@ def test_plain_http_is_refused(stack: Stack) -> None:
         conn.close()
     assert reply.status == 400
     assert b"The plain HTTP request was sent to HTTPS port" in body
+    # and the coordinator's operator sees it too
+    _wait_for_line(stack, "client sent plain HTTP request to HTTPS port")
 
 
 def test_a_client_with_another_ca_fails_verification(stack: Stack, tmp_path: Path) -> None:
     other = make_certificates(tmp_path / "other", ["127.0.0.1"])
     with pytest.raises(ssl.SSLCertVerificationError):
         _post(stack.public, other.ca_cert, "/v1/fleet/pull-messages")
+    # the site's refusal reaches the coordinator as a TLS alert, logged with the site's address
+    line = _wait_for_line(stack, "SSL_do_handshake() failed")
+    assert "alert" in line and "client: 127.0.0.1" in line
+
+
+def _wait_for_line(stack: Stack, text: str, timeout: float = 5.0) -> str:
+    """The proxy error log's line holding ``text`` (nginx writes it just after the event)."""
+    log = proxy.proxy_dir(stack.settings) / "error.log"
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [x for x in log.read_text().splitlines() if text in x]
+        if found:
+            return found[-1]
+        assert time.monotonic() < deadline, f"no {text!r} in {log}"
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------------------------------------
