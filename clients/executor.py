@@ -38,6 +38,7 @@ import zipfile
 from collections.abc import Callable
 from itertools import pairwise
 from types import FrameType
+from typing import Any
 
 import httpx
 from flwr.app import Context, Message
@@ -129,14 +130,10 @@ def run_task(
     """
     from fedslm.clients.app import app
 
-    client = RuntimeHttpClient.from_server_address(
+    client = _runtime_client(
         address,
-        insecure=True,
-        root_certificates=None,
-        interceptors=[
-            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-            RuntimeTokenHttpInterceptor(token),
-        ],
+        RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+        RuntimeTokenHttpInterceptor(token),
     )
     abandoned = threading.Event()
     beats = HeartbeatSender(_heartbeat(client, abandoned))
@@ -254,17 +251,21 @@ def _heartbeat(client: RuntimeHttpClient, abandoned: threading.Event) -> Callabl
     return beat
 
 
+def _runtime_client(address: str, *interceptors: Any) -> RuntimeHttpClient:
+    """A client of the SuperNode's runtime API, which listens on loopback only (plain HTTP,
+    as Flower's own SuperExec and ClientApp processes use it)."""
+    return RuntimeHttpClient.from_server_address(
+        address, insecure=True, root_certificates=None, interceptors=list(interceptors)
+    )
+
+
 def serve(address: str, secret: bytes, stop: threading.Event, log: Log) -> None:
     """Take ClientApp tasks from the SuperNode's runtime API at ``address`` and run them one
     at a time until ``stop`` is set. A SuperNode that is not (yet) listening is waited for."""
-    client = RuntimeHttpClient.from_server_address(
+    client = _runtime_client(
         address,
-        insecure=True,
-        root_certificates=None,
-        interceptors=[
-            RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-            SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=_ACQUIRE),
-        ],
+        RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+        SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=_ACQUIRE),
     )
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
 
