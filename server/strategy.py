@@ -317,7 +317,9 @@ class FedSLMStrategy(Strategy):
                 seconds[stage] = time.perf_counter() - start
 
         def ask(stage: str, requests: Mapping[int, object]) -> dict[int, object]:
-            stage_config = ConfigRecord({**dict(config), "stage": stage})
+            # the round's training config, less the evaluation that rode on its messages
+            common = {k: v for k, v in config.items() if k != "evaluate-round"}
+            stage_config = ConfigRecord({**common, "stage": stage})
             messages = [
                 Message(
                     content=RecordDict(

@@ -85,6 +85,8 @@ class FakeGrid:
 
     def _answer(self, m: Message) -> Message:
         node, stage = m.metadata.dst_node_id, str(m.content["config"]["stage"])
+        # a site's worker refuses an evaluation request in anything but a train message
+        assert "evaluate-round" not in m.content["config"]
         if self.fail.get(stage) == node:
             return Message(Error(code=1, reason="site went away"), reply_to=m)
         if self.refuse.get(stage) == node:
@@ -122,7 +124,7 @@ def _run(
     strategy = FedSLMStrategy(coordinator, 3, Reporter(quiet=True), job_id="job")
     strategy.grid = grid = FakeGrid(job, fail, refuse)  # type: ignore[attr-defined]
     arrays = ConfigRecord()  # unused by the fake grid
-    config = ConfigRecord({"round": 1})
+    config = ConfigRecord({"round": 1, "evaluate-round": 0})  # as round 1 were not the first
     requests = list(strategy.configure_train(1, arrays, config, grid))  # type: ignore[arg-type]
     replies = [grid.train_reply(m.metadata.dst_node_id, m) for m in requests]
     coordinator.start_round(1)  # the round loop's part
