@@ -12,12 +12,12 @@ with the same number of rows each:
   long-lived worker, and back.
 - Simulated: ``fedslm simulate`` (Flower's simulation engine, one core per site).
 
-Per round, from ``metrics.jsonl``: ``wall_seconds``, what the round added to the run (from
-the previous round's record to its own), and the slowest site's local training time. Round 1
-is shown apart (model loading, Ray start-up), and the last round is left out: its record waits
-for an evaluate message alone, where every other round's waits for the next round's training
-message, which carries the evaluation. Over rounds 2 .. R-1 the table gives the medians of the
-round, of (deployed - local training) and of (deployed - simulated).
+Per round, from ``metrics.jsonl``: ``wall_seconds``, the round's share of the run (from the
+previous round's aggregation to its own: its one message per site, which also carries the
+sites' evaluation of the previous round's adapter), and the slowest site's local training
+time. Round 1 is shown apart (model loading, Ray start-up), and the last round is left out
+(it also counts the final evaluation, a message of its own). Over rounds 2 .. R-1 the table
+gives the medians of the round, of (deployed - local training) and of (deployed - simulated).
 
     python -m bench.deployment_overhead [--rounds 6] [--local-steps 5] [--rows-per-site 160]
         [--poll-interval 0.2 ...]

@@ -606,8 +606,7 @@ class Worker:
         """The site's data file split into train/eval for this job, under
         ``state_dir/jobs/<job-id>/``, and the fingerprint of the whole file."""
         from fedslm.artifacts import write_json
-        from fedslm.data import read_site_file, train_eval_split, write_rows
-        from fedslm.data.sites import _derive_seed
+        from fedslm.data import read_site_file, split_site, write_rows
         from fedslm.privacy.ledger import DatasetFingerprint
 
         assert self.policy.data is not None
@@ -616,9 +615,7 @@ class Worker:
         dataset = DatasetFingerprint.of_file(source)
         d = job.data
         rows, labels = read_site_file(source, d, job.task.type)
-        # the same split a simulated site of this name would make of these rows
-        seed = _derive_seed(job.seed, self.name, "eval")
-        train, held = train_eval_split(len(rows), d.eval_fraction, seed, labels)
+        train, held = split_site(len(rows), labels, d, job.seed, self.name)
         folder = self.state_dir / "jobs" / job_id
         folder.parent.mkdir(exist_ok=True, mode=0o700)
         folder.mkdir(exist_ok=True, mode=0o700)

@@ -131,8 +131,8 @@ class Coordinator:
         # (site, round) pairs already accounted: a retried round whose sites replay the same
         # release must not count their spend twice
         self._accounted: set[tuple[str, int]] = set()
-        self._round_start = time.perf_counter()
-        self._recorded_at: float | None = None  # when the last round was recorded
+        self._aggregated_at: float | None = None  # when the round in hand was aggregated
+        self._counted_until: float | None = None  # the end of the last round's wall time
         central = job.privacy.central
         self.central_sigma: float | None = None
         if central.enabled:
@@ -157,7 +157,9 @@ class Coordinator:
         """Start a round's record; ``started`` (``time.perf_counter()``, default now) is when
         its training messages were sent."""
         self.record = {"round": round_num, "sites": {}, "failures": []}
-        self._round_start = time.perf_counter() if started is None else started
+        self._aggregated_at = None
+        if self._counted_until is None:  # the first round of this process starts the count
+            self._counted_until = time.perf_counter() if started is None else started
 
     def aggregate(
         self,
@@ -202,13 +204,8 @@ class Coordinator:
             )
             return None
         if self.central_sigma is None:
-            aggregated = self._combine(good)
-        else:
-            aggregated = self._noised_aggregate(good)
-        self.state = self.server_optimizer.step(self.state, aggregated)
-        self.aggregated_rounds += 1
-        rec["aggregated"] = True
-        return self.state
+            return self._apply(self._combine(good))
+        return self._apply(self._noised_aggregate(good))
 
     def aggregate_secure(
         self,
@@ -262,10 +259,14 @@ class Coordinator:
                 f"({len(rec['refusals'])} refused); federation.min_sites is {needed}"
             )
             return None
-        aggregated = mean_state(self.state, result)
+        return self._apply(mean_state(self.state, result))
+
+    def _apply(self, aggregated: AdapterState) -> AdapterState:
+        """Move the global adapter to ``aggregated`` through the server optimizer."""
         self.state = self.server_optimizer.step(self.state, aggregated)
         self.aggregated_rounds += 1
-        rec["aggregated"] = True
+        self.record["aggregated"] = True
+        self._aggregated_at = time.perf_counter()
         return self.state
 
     def _begin_aggregation(
@@ -346,12 +347,14 @@ class Coordinator:
     def end_round(self) -> dict[str, Any]:
         """Write this round's checkpoint and its line of ``metrics.jsonl``; return the line."""
         rec = self.record
-        now = time.perf_counter()
-        # What the round added to the run: since the previous round was recorded (the first
-        # round in this process: since its start). A round's evaluation comes back with the
-        # next round's replies, so the time since its own start would count two rounds.
-        since = self._round_start if self._recorded_at is None else self._recorded_at
-        rec["wall_seconds"], self._recorded_at = now - since, now
+        # The round's share of the run's wall time: from the previous round's aggregation (the
+        # first round in this process: from its start) to its own. Each round's messages carry
+        # the previous round's evaluation, so that is where evaluating is counted; the last
+        # round (or one that failed) counts up to now, its own evaluation included.
+        last = rec["round"] >= self.job.federation.rounds or not rec.get("aggregated")
+        until = time.perf_counter() if last or self._aggregated_at is None else self._aggregated_at
+        assert self._counted_until is not None, "end_round before start_round"
+        rec["wall_seconds"], self._counted_until = until - self._counted_until, until
         rec["finished_at"] = round(time.time(), 3)  # when the round was recorded (Unix time)
         rec["epsilon"] = {s: p.reported_epsilon for s, p in self.privacy.items()}
         if self.central_sigma is not None:

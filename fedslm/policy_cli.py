@@ -75,17 +75,21 @@ def _cost_job(
     policy: Any, job_path: Path, data: Path, records: int, spent: list[Segment]
 ) -> tuple[list[str], list[str]]:
     from fedslm.config import load_config
-    from fedslm.data import read_site_file
+    from fedslm.data import read_site_file, split_site
     from fedslm.errors import DataError
     from fedslm.models.registry import resolve_model
     from fedslm.site import check_delta, check_secagg_weight, job_refusal, plan_privacy
 
     job = load_config(job_path)
-    misfit = []
+    misfit, held_out = [], ""
     if job.data.at_sites:
-        # what the site's worker will check when the job arrives: the columns and the labels
+        # as the site's worker will when the job arrives: read the file with the job's columns
+        # and labels, hold out the job's evaluation rows, and train (and spend) on the rest
         try:
-            read_site_file(data, job.data, job.task.type)
+            rows, labels = read_site_file(data, job.data, job.task.type)
+            name = policy.daemon.name if policy.daemon is not None else "site"
+            records = len(split_site(len(rows), labels, job.data, job.seed, name)[0])
+            held_out = f" ({len(rows) - records} of {len(rows)} rows held out for evaluation)"
         except DataError as exc:
             misfit = [f"the site's data does not fit this job: {exc}"]
     check_delta(job, records, str(job_path))
@@ -98,7 +102,7 @@ def _cost_job(
         job_eps = epsilon(planned, plan.delta, plan.accountant)  # type: ignore[arg-type]
         after = epsilon([*spent, *planned], plan.delta, plan.accountant)  # type: ignore[arg-type]
         lines += [
-            f"  DP-SGD on {records} records: q = {plan.sample_rate:.4g}, "
+            f"  DP-SGD on {records} records{held_out}: q = {plan.sample_rate:.4g}, "
             f"{plan.steps_per_round} steps per round, {plan.total_steps} in all, noise "
             f"multiplier {plan.noise_multiplier:.4g}, clipping {plan.max_grad_norm:g}",
             f"  this job: epsilon {job_eps:.4f} at delta {plan.delta:g} "

@@ -130,6 +130,8 @@ def test_a_deployed_job_whose_labels_miss_the_sites_data_is_refused(
     args = ["policy", "check", str(site / "site.yaml"), "--job", str(site.parent / "deployed.yaml")]
     code, out, _ = _run(args, capsys)
     assert code == 0, out
+    # costed on the rows the site trains on: its evaluation rows are held out first
+    assert "DP-SGD on 240 records (60 of 300 rows held out for evaluation): q = 0.125" in out
     job["data"]["labels"] = sorted(INTENTS)[1:]  # one label of the site's data is missing
     (site.parent / "deployed.yaml").write_text(yaml.safe_dump(job))
     code, out, _ = _run(args, capsys)

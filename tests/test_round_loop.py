@@ -10,6 +10,7 @@ trains, aggregates and then evaluates each round in turn, with no messages at al
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,9 +44,15 @@ class SiteGrid:
     the ClientApp does; ``fail`` makes a node answer the given (round, attempt)s with an
     error. Every push is recorded: (message type, round, evaluate-round) per message."""
 
-    def __init__(self, sites: dict[int, Site], fail: Iterable[tuple[int, int, int]] = ()) -> None:
+    def __init__(
+        self,
+        sites: dict[int, Site],
+        fail: Iterable[tuple[int, int, int]] = (),
+        delay: dict[tuple[str, int], float] | None = None,
+    ) -> None:
         self.sites = sites
         self.fail = set(fail)  # (node, round, attempt)
+        self.delay = delay or {}  # (message type, round) -> seconds a site takes on top
         self.pushes: list[list[tuple[str, int, int | None]]] = []
         self.states = {node: RecordDict() for node in sites}
         self.replies: dict[str, Message] = {}
@@ -78,6 +85,7 @@ class SiteGrid:
         if (node, r, attempt) in self.fail:
             return Message(Error(code=1, reason="site went away"), reply_to=m)
         content = HANDLERS[kind](self.sites[node], m.content, self.states[node], node)
+        time.sleep(self.delay.get((kind, r), 0.0))
         return Message(content=content, reply_to=m)
 
 
@@ -94,11 +102,15 @@ def _prepare(tmp: Path, tiny_bert: Path, name: str, **federation: object) -> Pre
     return prepare_job(validate_config(raw), "loop", tmp / name)
 
 
-def _loop(prepared: PreparedJob, fail: Iterable[tuple[int, int, int]] = ()) -> SiteGrid:
+def _loop(
+    prepared: PreparedJob,
+    fail: Iterable[tuple[int, int, int]] = (),
+    delay: dict[tuple[str, int], float] | None = None,
+) -> SiteGrid:
     sites = {node: build_site(prepared, s) for node, s in enumerate(prepared.sites, start=1)}
     coordinator = make_coordinator(prepared)
     strategy = FedSLMStrategy(coordinator, len(sites), Reporter(quiet=True), job_id="loop")
-    grid = SiteGrid(sites, fail)
+    grid = SiteGrid(sites, fail, delay)
     config = ConfigRecord({"quiet": True})
     try:
         run_rounds(grid, strategy, coordinator, Reporter(quiet=True), config)  # type: ignore[arg-type]
@@ -174,3 +186,20 @@ def test_a_run_that_stops_has_recorded_the_round_before(tmp_path: Path, tiny_ber
     rounds = _metrics(prepared)
     assert [(r["round"], r["aggregated"]) for r in rounds] == [(1, True), (2, True), (3, False)]
     assert rounds[1]["sites"]["site-2"]["eval_loss"] > 0
+
+
+def test_each_round_is_timed_with_its_own_message(tmp_path: Path, tiny_bert: Path) -> None:
+    """A round's wall time runs from the previous round's aggregation to its own, so the time
+    sites take on round 2's message is round 2's, although round 1 is recorded only once
+    that message is answered; the last round includes the final evaluation, and the rounds
+    add up to the run."""
+    prepared = _prepare(tmp_path, tiny_bert, "timed", rounds=2)
+    delay = {("train", 1): 0.5, ("train", 2): 3.0, ("evaluate", 2): 1.0}
+    start = time.perf_counter()
+    _loop(prepared, delay=delay)
+    elapsed = time.perf_counter() - start
+    first, last = (r["wall_seconds"] for r in _metrics(prepared))
+    # each of the two sites takes the delay (the grid answers them one after the other)
+    assert 2 * 0.5 <= first < 2 * 3.0  # round 2's seconds are not round 1's
+    assert last >= 2 * (3.0 + 1.0)
+    assert first + last <= elapsed

@@ -1,6 +1,12 @@
 """Site data: reading and validating files, splitting into sites, and the synthetic data set."""
 
-from fedslm.data.sites import SiteFiles, infer_labels, materialize_sites, read_site_file
+from fedslm.data.sites import (
+    SiteFiles,
+    infer_labels,
+    materialize_sites,
+    read_site_file,
+    split_site,
+)
 from fedslm.data.split import split_by_column, split_dirichlet, split_iid, train_eval_split
 from fedslm.data.synthetic import INTENTS, corpus_for_tokenizer, generate_bank_messages
 from fedslm.data.tables import (
@@ -36,6 +42,7 @@ __all__ = [
     "split_by_column",
     "split_dirichlet",
     "split_iid",
+    "split_site",
     "train_eval_split",
     "write_rows",
 ]

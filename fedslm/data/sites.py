@@ -78,12 +78,7 @@ def materialize_sites(
     problems: list[str] = []
     for site in sites:
         try:
-            train, held = train_eval_split(
-                len(site.rows),
-                data.eval_fraction,
-                _derive_seed(seed, site.name, "eval"),
-                site.labels,
-            )
+            train, held = split_site(len(site.rows), site.labels, data, seed, site.name)
         except DataError as exc:
             problems.append(f"site '{site.name}' ({site.source}): {exc}")
             continue
@@ -215,6 +210,15 @@ def _from_site_files(data: DataConfig, site_names: list[str], task: str) -> list
     if problems:
         raise DataError("\n".join(problems))
     return sites
+
+
+def split_site(
+    n: int, labels: list[str] | None, data: DataConfig, seed: int, site: str
+) -> tuple[list[int], list[int]]:
+    """A site's rows split into (train, eval) indices: ``data.eval_fraction`` held out,
+    stratified by ``labels`` when known, seeded by the job's seed and the site's name, so a
+    simulated site and a deployed site of that name split the same rows alike."""
+    return train_eval_split(n, data.eval_fraction, _derive_seed(seed, site, "eval"), labels)
 
 
 def read_site_file(
