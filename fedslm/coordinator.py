@@ -175,6 +175,9 @@ class Coordinator:
         adapter stays as it was and the reason is recorded. Returns the new state or None.
         """
         rec = self._begin_aggregation(round_num, failures, refusals)
+        # in site order, not reply order: a float sum depends on its order, and the next
+        # round's noise seeds on the adapter's bytes, so a rerun must sum the same way
+        reports = sorted(reports, key=lambda r: r.site)
         fed = self.job.federation
         screening = screen_updates(
             self.state,
