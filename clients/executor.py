@@ -41,6 +41,7 @@ from types import FrameType
 from typing import Any
 
 import httpx
+from fedslm.clients.supernode import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S
 from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.common.config import get_fab_config
@@ -77,9 +78,6 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 CLIENTAPP = "fedslm.clients.app:app"
 TASK_POLL_S = 0.05  # a loopback request that costs the SuperNode one SQLite query
-# The SuperNode offers a task before it has the message's arrays from the coordinator; Flower
-# waits 1, 2, 4 ... s between tries for a missing object, which here cost ~3 s per message
-PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.5
 UNREACHABLE_RETRY_S = 1.0
 _ACQUIRE = frozenset({"/flwr.proto.Runtime/AcquireTask"})
 
@@ -222,6 +220,8 @@ def pull_input(
         ),
         return_type=Message,
         max_tries_per_object=None,  # Flower's own limit, PULL_MAX_TIME (2 h), still applies
+        # the SuperNode offers a task before it has the message's arrays from the coordinator;
+        # Flower's 1, 2, 4 ... s between tries cost ~3 s per message here
         initial_backoff=PULL_BACKOFF_S,
         backoff_cap=PULL_BACKOFF_CAP_S,
     )

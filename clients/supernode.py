@@ -45,6 +45,8 @@ from typing import Any
 DEFAULT_POLL_S = 0.2
 DEFAULT_IDLE_POLL_S = 3.0  # Flower's
 ACTIVE_WINDOW_S = 60.0
+# A Flower object not there yet is asked for again after 20 ms, doubling to 0.5 s (Flower's:
+# 1 s, doubling to 10 s); the SuperNode and the executor use these
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.5
 # What flwr.supernode.start_client_internal must still contain (Flower 1.41)
 FLOWER_WAITS = ("time.sleep(3)", "time.sleep(0.5)", "pull_objects(", "def _push_messages(",

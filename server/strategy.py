@@ -108,7 +108,7 @@ def collect(grid: Grid, sent: Sent, timeout: float) -> list[Message]:
         if not pending or time.perf_counter() >= deadline:
             break
         time.sleep(POLL_INTERVAL_S)
-    for msg_id, msg in zip(sent.ids, sent.messages, strict=True):
+    for msg_id, msg in asked.items():
         if msg_id in pending:
             reason = f"no reply within {timeout:g} s (federation.round_timeout_s)"
             replies.append(Message(Error(code=0, reason=reason), reply_to=msg))
