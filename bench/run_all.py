@@ -21,7 +21,9 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
     """(name, argv) of each benchmark to run, in order."""
     dp = ["--json", str(out / "dp_overhead.json")]
     fw = ["--json", str(out / "framework_overhead.json"), "--out", str(out / "framework")]
-    util = ["--out", str(out / ("banking77-quick" if quick else "banking77"))]
+    # the full utility table goes to bench.utility's own row store (runs/bench-utility), built up
+    # across sittings: rows already stored there are skipped
+    util: list[str] = []
     ledger = ["--json", str(out / "ledger_overhead.json")]
     families = ["--json", str(out / "families.json")]
     aggregation = ["--json", str(out / "aggregation_throughput.json")]
@@ -33,7 +35,8 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
         dp += ["--steps", "3", "--warmup", "1", "--budget", "30", "--max-wait", "0"]
         fw += ["--rounds", "2", "--local-steps", "2", "--repeats", "1", "--max-repeats", "1"]
         fw += ["--max-wait", "0"]
-        util += ["--quick"]
+        util += ["--quick", "--out", str(out / "utility-quick"), "--redo", "--dataset", "twitter"]
+        util += ["--runs", "centralized-nodp", "federated-dp-eps8", "--seeds", "0"]
         ledger += ["--rows", "150", "--rounds", "2", "--max-wait", "0"]
         families += ["--steps", "2", "--warmup", "1", "--max-wait", "0", "--budget", "10"]
         aggregation += ["--counts", "2", "4", "--repeats", "1", "--max-wait", "0"]
@@ -52,7 +55,7 @@ def commands(out: Path, with_utility: bool, quick: bool) -> list[tuple[str, list
         ("deployment_overhead", deployment),
     ]
     if with_utility:
-        runs.append(("utility_banking77", util))
+        runs.append(("utility", util))
     return runs
 
 
@@ -61,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for JSON results")
     ap.add_argument(
-        "--with-utility", action="store_true", help="also run BANKING77 (about an hour)"
+        "--with-utility",
+        action="store_true",
+        help="also run the utility table (bench.utility: 3 data sets, many hours; resumable)",
     )
     ap.add_argument("--quick", action="store_true", help="tiny settings: check, don't measure")
     args = ap.parse_args(argv)

@@ -2,15 +2,19 @@
 
 The adapter is loaded with transformers + PEFT only (``load_exported``), texts are tokenised
 with the base model's tokenizer at the ``max_length`` the adapter was trained with, and scored
-with fedslm's own ``evaluate`` so the accuracy means the same as in ``metrics.jsonl``.
+with fedslm's own ``evaluate`` so the accuracy means the same as in ``metrics.jsonl``. The
+predictions ``evaluate`` makes are caught on their way out of the model (a forward hook) for
+the macro-F1, which is computed here with numpy.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedslm.batching import encode_classification
@@ -32,9 +36,16 @@ def score_adapter(
     rows: int | None = None,
     text_column: str = "text",
     label_column: str = "category",
+    base_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Accuracy and mean loss of the adapter on ``test_csv`` (``rows`` evenly spaced rows if set;
-    the official files are sorted by intent, so a prefix would hold only a few intents)."""
+    """Accuracy, macro-F1 and mean loss of the adapter on ``test_csv``.
+
+    ``rows``: score only that many evenly spaced rows (the official files are sorted by label,
+    so a prefix would hold only a few labels). ``base_dir``: the base model folder (default:
+    the packaged ``minilm``). Macro-F1 is the mean F1 over the labels present in the scored
+    rows; ``f1_per_label`` gives each of them, ``top_prediction_share`` the share of rows given
+    the most frequent predicted label (1.0: the model predicts one label for everything).
+    """
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -44,20 +55,56 @@ def score_adapter(
     meta = json.loads((Path(adapter_dir) / METADATA_FILE).read_text())
     id2label = {int(k): v for k, v in meta["id2label"].items()}
     label2id = {v: k for k, v in id2label.items()}
-    base = base_model_dir()
+    base = base_dir or base_model_dir()
     model = load_exported(adapter_dir, base)
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
     ex = read_examples(Path(test_csv), text_column, label_column, labels=list(label2id))
     keep = spaced(len(ex.texts), rows)
     texts, labels = [ex.texts[i] for i in keep], [ex.labels[i] for i in keep]
     data = encode_classification(tokenizer, texts, labels, label2id, meta["max_length"])
-    result = evaluate(model, data, batch_size=128, device=torch.device("cpu"))
+    predicted: list[torch.Tensor] = []
+    hook = model.register_forward_hook(
+        lambda _module, _inputs, output: predicted.append(output.logits.argmax(-1).cpu())
+    )
+    try:
+        with torch.inference_mode():
+            result = evaluate(model, data, batch_size=128, device=torch.device("cpu"))
+    finally:
+        hook.remove()
+    gold = np.array([label2id[label] for label in labels], dtype=np.int64)
+    pred = torch.cat(predicted).numpy() if predicted else np.zeros(0, dtype=np.int64)
+    if len(pred) != len(gold):
+        raise RuntimeError(f"caught {len(pred)} predictions for {len(gold)} test rows")
+    f1 = f1_per_label(gold, pred)
+    counts = np.bincount(pred, minlength=len(id2label)) if len(pred) else np.zeros(1)
     return {
         "test_accuracy": result.accuracy,
+        "test_macro_f1": float(np.mean(list(f1.values()))) if f1 else float("nan"),
         "test_loss": result.loss,
         "test_examples": result.examples,
+        "test_labels_present": len(f1),
+        "f1_per_label": {id2label[k]: v for k, v in f1.items()},
+        "top_prediction_share": float(counts.max() / max(len(pred), 1)),
         "max_length": meta["max_length"],
     }
+
+
+def f1_per_label(
+    gold: Sequence[int] | np.ndarray, pred: Sequence[int] | np.ndarray
+) -> dict[int, float]:
+    """F1 of each label present in ``gold`` (0.0 where it is never predicted right).
+
+    The mean of these values is the macro-F1 over the labels present (what scikit-learn's
+    ``f1_score(gold, pred, labels=present, average="macro")`` gives).
+    """
+    g, p = np.asarray(gold), np.asarray(pred)
+    out: dict[int, float] = {}
+    for label in np.unique(g):
+        tp = int(np.sum((g == label) & (p == label)))
+        fp = int(np.sum((g != label) & (p == label)))
+        fn = int(np.sum((g == label) & (p != label)))
+        out[int(label)] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return out
 
 
 def spaced(n: int, k: int | None) -> list[int]:
