@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,3 +128,11 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.25, window: float = 5.0
             f"  waiting for a quiet machine: other processes use {load.cores:.2f} cores",
             file=sys.stderr,
         )
+
+
+def own_ledgers_env() -> dict[str, str]:
+    """The environment for one benchmark run of ``fedslm simulate``/``centralized``: its
+    simulated sites get a fresh ledger folder (``FEDSLM_LEDGERS``). Benchmark runs are separate
+    measurements on synthetic or public data; on one shared ledger they would compose, and the
+    data set's budget would refuse the later ones."""
+    return {**os.environ, "FEDSLM_LEDGERS": tempfile.mkdtemp(prefix="fedslm-bench-ledgers-")}

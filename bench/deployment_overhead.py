@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import REPO, machine, median, table, write_json
+from bench.common import REPO, machine, median, own_ledgers_env, table, write_json
 from fedslm.data.synthetic import INTENTS
 from fedslm.deployment.loopback import LoopbackDeployment
 
@@ -94,7 +94,7 @@ def simulated(args: argparse.Namespace, root: Path) -> list[tuple[float, float]]
     subprocess.run(
         [str(Path(sys.executable).parent / "fedslm"), "simulate", str(config), "--out",
          str(out), "--overwrite", "-q"],
-        check=True, cwd=REPO,
+        check=True, cwd=REPO, env=own_ledgers_env(),
     )  # fmt: skip
     return rounds(out / "metrics.jsonl")
 

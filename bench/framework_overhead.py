@@ -33,7 +33,15 @@ from typing import Any
 import torch
 import yaml
 
-from bench.common import REPO, machine, median, table, wait_for_quiet, write_json
+from bench.common import (
+    REPO,
+    machine,
+    median,
+    own_ledgers_env,
+    table,
+    wait_for_quiet,
+    write_json,
+)
 from bench.procload import ForeignLoad
 from fedslm.aggregation import fedavg
 from fedslm.artifacts import read_jsonl
@@ -89,7 +97,7 @@ def run_simulated(config: Path, out: Path, monitor: ForeignLoad) -> list[dict[st
     metrics = out / "metrics.jsonl"
     cmd = [sys.executable, "-m", "fedslm.cli", "simulate", str(config), "--out", str(out), "-q"]
     ends: list[float] = []
-    with subprocess.Popen(cmd, cwd=REPO) as proc:
+    with subprocess.Popen(cmd, cwd=REPO, env=own_ledgers_env()) as proc:
         while proc.poll() is None:
             time.sleep(0.2)
             if metrics.exists():

@@ -66,6 +66,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -386,12 +387,18 @@ def resolve(config: Path, overrides: list[str]) -> tuple[list[str], dict[str, An
     return overrides, job.model_dump(mode="json")
 
 
-def run_fedslm(cmd: list[str]) -> tuple[float, list[str]]:
+def run_fedslm(cmd: list[str], ledgers: Path) -> tuple[float, list[str]]:
     """Run a fedslm command with its stderr passed through; return its wall seconds and the
-    last lines of its stderr (warnings), or raise ``RowFailed`` with them."""
+    last lines of its stderr (warnings), or raise ``RowFailed`` with them.
+
+    Every row is a separate experiment on public data: its simulated sites get a ledger folder
+    of their own (``FEDSLM_LEDGERS``), or the rows would compose on one data set's budget and
+    later rows be refused.
+    """
     tail: deque[str] = deque(maxlen=25)
     start = time.perf_counter()
-    with subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True) as proc:
+    env = {**os.environ, "FEDSLM_LEDGERS": str(ledgers)}
+    with subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, env=env) as proc:
         assert proc.stderr is not None
         for line in proc.stderr:
             tail.append(line.rstrip("\n"))
@@ -461,7 +468,8 @@ def train_row(
     monitor.start()
     t0 = time.monotonic()
     try:
-        train_seconds, stderr_tail = run_fedslm(cmd)
+        ledgers = Path(tempfile.mkdtemp(prefix="ledgers-", dir=scratch))
+        train_seconds, stderr_tail = run_fedslm(cmd, ledgers)
     finally:
         t1 = time.monotonic()
         monitor.stop()

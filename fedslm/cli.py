@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from fedslm.errors import FedSLMError
 
 if TYPE_CHECKING:
+    from fedslm.job import PreparedJob
     from fedslm.progress import Reporter
 
 # Flower must not phone home, check for updates or build environments at run time (offline).
@@ -165,6 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         f"{args.command}: {len(prepared.sites)} sites, {job.federation.rounds} rounds, "
         f"model {prepared.model.name}, DP {'on' if job.privacy.enabled else 'OFF'} -> {out}"
     )
+    _print_plan(prepared, args.command, reporter)
     if args.command == "simulate":
         from fedslm.server.simulation import simulate
 
@@ -175,6 +177,35 @@ def _run(args: argparse.Namespace) -> int:
         run_centralized(prepared, reporter)
     _print_summary(out, reporter)
     return 0
+
+
+def _print_plan(prepared: PreparedJob, command: str, reporter: Reporter) -> None:
+    """Each site's plan (phases, q, steps, sigma, noise on the averaged gradient) and a warning
+    for every site where noise will swamp the signal, before round 1."""
+    from fedslm.plan import describe_plan, trainable_parameters, unused_lora_keys
+    from fedslm.site import plan_privacy
+
+    job = prepared.job
+    trainable = trainable_parameters(job, prepared.model.path, len(prepared.labels or []))
+    mode = job.train_mode
+    reporter.info(f"plan ({job.train.mode} -> {mode}):")
+    unused = unused_lora_keys(job)
+    if unused:
+        reporter.warn(
+            f"train.mode {job.train.mode} trains a linear probe (train.probe.*) in every round; "
+            f"{', '.join(unused)} apply to LoRA rounds only and are not used. "
+            "Set train.mode: lora (or lp-lora) to train LoRA with them."
+        )
+    if command == "centralized":
+        records = {"pooled": sum(_count_rows(s.files.train) for s in prepared.sites)}
+    else:
+        records = {s.name: _count_rows(s.files.train) for s in prepared.sites}
+    for name, rows in records.items():
+        lines, warnings = describe_plan(name, plan_privacy(job, rows, prepared.source), trainable)
+        for line in lines:
+            reporter.info(line)
+        for warning in warnings:
+            reporter.warn(warning)
 
 
 def _count_rows(path: Path) -> int:

@@ -54,7 +54,30 @@ class ModelConfig(_Section):
     head_modules: list[str] | None = Field(
         default=None,
         description="Classification only: the modules of the task head, trained in full and "
-        "saved with the adapter. Default: the family's head (e.g. ['classifier']).",
+        "saved with the adapter. Default: the head of the pooling in use (['classifier'] "
+        "with mean pooling, the family's head with pooling 'model').",
+    )
+    pooling: Literal["mean", "model"] = Field(
+        default="mean",
+        description="Classification only. mean: the masked mean of the last hidden states, "
+        "L2-normalised, then a linear 'classifier' with logits scaled by logit_scale (how "
+        "sentence-embedding models such as all-MiniLM-L6-v2 were trained; frozen, it is a "
+        "strong feature for a DP linear probe); model: the family's own Hugging Face head "
+        "(e.g. BERT's pooler + classifier), which plain transformers reloads without fedslm.",
+    )
+    logit_scale: PositiveFloat = Field(
+        default=10.0,
+        description="Mean pooling: logits are this multiple of the classifier's output on the "
+        "unit-length feature (a cosine classifier with temperature 1/logit_scale).",
+    )
+    head_init: Literal["auto", "label-names", "zero", "random"] = Field(
+        default="auto",
+        description="Classification: how the new head starts. auto: label-names with mean "
+        "pooling, random with pooling 'model'. label-names: each class's row "
+        "is the base model's (mean-pooled, unit-length) encoding of its label name, so the "
+        "model starts as a zero-shot classifier; the label set is part of the job, so this "
+        "costs no privacy (needs pooling 'mean'). zero: all zeros. random: the model "
+        "library's random initialisation from the job seed.",
     )
 
     @model_validator(mode="after")
@@ -69,7 +92,19 @@ class ModelConfig(_Section):
             )
         if self.head_modules is not None and not self.head_modules:
             raise ValueError("model.head_modules is empty; leave it out for the family default")
+        if self.head_init == "label-names" and self.pooling != "mean":
+            raise ValueError(
+                "model.head_init 'label-names' encodes the label names with mean pooling; set "
+                "model.pooling to 'mean', or model.head_init to 'zero' or 'random'"
+            )
         return self
+
+    @property
+    def resolved_head_init(self) -> Literal["label-names", "zero", "random"]:
+        """What ``head_init: auto`` stands for with this pooling."""
+        if self.head_init != "auto":
+            return self.head_init
+        return "label-names" if self.pooling == "mean" else "random"
 
 
 class TaskConfig(_Section):
@@ -87,19 +122,75 @@ class LoraConfig(_Section):
     target_modules: list[str] | None = None
 
 
-class TrainConfig(_Section):
-    """Local training at each site, per round. Set ``local_epochs`` or ``local_steps``."""
+class ProbeConfig(_Section):
+    """The linear probe: the head alone, trained on features the frozen base model computes
+    once per site (``train.mode`` head, and the first rounds of lp-lora). SGD with momentum
+    on unit-length features, the DP linear-probe recipe (Tramer & Boneh 2021); chosen on the
+    public benchmark data sets (docs/benchmarks.md, section 3)."""
 
+    local_epochs: PositiveFloat = Field(default=6.0, description="Passes per round.")
+    batch_size: PositiveInt = Field(
+        default=512, description="Expected (Poisson) batch; q = min(1, batch_size / records)."
+    )
+    learning_rate: PositiveFloat = 2.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    rounds: PositiveInt = Field(
+        default=1,
+        description="lp-lora: how many of the job's first rounds train the probe before LoRA "
+        "and head train together.",
+    )
+    epsilon_share: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.3,
+        description="lp-lora under DP with a target epsilon: the probe rounds alone are "
+        "calibrated to this share of privacy.target_epsilon; the LoRA rounds get the noise "
+        "that brings the composition of both phases to the target.",
+    )
+
+
+TrainMode = Literal["lora", "head", "lp-lora"]
+
+
+class TrainConfig(_Section):
+    """Local training at each site. Set ``local_epochs`` or ``local_steps`` (per round).
+
+    The learning-rate schedule runs over the whole job: warm-up and decay span every round's
+    local steps (each phase of lp-lora has its own), so round 2 continues where round 1
+    stopped instead of restarting at the peak.
+    """
+
+    mode: Literal["auto", "lora", "head", "lp-lora"] = Field(
+        default="auto",
+        description="lora: LoRA factors and head; head: a linear probe on frozen features "
+        "(classification); lp-lora: probe first (train.probe.rounds), then LoRA and head. "
+        "auto: head for classification under DP (with mean pooling), lora otherwise.",
+    )
     local_epochs: PositiveFloat | None = 1.0
     local_steps: PositiveInt | None = None
-    batch_size: PositiveInt = Field(
-        default=32, description="Expected batch size; with DP, batches are Poisson-sampled."
+    batch_size: PositiveInt | None = Field(
+        default=None,
+        description="Expected logical batch of a LoRA step (Poisson-sampled under DP): one "
+        "clip-and-noise per logical batch. Default 512 under DP (noise does not grow with the "
+        "batch, signal does), 32 without.",
     )
-    learning_rate: PositiveFloat = 5e-3
+    physical_batch_size: PositiveInt = Field(
+        default=32,
+        description="Rows per forward/backward pass; a logical batch is processed in "
+        "micro-batches of this size, so memory does not grow with batch_size.",
+    )
+    learning_rate: PositiveFloat = Field(default=5e-4, description="Peak LoRA learning rate.")
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        default="linear",
+        description="Learning rate after warm-up, over the whole job's steps: linear or cosine "
+        "decay to 0, or constant.",
+    )
+    warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        default=0.1, description="Share of the job's LoRA steps spent warming up linearly."
+    )
     max_length: Annotated[int, Field(ge=8)] = 64
     eval_batch_size: PositiveInt = 64
+    probe: ProbeConfig = ProbeConfig()
 
     @model_validator(mode="after")
     def _epochs_or_steps(self) -> TrainConfig:
@@ -111,6 +202,12 @@ class TrainConfig(_Section):
         elif self.local_epochs is None:
             raise ValueError("set train.local_epochs or train.local_steps")
         return self
+
+    def logical_batch(self, dp: bool) -> int:
+        """The expected batch of a LoRA step (``batch_size``, or its default)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 512 if dp else 32
 
     def steps_per_round(self, sample_rate: float) -> int:
         """Local optimizer steps per round: explicit steps, or epochs of ``1/q`` steps each."""
@@ -309,12 +406,12 @@ class FederationConfig(_Section):
     sites: PositiveInt | list[str] = Field(
         default=3, description="A number of simulated sites, or their names."
     )
-    rounds: PositiveInt = 3
+    rounds: PositiveInt = 5
     min_sites: PositiveInt | None = Field(
         default=None, description="Fewest successful replies to aggregate a round (default: all)."
     )
     aggregation: Literal["fedavg-factors", "ffa", "exact"] = Field(
-        default="fedavg-factors",
+        default="ffa",
         description="fedavg-factors: average A and B separately (the common baseline, not "
         "exact); ffa: A frozen at the shared initialisation, B averaged (exact, linear); "
         "exact: average the products B·A and refactor to lora.r by SVD (exact up to rank).",
@@ -529,6 +626,7 @@ class JobConfig(_Section):
                 f"{sorted(sites)} must match federation.sites {self.federation.site_names}"
             )
         self._central_dp_fits()
+        self._mode_fits()
         if self.privacy.central.enabled and self.federation.secure_aggregation:
             raise ValueError(
                 "privacy.central and federation.secure_aggregation cannot be combined: central "
@@ -537,6 +635,33 @@ class JobConfig(_Section):
                 "with secure aggregation, or turn secure aggregation off"
             )
         return self
+
+    def _mode_fits(self) -> None:
+        mode = self.train.mode
+        if mode in ("auto", "lora"):
+            return
+        if self.task.type != "classification":
+            raise ValueError(
+                f"train.mode {mode!r} trains a classification head; a causal-lm job trains "
+                "LoRA only: set train.mode to 'lora' (or 'auto')"
+            )
+        if self.model.pooling != "mean":
+            raise ValueError(
+                f"train.mode {mode!r} trains a probe on mean-pooled features; set "
+                "model.pooling to 'mean' or train.mode to 'lora'"
+            )
+        if mode == "lp-lora":
+            if self.train.probe.rounds >= self.federation.rounds:
+                raise ValueError(
+                    f"train.probe.rounds={self.train.probe.rounds} leaves no LoRA round of the "
+                    f"{self.federation.rounds}; lower it or use train.mode 'head'"
+                )
+            if self.federation.aggregation == "exact":
+                raise ValueError(
+                    "train.mode 'lp-lora' with aggregation 'exact': the probe rounds leave every "
+                    "LoRA B factor at 0, and refactoring a zero product by SVD would zero A as "
+                    "well, so LoRA could never start; use aggregation 'ffa' or 'fedavg-factors'"
+                )
 
     def _central_dp_fits(self) -> None:
         if not self.privacy.central.enabled:
@@ -553,6 +678,16 @@ class JobConfig(_Section):
                 "privacy.central adds noise to the sum of clipped updates; it needs "
                 "federation.robust.rule 'mean'"
             )
+
+    @property
+    def train_mode(self) -> TrainMode:
+        """The training mode ``train.mode: auto`` stands for: a DP linear probe for
+        classification under DP with mean pooling (it beat DP LoRA on the public benchmark
+        data sets, docs/benchmarks.md), LoRA otherwise."""
+        if self.train.mode != "auto":
+            return self.train.mode
+        probe = self.task.type == "classification" and self.model.pooling == "mean"
+        return "head" if probe and self.privacy.enabled else "lora"
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of the validated config (defaults included)."""

@@ -161,6 +161,9 @@ def adapter_metadata(p: PreparedJob) -> dict[str, Any]:
         "base_model": {"name": p.model.name, "sha256": p.model.sha256},
         "lora": p.job.lora.model_dump(mode="json"),
         "max_length": p.job.train.max_length,
+        # how the classifier reads the base model (docs/models.md: reloading a mean-pool head)
+        "pooling": p.job.model.pooling if p.job.task.type == "classification" else None,
+        "logit_scale": p.job.model.logit_scale,
         "job_fingerprint": p.job.fingerprint(),
         "job_id": p.job_id,
     }

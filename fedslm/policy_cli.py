@@ -78,6 +78,7 @@ def _cost_job(
     from fedslm.data import read_site_file, split_site
     from fedslm.errors import DataError
     from fedslm.models.registry import resolve_model
+    from fedslm.plan import describe_plan, trainable_parameters
     from fedslm.site import check_delta, check_secagg_weight, job_refusal, plan_privacy
 
     job = load_config(job_path)
@@ -96,21 +97,28 @@ def _cost_job(
     check_secagg_weight(job, records, str(job_path))
     plan = plan_privacy(job, records, str(job_path))
     model = resolve_model(job.model)
-    lines = [f"job {job_path}: {job.federation.rounds} rounds, model {model.name}"]
+    lines = [
+        f"job {job_path}: {job.federation.rounds} rounds, model {model.name}, "
+        f"train.mode {job.train.mode} -> {job.train_mode}"
+    ]
+    labels = len(job.data.labels or []) or 2  # the job's label set; 2 if it names none
+    plan_lines, warnings = describe_plan(
+        "this site", plan, trainable_parameters(job, model.path, labels)
+    )
     if plan.enabled:
-        planned = [Segment(plan.sample_rate, plan.noise_multiplier, plan.total_steps)]
+        planned = plan.segments()
         job_eps = epsilon(planned, plan.delta, plan.accountant)  # type: ignore[arg-type]
         after = epsilon([*spent, *planned], plan.delta, plan.accountant)  # type: ignore[arg-type]
         lines += [
-            f"  DP-SGD on {records} records{held_out}: q = {plan.sample_rate:.4g}, "
-            f"{plan.steps_per_round} steps per round, {plan.total_steps} in all, noise "
-            f"multiplier {plan.noise_multiplier:.4g}, clipping {plan.max_grad_norm:g}",
+            f"  DP-SGD on {records} records{held_out}, clipping {plan.max_grad_norm:g}:",
+            *plan_lines[1:],
             f"  this job: epsilon {job_eps:.4f} at delta {plan.delta:g} "
             f"({ACCOUNTANT_NAMES[plan.accountant]})",
             f"  data set after the job: epsilon {after:.4f}",
         ]
     else:
-        lines.append("  DP is OFF in this job")
+        lines += ["  DP is OFF in this job", *plan_lines[1:]]
+    lines += [f"  warning: {w}" for w in warnings]
     return misfit + job_refusal(policy, job, plan, model.sha256, spent), lines
 
 

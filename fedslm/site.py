@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -26,20 +26,26 @@ from fedslm.data import read_examples, read_instructions
 from fedslm.egress import MASKED_VECTOR, SECURE_TRAIN, Payload, RingSpec, check, describe
 from fedslm.errors import ConfigError, FedSLMError
 from fedslm.lora_math import to_site_rank
+from fedslm.losses import per_example_loss
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
 from fedslm.models.adapter import freeze_lora_a
+from fedslm.models.loading import classification_head
 from fedslm.models.registry import ResolvedModel
 from fedslm.policy import SitePolicy, check_job, check_round
 from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon
 from fedslm.privacy.dp_sgd import per_sample_module
 from fedslm.privacy.egress_log import record_egress
 from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger
+from fedslm.schedule import Schedule
 from fedslm.secagg.messages import EncryptedShares, KeyAdvert, MaskedInput, UnmaskShares
 from fedslm.training import (
     DPSettings,
     EvalResult,
     Proximal,
+    ScaledHead,
     StepCallback,
+    TrainResult,
+    encode_features,
     evaluate,
     make_optimizer,
     train_steps,
@@ -47,46 +53,122 @@ from fedslm.training import (
 
 
 @dataclass(frozen=True)
+class Phase:
+    """Consecutive rounds that train the same thing with the same DP parameters.
+
+    ``trains`` is 'head' (a linear probe on frozen features) or 'lora' (LoRA factors and head).
+    """
+
+    trains: Literal["head", "lora"]
+    first_round: int
+    rounds: int
+    batch_size: int  # expected logical batch, q * records
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+
+    @property
+    def total_steps(self) -> int:
+        """Every step of this phase, over all its rounds."""
+        return self.steps_per_round * self.rounds
+
+    def segment(self, steps: int | None = None) -> Segment:
+        """The DP event of ``steps`` of this phase's steps (default: all of them)."""
+        return Segment(self.sample_rate, self.noise_multiplier, steps or self.total_steps)
+
+
+@dataclass(frozen=True)
 class PrivacyPlan:
-    """The DP parameters a site uses for every step of the job, fixed before round 1."""
+    """What a site trains and with which DP parameters, every round of the job, fixed before
+    round 1. lp-lora has two phases (probe, then LoRA); the others one."""
 
     enabled: bool
     records: int
-    sample_rate: float
-    steps_per_round: int
-    total_steps: int
-    noise_multiplier: float
+    phases: tuple[Phase, ...]
     max_grad_norm: float
     delta: float
     accountant: str
     target_epsilon: float | None
 
+    def phase(self, round_num: int) -> Phase:
+        """The phase ``round_num`` belongs to."""
+        for ph in self.phases:
+            if round_num < ph.first_round + ph.rounds:
+                return ph
+        return self.phases[-1]
+
+    def segments(self) -> list[Segment]:
+        """The job's DP events, one per phase (empty without DP)."""
+        return [ph.segment() for ph in self.phases] if self.enabled else []
+
+    @property
+    def total_steps(self) -> int:
+        """Every local step of the job."""
+        return sum(ph.total_steps for ph in self.phases)
+
+    # The last (for lora and head: the only) phase's figures, for single-phase callers.
+    @property
+    def sample_rate(self) -> float:
+        """q of the last phase."""
+        return self.phases[-1].sample_rate
+
+    @property
+    def steps_per_round(self) -> int:
+        """Local steps per round of the last phase."""
+        return self.phases[-1].steps_per_round
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Noise multiplier of the last phase."""
+        return self.phases[-1].noise_multiplier
+
+    @property
+    def min_noise_multiplier(self) -> float:
+        """The smallest noise multiplier of any phase (what a site policy's floor checks)."""
+        return min(ph.noise_multiplier for ph in self.phases)
+
 
 def plan_privacy(job: JobConfig, records: int, source: str) -> PrivacyPlan:
-    """Sampling rate, steps and noise for a site with ``records`` training rows.
+    """Phases, sampling rates, steps and noise for a site with ``records`` training rows.
 
     The noise is calibrated so that all of the job's local steps together meet
-    ``privacy.target_epsilon``. ``source`` names the config file in errors.
+    ``privacy.target_epsilon``. With lp-lora the probe rounds alone are calibrated to
+    ``train.probe.epsilon_share`` of the target and the LoRA rounds to what brings the
+    composition of both to the target. ``source`` names the config file in errors.
     """
-    p = job.privacy
-    q = min(1.0, job.train.batch_size / records)
-    steps = job.train.steps_per_round(q)
-    total = steps * job.federation.rounds
-    sigma = 0.0
+    p, t = job.privacy, job.train
+    rounds = job.federation.rounds
+    mode = job.train_mode
+    shapes: list[tuple[Literal["head", "lora"], int, int, float | None]] = []
+    if mode == "head":
+        shapes.append(("head", rounds, t.probe.batch_size, t.probe.local_epochs))
+    elif mode == "lp-lora":
+        shapes.append(("head", t.probe.rounds, t.probe.batch_size, t.probe.local_epochs))
+        shapes.append(("lora", rounds - t.probe.rounds, t.logical_batch(p.enabled), None))
+    else:
+        shapes.append(("lora", rounds, t.logical_batch(p.enabled), None))
     if p.enabled:
         check_delta(job, records, source)
-        if p.noise_multiplier is not None:
+    phases: list[Phase] = []
+    first = 1
+    for i, (trains, n, batch, epochs) in enumerate(shapes):
+        q = min(1.0, batch / records)
+        steps = max(1, round(epochs / q)) if epochs is not None else t.steps_per_round(q)
+        sigma = 0.0
+        if p.enabled and p.noise_multiplier is not None:
             sigma = p.noise_multiplier
-        else:
+        elif p.enabled:
             assert p.target_epsilon is not None
-            sigma = calibrate_noise(p.target_epsilon, p.delta, q, total, p.accountant)
+            last = i == len(shapes) - 1
+            target = p.target_epsilon if last else p.target_epsilon * t.probe.epsilon_share
+            prior = [ph.segment() for ph in phases]
+            sigma = calibrate_noise(target, p.delta, q, steps * n, p.accountant, prior=prior)
+        phases.append(Phase(trains, first, n, max(1, round(q * records)), q, steps, sigma))
+        first += n
     return PrivacyPlan(
         p.enabled,
         records,
-        q,
-        steps,
-        total,
-        sigma,
+        tuple(phases),
         p.max_grad_norm,
         p.delta,
         p.accountant,
@@ -121,7 +203,6 @@ def job_refusal(
     Every step the job plans is costed on top of ``spent``, what the data set has already
     spent in other jobs (from the ledger).
     """
-    planned = [Segment(plan.sample_rate, plan.noise_multiplier, plan.total_steps)]
     return check_job(
         policy,
         task=job.task.type,
@@ -129,8 +210,8 @@ def job_refusal(
         model_sha256=model_sha256,
         dp_enabled=plan.enabled,
         delta=plan.delta,
-        noise_multiplier=plan.noise_multiplier,
-        planned=planned if plan.enabled else [],
+        noise_multiplier=plan.min_noise_multiplier,
+        planned=plan.segments(),
         spent=spent,
         accountant=plan.accountant,
         lora_rank=lora_rank,
@@ -290,10 +371,16 @@ class Site:
         self.eval_data = self._encode(eval_file)
         self.plan = plan_privacy(job, len(self.train_data), source)
         check_secagg_weight(job, len(self.train_data), source)
-        # Opacus hooks are attached once, after LoRA and before any optimizer exists
-        self.module: torch.nn.Module = (
-            per_sample_module(self.loaded.model) if self.plan.enabled else self.loaded.model
-        )
+        self._features: torch.Tensor | None = None  # the frozen model's, for probe rounds
+        self.module: torch.nn.Module = self.loaded.model
+        if all(ph.trains == "head" for ph in self.plan.phases):
+            # a pure probe: LoRA stays at its (no-op) initialisation and is never trained
+            for name_, param in self.loaded.model.named_parameters():
+                if ".lora_" in name_:
+                    param.requires_grad_(False)
+        elif self.plan.enabled:
+            # Opacus hooks are attached once, after LoRA and before any optimizer exists
+            self.module = per_sample_module(self.loaded.model)
 
     def _encode(self, path: Path) -> Encoded:
         d, tok, n = self.job.data, self.loaded.tokenizer, self.job.train.max_length
@@ -331,7 +418,7 @@ class Site:
             return self._job_refusal
         job_eps = lifetime_eps = 0.0
         if plan.enabled:
-            seg = self._segment()
+            seg = self._segment(round_num)
             job_eps = self._epsilon([*mine, seg])
             lifetime_eps = self._epsilon([*others, *mine, seg]) if others else job_eps
         return check_round(
@@ -366,7 +453,7 @@ class Site:
                 self.dataset,
                 self.job_id,
                 round_num,
-                self._segment(),
+                self._segment(round_num),
                 plan.delta,
                 plan.accountant,  # type: ignore[arg-type]
             )
@@ -378,35 +465,46 @@ class Site:
             job_eps = entry.epsilon if alone else self._epsilon(job_segments)
         privacy_seconds = time.perf_counter() - checked
         set_adapter_state(self.loaded.model, self._at_own_rank(global_state))
-        params = [p for p in self.loaded.model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, t.optimizer, t.learning_rate, t.weight_decay)
-        proximal = None
-        server = self.job.federation.server_optimizer
-        if server.name == "fedprox":
-            proximal = Proximal(server.mu, t.learning_rate, params)
+        phase = plan.phase(round_num)
         dp = None
         if plan.enabled:
-            dp = DPSettings(
-                plan.noise_multiplier,
-                plan.max_grad_norm,
-                max(1, round(plan.sample_rate * plan.records)),
-            )
+            dp = DPSettings(phase.noise_multiplier, plan.max_grad_norm, phase.batch_size)
         # dropout draws from the global generator; seeding it makes a round reproducible
         seed = self._seed(round_num, adapter_sha256(global_state))
         torch.manual_seed(seed)
+        # the schedule spans the phase's rounds: this round starts where the last one stopped
+        first_step = (round_num - phase.first_round) * phase.steps_per_round
         start = time.perf_counter()
-        result = train_steps(
-            self.module,
-            self.train_data,
-            steps=plan.steps_per_round,
-            sample_rate=plan.sample_rate,
-            optimizer=optimizer,
-            device=self.loaded.device,
-            dp=dp,
-            seed=seed,
-            on_step=on_step,
-            proximal=proximal,
-        )
+        if phase.trains == "head":
+            result = self._train_probe(phase, dp, seed, first_step, on_step)
+        else:
+            params = [p for p in self.loaded.model.parameters() if p.requires_grad]
+            optimizer = make_optimizer(params, t.optimizer, t.learning_rate, t.weight_decay)
+            proximal = None
+            server = self.job.federation.server_optimizer
+            if server.name == "fedprox":
+                proximal = Proximal(server.mu, t.learning_rate, params)
+            schedule = Schedule(
+                t.learning_rate,
+                phase.total_steps,
+                round(t.warmup_fraction * phase.total_steps),
+                t.schedule,
+            )
+            result = train_steps(
+                self.module,
+                self.train_data,
+                steps=phase.steps_per_round,
+                sample_rate=phase.sample_rate,
+                optimizer=optimizer,
+                device=self.loaded.device,
+                dp=dp,
+                seed=seed,
+                on_step=on_step,
+                proximal=proximal,
+                physical_batch_size=t.physical_batch_size,
+                schedule=schedule,
+                first_step=first_step,
+            )
         seconds = time.perf_counter() - start
         return SiteUpdate(
             state=get_adapter_state(self.loaded.model),
@@ -534,6 +632,60 @@ class Site:
             )
         return payload
 
+    def _train_probe(
+        self,
+        phase: Phase,
+        dp: DPSettings | None,
+        seed: int,
+        first_step: int,
+        on_step: StepCallback | None,
+    ) -> TrainResult:
+        """One round of the linear probe: the head alone, on the frozen model's features.
+
+        The features are computed once per site (LoRA is still at its no-op initialisation in
+        every probe round), so a step costs a matrix product instead of a pass through the
+        model. A copy of the head trains under its own Opacus hooks and is written back: hooks
+        on the model's own head would fire for the LoRA phase's per-sample module too.
+        """
+        probe, device = self.job.train.probe, self.loaded.device
+        if self._features is None:
+            self._features = encode_features(
+                self.loaded.model, self.train_data, self.job.train.eval_batch_size, device
+            )
+        features = self._features
+        labels = torch.tensor(self.train_data.targets, device=device)
+        target = classification_head(self.loaded.model)
+        head = torch.nn.Linear(target.in_features, target.out_features).to(device)
+        head.load_state_dict(target.state_dict())
+        # Per-example clipping even without DP (noise 0): the probe's learning rate is chosen
+        # for clipped gradients, and unclipped ones through scaled logits are ten times larger.
+        dp = dp or DPSettings(0.0, self.plan.max_grad_norm, phase.batch_size)
+        module = per_sample_module(ScaledHead(head, self.job.model.logit_scale))
+        optimizer = make_optimizer(
+            list(head.parameters()), "sgd", probe.learning_rate, 0.0, momentum=probe.momentum
+        )
+
+        def batch_loss(index: list[int]) -> torch.Tensor:
+            return per_example_loss(module(features[index]), labels[index])
+
+        result = train_steps(
+            module,
+            len(features),
+            steps=phase.steps_per_round,
+            sample_rate=phase.sample_rate,
+            optimizer=optimizer,
+            device=device,
+            dp=dp,
+            seed=seed,
+            on_step=on_step,
+            schedule=Schedule(probe.learning_rate, phase.total_steps, 0, "cosine"),
+            first_step=first_step,
+            batch_loss=batch_loss,
+        )
+        with torch.no_grad():
+            target.load_state_dict(head.state_dict())
+        return result
+
     def _at_own_rank(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # exact aggregation sends factors of the global rank; each site takes the best
         # approximation at its own rank (a no-op re-basis when the ranks are equal)
@@ -541,9 +693,8 @@ class Site:
             return state
         return to_site_rank(state, self.job.lora.alpha, self.lora.r).state
 
-    def _segment(self) -> Segment:
-        plan = self.plan
-        return Segment(plan.sample_rate, plan.noise_multiplier, plan.steps_per_round)
+    def _segment(self, round_num: int) -> Segment:
+        return self.plan.phase(round_num).segment(self.plan.phase(round_num).steps_per_round)
 
     def _epsilon(self, segments: list[Segment]) -> float:
         return epsilon(segments, self.plan.delta, self.plan.accountant)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import torch
 from fedslm.batching import Encoded, collate, poisson_batches, sequential_batches
 from fedslm.losses import correct_predictions, per_example_loss
 from fedslm.privacy.dp_sgd import dp_optimizer, fill_empty_grad_samples
+from fedslm.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -74,17 +75,35 @@ class Proximal:
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
+    params: list[torch.nn.Parameter],
+    name: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.0,
 ) -> torch.optim.Optimizer:
     """A fresh optimizer over ``params``; state is not carried across rounds."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+BatchLoss = Callable[[list[int]], torch.Tensor]  # row indices -> per-example losses [len]
+
+
+def encoded_loss(model: torch.nn.Module, data: Encoded, device: torch.device) -> BatchLoss:
+    """Per-example losses of ``model`` on rows of tokenised ``data``."""
+
+    def loss(index: list[int]) -> torch.Tensor:
+        batch = collate(data, index, device)
+        labels = batch.pop("labels")
+        return per_example_loss(model(**batch).logits, labels)
+
+    return loss
 
 
 def train_steps(
     model: torch.nn.Module,
-    data: Encoded,
+    data: Encoded | int,
     *,
     steps: int,
     sample_rate: float,
@@ -94,16 +113,30 @@ def train_steps(
     seed: int,
     on_step: StepCallback | None = None,
     proximal: Proximal | None = None,
+    physical_batch_size: int | None = None,
+    schedule: Schedule | None = None,
+    first_step: int = 0,
+    batch_loss: BatchLoss | None = None,
 ) -> TrainResult:
-    """Run ``steps`` optimizer steps on Poisson-sampled batches of ``data``.
+    """Run ``steps`` optimizer steps on Poisson-sampled logical batches of ``data``.
 
-    With ``dp`` set, ``model`` must be wrapped by ``per_sample_module`` and ``optimizer`` is
-    wrapped here into a DP optimizer; every step, empty batches included, is clipped and noised.
-    Without DP an empty batch is skipped. ``seed`` fixes batch sampling and noise. ``proximal``
-    (FedProx) pulls the weights back toward where the round started after every step.
+    ``data`` is tokenised rows (or, with ``batch_loss``, just their number). A logical batch is
+    processed in micro-batches of ``physical_batch_size`` rows (default: all at once) and makes
+    one optimizer step. With ``dp`` set, ``model`` must be wrapped by ``per_sample_module`` and
+    ``optimizer`` is wrapped here into a DP optimizer: every micro-batch's per-example gradients
+    are clipped and summed, and noise is added once per logical batch, exactly as if the whole
+    batch had been clipped at once; every step, empty batches included, is clipped and noised.
+    Without DP an empty batch is skipped. ``schedule`` sets the learning rate of job-wide step
+    ``first_step + i``. ``seed`` fixes batch sampling and noise. ``proximal`` (FedProx) pulls
+    the weights back toward where the round started after every step.
     """
+    rows = data if isinstance(data, int) else len(data)
+    if batch_loss is None:
+        assert not isinstance(data, int), "tokenised data or a batch_loss is needed"
+        batch_loss = encoded_loss(model, data, device)
     sampler = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = optimizer.param_groups
     if dp is not None:
         noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
         optimizer = dp_optimizer(
@@ -113,8 +146,12 @@ def train_steps(
     start = time.perf_counter()
     losses: list[float] = []
     examples = empty = 0
-    for step, index in enumerate(poisson_batches(len(data), sample_rate, steps, sampler), 1):
-        before = [p.detach().clone() for p in params] if step == 1 and dp is not None else None
+    batches = poisson_batches(rows, sample_rate, steps, sampler)
+    checked = False
+    for step, index in enumerate(batches, 1):
+        if schedule is not None:
+            for group in groups:
+                group["lr"] = schedule.at(first_step + step - 1)
         optimizer.zero_grad(set_to_none=True)
         if not index:
             empty += 1
@@ -122,19 +159,13 @@ def train_steps(
                 continue
             fill_empty_grad_samples(params)
         else:
-            batch = collate(data, index, device)
-            labels = batch.pop("labels")
-            loss = per_example_loss(model(**batch).logits, labels).mean()
-            with warnings.catch_warnings():
-                # Opacus' hooks fire on module outputs when the inputs (frozen embeddings) need
-                # no grad; that is the intended LoRA setup, not a problem.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            losses.append(float(loss.detach()))
+            losses.append(_accumulate(batch_loss, index, physical_batch_size, optimizer, dp))
             examples += len(index)
+        before = None if checked or dp is None else [p.detach().clone() for p in params]
         optimizer.step()
         if before is not None:
             _assert_updated(params, before)
+            checked = True
         if proximal is not None:
             proximal.step()
         if on_step is not None:
@@ -146,6 +177,72 @@ def train_steps(
         empty_batches=empty,
         seconds=time.perf_counter() - start,
     )
+
+
+def _accumulate(
+    batch_loss: BatchLoss,
+    index: list[int],
+    physical: int | None,
+    optimizer: torch.optim.Optimizer,
+    dp: DPSettings | None,
+) -> float:
+    """Forward and backward one logical batch in micro-batches; returns its mean loss.
+
+    Under DP each micro-batch but the last is clipped and added to the optimizer's running sum
+    (Opacus' skipped step); the caller's ``step`` then clips the last one, adds the noise once
+    and divides by the expected batch size. Without DP the gradients of the micro-batches add
+    up in ``.grad``, each scaled so the total is the mean over the logical batch.
+    """
+    size = physical or len(index)
+    chunks = [index[i : i + size] for i in range(0, len(index), size)]
+    total = 0.0
+    for i, chunk in enumerate(chunks):
+        losses = batch_loss(chunk)
+        total += float(losses.detach().sum())
+        # under DP Opacus rescales a mean loss to per-example gradients of this micro-batch
+        loss = losses.mean() if dp is not None else losses.sum() / len(index)
+        with warnings.catch_warnings():
+            # Opacus' hooks fire on module outputs when the inputs (frozen embeddings) need
+            # no grad; that is the intended LoRA setup, not a problem.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        if dp is not None and i < len(chunks) - 1:
+            optimizer.signal_skip_step(do_skip=True)  # type: ignore[attr-defined]
+            optimizer.step()  # clips this micro-batch into the running sum; no noise, no step
+            optimizer.zero_grad(set_to_none=True)  # drops its per-example grads, keeps the sum
+    return total / len(index)
+
+
+class ScaledHead(torch.nn.Module):
+    """A linear head on precomputed features, logits scaled as the model's head scales them
+    (``fedslm.models.pooled.MeanPoolClassifier.head``)."""
+
+    def __init__(self, linear: torch.nn.Linear, scale: float) -> None:
+        super().__init__()
+        self.linear, self.scale = linear, scale
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of features."""
+        return self.scale * self.linear(features)
+
+
+@torch.no_grad()
+def encode_features(
+    model: torch.nn.Module, data: Encoded, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """The features a mean-pooling classifier's head reads, for every row of ``data``, in eval
+    mode (no dropout): ``[rows, hidden]`` on ``device``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(inner, "features"):
+        raise ValueError("a linear probe needs model.pooling 'mean'")
+    was_training = inner.training
+    inner.eval()
+    out = []
+    for index in sequential_batches(len(data), batch_size):
+        batch = collate(data, index, device)
+        out.append(inner.features(batch["input_ids"], batch["attention_mask"]))
+    inner.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 1, device=device)
 
 
 def _assert_updated(params: list[torch.nn.Parameter], before: list[torch.Tensor]) -> None:

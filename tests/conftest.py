@@ -32,3 +32,17 @@ def tiny_llama(fedslm_home: Path) -> Path:
     from fedslm.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model("tiny-llama", fedslm_home / "models")
+
+
+@pytest.fixture(scope="session")
+def documented_loader():
+    """``load_fedslm_classifier`` as docs/models.md gives it to a stranger, executed from the
+    Markdown itself: a change to the documented code is a change to what the tests check."""
+    import re
+
+    doc = ROOT / "docs" / "models.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
+    code = next(b for b in blocks if "def load_fedslm_classifier" in b)
+    namespace: dict[str, object] = {"__name__": "stranger"}
+    exec(compile(code, f"{doc}:load_fedslm_classifier", "exec"), namespace)
+    return namespace["load_fedslm_classifier"]

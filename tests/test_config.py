@@ -20,10 +20,32 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_shipped_configs_validate_with_dp_on() -> None:
-    for name in ("demo.yaml", "smoke.yaml"):
-        job = load_config(ROOT / "configs" / name)
-        assert job.privacy.enabled
-        assert job.privacy.accountant == "prv"
+    shipped = sorted((ROOT / "configs").glob("*.yaml")) + sorted(
+        (ROOT / "configs" / "recipes").glob("*.yaml")
+    )
+    assert {p.name for p in shipped} >= {
+        "demo.yaml",
+        "smoke.yaml",
+        "encoder-dp.yaml",
+        "small-sites.yaml",
+        "causal-lm-instruct.yaml",
+    }
+    for path in shipped:
+        job = load_config(path)
+        assert job.privacy.enabled, path
+        assert job.privacy.accountant == "prv", path
+
+
+def test_the_encoder_recipe_writes_out_the_defaults() -> None:
+    """configs/recipes/encoder-dp.yaml documents the defaults: it must not drift from them."""
+    recipe = load_config(ROOT / "configs" / "recipes" / "encoder-dp.yaml")
+    default = JobConfig.model_validate({"data": recipe.data.model_dump()})
+    assert recipe.train == default.train.model_copy(update={"mode": "head"})
+    assert recipe.train_mode == default.train_mode == "head"
+    assert recipe.privacy == default.privacy and recipe.lora == default.lora
+    assert recipe.federation.rounds == default.federation.rounds
+    assert recipe.federation.aggregation == default.federation.aggregation
+    assert recipe.model.model_copy(update={"head_init": "auto"}) == default.model
 
 
 def test_defaults_are_complete() -> None:

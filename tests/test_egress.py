@@ -26,7 +26,7 @@ def _job(tiny_bert: Path, **more: Any) -> dict[str, Any]:
     return {
         "model": {"path": str(tiny_bert)},
         "lora": {"r": 2, "alpha": 4},
-        "train": {"local_steps": 2, "batch_size": 16, "max_length": 16},
+        "train": {"mode": "lora", "local_steps": 2, "batch_size": 16, "max_length": 16},
         "privacy": {"noise_multiplier": 1.0},
         "federation": {"sites": 2, "rounds": 1},
         "data": {"synthetic": {"rows_per_site": 100}},

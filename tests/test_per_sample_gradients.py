@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedslm.batching import Encoded, collate, encode_classification, encode_instructions
-from fedslm.config import LoraConfig
+from fedslm.config import LoraConfig, ModelConfig
 from fedslm.losses import per_example_loss
 from fedslm.models import load_model
 from fedslm.privacy.dp_sgd import dp_optimizer, per_sample_module
@@ -28,7 +28,9 @@ TEXTS = [
 LABELS = ["card", "pin", "transfer", "close", "balance", "loan"]
 
 
-def _prepare(path: Path, task: str) -> tuple[torch.nn.Module, Encoded]:
+def _prepare(
+    path: Path, task: str, options: ModelConfig | None = None
+) -> tuple[torch.nn.Module, Encoded]:
     loaded = load_model(
         path,
         task,
@@ -36,6 +38,7 @@ def _prepare(path: Path, task: str) -> tuple[torch.nn.Module, Encoded]:
         sorted(LABELS),
         torch.device("cpu"),
         seed=0,
+        options=options,
     )
     model = loaded.model
     for m in model.modules():  # dropout would make the two computations see different masks
@@ -84,7 +87,8 @@ def test_dp_update_equals_one_at_a_time_clipping(
     model, data = _prepare(request.getfixturevalue(model_fixture), task)
     expected_batch = len(data)
     # a clipping bound that clips some examples and not others
-    clip = 0.05 if task == "classification" else 0.5
+    # (the mean-pool head scales logits by 10: its per-example norms are 10-20 here)
+    clip = 15.0 if task == "classification" else 0.5
     reference = _reference(model, data, clip, expected_batch)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,3 +113,60 @@ def test_dp_update_equals_one_at_a_time_clipping(
 
     for p, old, ref in zip(params, before, reference, strict=True):
         torch.testing.assert_close(old - p.detach(), ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("physical", [1, 2, 4])
+def test_micro_batched_logical_batch_equals_one_at_a_time_clipping(
+    physical: int, tiny_bert: Path
+) -> None:
+    """A logical batch in micro-batches (``train.physical_batch_size``) is clipped and noised
+    once, exactly as the whole batch clipped one example at a time (noise off)."""
+    from fedslm.training import DPSettings, train_steps
+
+    model, data = _prepare(tiny_bert, "classification")
+    clip = 15.0  # clips some of the six examples, not all (as above)
+    reference = _reference(model, data, clip, len(data))
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    gsm = per_sample_module(model)
+    result = train_steps(
+        gsm,
+        data,
+        steps=1,
+        sample_rate=1.0,  # every row joins the one logical batch
+        optimizer=torch.optim.SGD(params, lr=1.0),
+        device=torch.device("cpu"),
+        dp=DPSettings(0.0, clip, len(data)),
+        seed=0,
+        physical_batch_size=physical,
+    )
+    gsm._close()
+    assert result.examples == len(data)
+    for p, old, ref in zip(params, before, reference, strict=True):
+        torch.testing.assert_close(old - p.detach(), ref, rtol=1e-4, atol=1e-7)
+
+
+def test_micro_batches_without_dp_give_the_mean_gradient_of_the_logical_batch(
+    tiny_bert: Path,
+) -> None:
+    from fedslm.training import train_steps
+
+    updates = []
+    for physical in (None, 2):
+        model, data = _prepare(tiny_bert, "classification")
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        train_steps(
+            model,
+            data,
+            steps=1,
+            sample_rate=1.0,
+            optimizer=torch.optim.SGD(params, lr=1.0),
+            device=torch.device("cpu"),
+            dp=None,
+            seed=0,
+            physical_batch_size=physical,
+        )
+        updates.append([old - p.detach() for p, old in zip(params, before, strict=True)])
+    for whole, micro in zip(*updates, strict=True):
+        torch.testing.assert_close(whole, micro, rtol=1e-4, atol=1e-7)

@@ -127,8 +127,22 @@ def test_privacy_json_matches_dp_accounting(bert_run: Path) -> None:
         assert p["epsilon_check"] == "ok"
 
 
-def _plain_peft_eval(run: Path, base: Path) -> dict[str, float]:
-    """Per-site eval loss using only transformers + PEFT to load the model."""
+class _AsClassifierOutput(torch.nn.Module):
+    """The stranger's model returns bare logits; fedslm's ``evaluate`` reads ``.logits``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor) -> object:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        return SequenceClassifierOutput(logits=self.model(**batch))
+
+
+def _plain_peft_eval(run: Path, base: Path, loader=None) -> dict[str, float]:
+    """Per-site eval loss using only transformers + PEFT to load the model (and, for a
+    mean-pooling classifier, ``loader``: the code docs/models.md gives a stranger)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -141,15 +155,18 @@ def _plain_peft_eval(run: Path, base: Path) -> dict[str, float]:
     assert not Path(config["base_model_name_or_path"]).is_absolute()
     assert len(meta["base_model"]["sha256"]) == 64
     tok = AutoTokenizer.from_pretrained(base)
-    if meta["task"] == "classification":
-        id2label = {int(k): v for k, v in meta["id2label"].items()}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base, num_labels=meta["num_labels"], id2label=id2label
-        )
-        model.config.pad_token_id = tok.pad_token_id
+    id2label = {int(k): v for k, v in (meta["id2label"] or {}).items()}
+    if meta["task"] == "classification" and meta["pooling"] == "mean":
+        model = _AsClassifierOutput(loader(base, run / "adapter"))
     else:
-        model = AutoModelForCausalLM.from_pretrained(base)
-    model = PeftModel.from_pretrained(model, run / "adapter")
+        if meta["task"] == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                base, num_labels=meta["num_labels"], id2label=id2label
+            )
+            model.config.pad_token_id = tok.pad_token_id
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base)
+        model = PeftModel.from_pretrained(model, run / "adapter")
     losses = {}
     for site_dir in sorted((run / "sites").iterdir()):
         path = site_dir / "data" / "eval.jsonl"
@@ -173,11 +190,11 @@ def _plain_peft_eval(run: Path, base: Path) -> dict[str, float]:
     ("run_fixture", "base_fixture"), [("bert_run", "tiny_bert"), ("llama_run", "tiny_llama")]
 )
 def test_exported_adapter_reloads_in_plain_peft_with_the_evaluated_logits(
-    run_fixture: str, base_fixture: str, request: pytest.FixtureRequest
+    run_fixture: str, base_fixture: str, request: pytest.FixtureRequest, documented_loader
 ) -> None:
     run, base = request.getfixturevalue(run_fixture), request.getfixturevalue(base_fixture)
     evaluated = read_jsonl(run / "metrics.jsonl")[-1]["sites"]
-    reloaded = _plain_peft_eval(run, base)
+    reloaded = _plain_peft_eval(run, base, documented_loader)
     assert set(reloaded) == set(evaluated)
     for site, loss in reloaded.items():
         assert loss == pytest.approx(evaluated[site]["eval_loss"], rel=1e-5, abs=1e-6)

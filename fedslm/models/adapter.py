@@ -115,13 +115,20 @@ def export_adapter(
 def load_exported(adapter_dir: Path, base_dir: Path) -> torch.nn.Module:
     """Load an exported adapter the way a stranger would: transformers + plain PEFT only."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from fedslm.models.loading import quiet_transformers
 
     quiet_transformers()  # its "classifier MISSING" report is expected: the adapter holds it
     meta = json.loads((Path(adapter_dir) / METADATA_FILE).read_text())
-    if meta["task"] == "classification":
+    if meta["task"] == "classification" and meta.get("pooling") == "mean":
+        from fedslm.models.pooled import MeanPoolClassifier
+
+        # the one class a stranger needs besides transformers and PEFT (docs/models.md)
+        encoder = AutoModel.from_pretrained(base_dir, local_files_only=True)
+        encoder.config.pad_token_id = meta.get("pad_token_id", encoder.config.pad_token_id)
+        base = MeanPoolClassifier(encoder, meta["num_labels"], meta["logit_scale"])
+    elif meta["task"] == "classification":
         id2label = {int(k): v for k, v in meta["id2label"].items()}
         base = AutoModelForSequenceClassification.from_pretrained(
             base_dir, num_labels=meta["num_labels"], id2label=id2label, local_files_only=True

@@ -56,6 +56,7 @@ class Family:
 
 
 _BERT_HEAD = ("classifier",)
+MEAN_POOL_HEAD = ("classifier",)  # fedslm.models.pooled.MeanPoolClassifier's linear layer
 _DECODER_HEAD = ("score",)
 _GEMMA_TURNS = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
 
@@ -152,7 +153,9 @@ def resolve_defaults(
     targets = tuple(lora.target_modules or (family.lora_targets if family else ()))
     head: tuple[str, ...] = ()
     if task == "classification":
-        head = tuple(overrides.head_modules or (family.head if family else ()))
+        # mean pooling brings its own head (fedslm.models.pooled); 'model' uses the family's
+        own = MEAN_POOL_HEAD if overrides.pooling == "mean" else (family.head if family else ())
+        head = tuple(overrides.head_modules or own)
     pad = _set_pad_token(tokenizer, overrides.pad_token, source)
     tokenizer.padding_side = PADDING_SIDE
     template = None

@@ -23,6 +23,7 @@ from fedslm.models.families import (
     train_in_fp32,
     uses_conv1d,
 )
+from fedslm.models.pooled import build_mean_pool_classifier, label_name_rows
 
 # No code path may reach a model hub; this makes transformers fail fast instead of trying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,8 +94,12 @@ def load_model(
         raise ModelError(f"{path}: cannot load model config or tokenizer: {exc}") from None
     family = config.model_type
     defaults = resolve_defaults(family, task, tokenizer, lora, options, path)
+    options = options or ModelConfig()
     torch.manual_seed(seed)
-    if task == "classification":
+    if task == "classification" and options.pooling == "mean":
+        model, info = build_mean_pool_classifier(path, len(labels), options.logit_scale)
+        task_type = None  # a custom module: PEFT's generic PeftModel
+    elif task == "classification":
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(labels),
@@ -133,10 +138,54 @@ def load_model(
         ) from None
     check_new_weights_saved(model, info["missing_keys"], path)
     train_in_fp32(model)
+    if task == "classification":
+        init_head(model, options.resolved_head_init, tokenizer, labels, device)
     check_per_sample_support(model, path)
     return LoadedModel(
         model, tokenizer, task, labels, device, family, defaults, defaults.prompt_template
     )
+
+
+def classification_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The trained copy of the mean-pooling classifier's linear layer inside a PEFT model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.classifier
+    # PEFT's ModulesToSaveWrapper: the copy that trains and is saved with the adapter
+    return head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+
+
+@torch.no_grad()
+def init_head(
+    model: torch.nn.Module, how: str, tokenizer, labels: list[str], device: torch.device
+) -> None:
+    """Start the classification head as ``model.head_init`` says (after PEFT wrapped it).
+
+    'random' keeps the seeded initialisation; 'zero' and 'label-names' apply to the mean-pooling
+    head only (the config refuses label-names otherwise; 'zero' with a family head zeroes its
+    last linear layer, the one that maps to the labels).
+    """
+    if how == "random":
+        return
+    inner = model.get_base_model()
+    if hasattr(inner, "features"):
+        head = classification_head(model)
+    else:
+        linears = [
+            m
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+            and m.out_features == len(labels)
+            and ".modules_to_save." in f".{n}."
+        ]
+        if not linears:
+            raise ModelError("model.head_init 'zero' found no trained linear layer to the labels")
+        head = linears[-1]
+    if head.bias is not None:
+        head.bias.zero_()
+    if how == "zero":
+        head.weight.zero_()
+        return
+    head.weight.copy_(label_name_rows(inner, tokenizer, labels, device))
 
 
 def quiet_transformers() -> None:

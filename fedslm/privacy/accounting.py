@@ -141,9 +141,15 @@ def gaussian_epsilon(noise_multiplier: float, compositions: int, delta: float) -
 
 
 def calibrate_noise(
-    target_epsilon: float, delta: float, q: float, steps: int, accountant: Accountant = "prv"
+    target_epsilon: float,
+    delta: float,
+    q: float,
+    steps: int,
+    accountant: Accountant = "prv",
+    prior: Sequence[Segment] = (),
 ) -> float:
-    """Smallest noise multiplier whose ``steps`` steps at rate ``q`` stay within the target.
+    """Smallest noise multiplier whose ``steps`` steps at rate ``q``, composed after the
+    ``prior`` segments (an earlier phase of the same job), stay within the target.
 
     Bisection on ``epsilon`` itself, so the result is consistent with what the site later
     reports under the same accountant, whichever accountant that is.
@@ -154,7 +160,7 @@ def calibrate_noise(
         raise ValueError(f"steps must be >= 1, got {steps}")
 
     def eps(sigma: float) -> float:
-        return epsilon([Segment(q, sigma, steps)], delta, accountant)
+        return epsilon([*prior, Segment(q, sigma, steps)], delta, accountant)
 
     lo, hi = 0.0, 1.0
     while eps(hi) > target_epsilon:
