@@ -304,12 +304,18 @@ def budget(ctx: RunContext, site: str) -> Budget | None:
 
 
 def lifetime_spend(ctx: RunContext, site: str, p: dict[str, Any]) -> LifetimeSpend | None:
-    """Everything the site's ledger holds for the data set, composed, against the budget."""
+    """Everything the site's ledger holds for the data set up to this job's last entry,
+    composed, against the budget."""
     view = ctx.ledger(site)
     if view is None or view.error is not None:
         return None
     dataset = view.bound_dataset or (view.entries[-1].dataset if view.entries else None)
-    mine = [e for e in view.entries if e.dataset == dataset]
+    # As of this job's last entry: later jobs on the same data set (simulated runs compose in
+    # one ledger per data set) belong to their own reports, and must not change this one.
+    last = max((e.seq for e in ctx.job_entries(site)), default=None)
+    mine = [
+        e for e in view.entries if e.dataset == dataset and (last is None or e.seq <= last)
+    ]
     # a site that trained without DP has no delta of its own; its ledger entries (noise 0)
     # still spend, and are read at the job's delta and accountant
     priv_cfg = (ctx.run.config or {}).get("privacy") or {}
@@ -321,7 +327,8 @@ def lifetime_spend(ctx: RunContext, site: str, p: dict[str, Any]) -> LifetimeSpe
     if delta is not None and acc is not None:
         segs = [e.segment for e in mine]
         how = (
-            f"{RECOMPUTED} from all {len(mine)} ledger entries of the data set, at this job's delta"
+            f"{RECOMPUTED} from the data set's {len(mine)} ledger entries up to this job's last, "
+            "at this job's delta"
         )
         spent = figure(epsilon(segs, delta, acc), delta, acc, how)
         spent_pld = figure(epsilon(segs, delta, "pld"), delta, "pld", how)
