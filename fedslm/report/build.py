@@ -355,7 +355,7 @@ def lifetime_spend(ctx: RunContext, site: str, p: dict[str, Any]) -> LifetimeSpe
         budget=lim,
         remaining=remaining,
         ledger_head_in_privacy_json=p.get("ledger_head"),
-        ledger_last_hash=view.entries[-1].hash if view.entries else None,
+        ledger_last_hash=mine[-1].hash if mine else None,  # the last entry counted here
     )
 
 
