@@ -939,8 +939,12 @@ def trust_model(ctx: RunContext, privacy: Privacy) -> list[str]:
         "does not cover the metrics sent in the clear (losses, accuracy, counts), and the "
         "evaluation records are not protected by it at all.",
         "Each site's ledger is hash-chained and privacy.json records its head, so an edit, "
-        "deletion or reordering of entries is detected. Nothing is signed yet: someone who "
-        "rewrites a ledger, privacy.json and this report together would not be detected.",
+        "deletion or reordering of entries is detected. Each site signs its own report with "
+        "its key, and `fedslm verify --keys` checks that signature against the site's public "
+        "key as the auditor holds it, never one stored in the run: someone who rewrites a "
+        "ledger, privacy.json and the reports together is detected by the sites' signatures "
+        "only. In a simulation the operator holds every site's key, so there the signatures "
+        "show only that the operator made the report.",
         "Noise comes from non-cryptographic random number generators (see the caveats).",
     ]
     if privacy.central:
