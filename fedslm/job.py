@@ -143,10 +143,6 @@ class JobPlan:
     sites: list[SitePlan]
     labels: list[str]
 
-    def records(self, name: str) -> int:
-        """How many training records site ``name`` has."""
-        return next(len(s.train) for s in self.sites if s.name == name)
-
     def inputs(self) -> list[Path]:
         """Files and folders the job reads and must not be deleted by replacing a run: the
         data files, the model folder and any ledger a site policy names."""
@@ -251,9 +247,7 @@ def plan_job(job: JobConfig, source: str) -> JobPlan:
     return JobPlan(job, source, policies, model, plans, labels)
 
 
-def prepare_job(
-    job: JobConfig, source: str, out: Path, ledgers: Path | None = None
-) -> PreparedJob:
+def prepare_job(job: JobConfig, source: str, out: Path, ledgers: Path | None = None) -> PreparedJob:
     """Validate policies, resolve the model, and write each site's data, policy and ledger
     location under ``out/sites/SITE`` (``ledgers``: see ``JobPlan.write``)."""
     return plan_job(job, source).write(out, ledgers)

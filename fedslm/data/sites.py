@@ -65,9 +65,7 @@ class SitePlan:
     train_labels: list[str] | None
 
 
-def plan_sites(
-    data: DataConfig, site_names: list[str], task: str, seed: int
-) -> list[SitePlan]:
+def plan_sites(data: DataConfig, site_names: list[str], task: str, seed: int) -> list[SitePlan]:
     """Read, validate and split every site's rows without writing anything.
 
     Raises ``DataError`` naming the file and row for any bad input. What ``materialize_sites``
@@ -94,9 +92,7 @@ def plan_sites(
             problems.append(f"site '{site.name}' ({site.source}): {exc}")
             continue
         labels = (
-            [site.rows[i][data.label_column] for i in train]
-            if task == "classification"
-            else None
+            [site.rows[i][data.label_column] for i in train] if task == "classification" else None
         )
         plans.append(
             SitePlan(

@@ -313,9 +313,7 @@ def lifetime_spend(ctx: RunContext, site: str, p: dict[str, Any]) -> LifetimeSpe
     # As of this job's last entry: later jobs on the same data set (simulated runs compose in
     # one ledger per data set) belong to their own reports, and must not change this one.
     last = max((e.seq for e in ctx.job_entries(site)), default=None)
-    mine = [
-        e for e in view.entries if e.dataset == dataset and (last is None or e.seq <= last)
-    ]
+    mine = [e for e in view.entries if e.dataset == dataset and (last is None or e.seq <= last)]
     # a site that trained without DP has no delta of its own; its ledger entries (noise 0)
     # still spend, and are read at the job's delta and accountant
     priv_cfg = (ctx.run.config or {}).get("privacy") or {}
