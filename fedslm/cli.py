@@ -152,8 +152,9 @@ def _run(args: argparse.Namespace) -> int:
         rows, where = len(site.train), f"{args.config} (site {site.name})"
         check_delta(job, rows, where)
         check_secagg_weight(job, rows, where)
-    replace = check_output_folder(out, [args.config, *plan.inputs()], args.overwrite)
     ledger_dir = simulated_ledger_dir()
+    # the ledger folder counts as an input: a run folder is replaced whole, ledgers never are
+    replace = check_output_folder(out, [args.config, *plan.inputs(), ledger_dir], args.overwrite)
     declined: list[str] = []
     if args.command == "simulate":
         # a job every site would refuse (e.g. its data set's budget is spent) must not replace

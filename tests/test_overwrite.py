@@ -83,6 +83,19 @@ def test_overwrite_refuses_the_folder_holding_the_config_and_data(
     assert cfg.is_file() and data.read_text().endswith(rows)
 
 
+def test_out_holding_the_ledger_folder_is_refused(
+    tmp_path: Path,
+    tiny_bert: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "run"
+    monkeypatch.setenv("FEDSLM_LEDGERS", str(out / "ledgers"))
+    assert simulate(out, "-q") == 2
+    assert f"--out {out}: holds this job's input {out / 'ledgers'}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_overwrite_never_deletes_a_ledger(
     tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
