@@ -361,10 +361,11 @@ def _ok(
     elif not sigs.signed:
         missing += f" (your keys name {', '.join(sorted(sigs.trusted))})"
     if allow_unsigned:
+        also = f"; signatures of {signed} checked against your keys" if signed else ""
         return Outcome(
             0,
             f"verify OK (UNSIGNED, accepted with --allow-unsigned): {figures}; no signature "
-            f"checked for {missing}" + (f"; signed by your keys: {signed}" if signed else ""),
+            f"checked for {missing}{also}",
         )
     return Outcome(
         UNSIGNED,
