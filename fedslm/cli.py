@@ -200,11 +200,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_ledgers(reporter: Reporter, ledgers: dict[str, Path]) -> None:
-    # the spend is the data set's, across runs: say where it is kept (and that it stays)
-    reporter.info("privacy ledgers (kept across runs; --overwrite never deletes them):")
-    for name, path in ledgers.items():
-        reporter.info(f"  {name}: {path}")
+def _count_rows(path: Path) -> int:
+    with path.open(encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
 
 
 def _print_summary(out: Path, reporter: Reporter) -> None:
@@ -241,6 +239,13 @@ def _print_summary(out: Path, reporter: Reporter) -> None:
     ledgers = (read_marker(out) or {}).get("ledgers") or {}
     _print_ledgers(reporter, {name: Path(p) for name, p in ledgers.items()})
     reporter.info(f"outputs: {out}/adapter, metrics.jsonl, privacy.json, checkpoints/")
+
+
+def _print_ledgers(reporter: Reporter, ledgers: dict[str, Path]) -> None:
+    # the spend is the data set's, across runs: say where it is kept (and that it stays)
+    reporter.info("privacy ledgers (kept across runs; --overwrite never deletes them):")
+    for name, path in ledgers.items():
+        reporter.info(f"  {name}: {path}")
 
 
 def _site_keygen(args: argparse.Namespace) -> int:
