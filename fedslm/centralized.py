@@ -12,9 +12,10 @@ from typing import Any
 from fedslm.coordinator import SiteEval
 from fedslm.data import SiteFiles, read_rows, write_rows
 from fedslm.inprocess import build_site, to_report
-from fedslm.job import PreparedJob, SiteSetup, make_coordinator
+from fedslm.job import PreparedJob, SiteSetup, make_coordinator, site_ledger
 from fedslm.policy import SitePolicy
 from fedslm.progress import Reporter
+from fedslm.runfolder import record_ledgers
 
 POOLED = "pooled"
 
@@ -43,11 +44,11 @@ def pooled_job(prepared: PreparedJob) -> PreparedJob:
         files[split] = folder / f"{split}.jsonl"
         write_rows(rows, files[split])
     # The pooled data set is a baseline, not a site: no site policy applies, but its DP spend
-    # is still recorded in a ledger like any other.
+    # is still recorded in a ledger like any other, kept where the sites' ledgers are.
     setup = SiteSetup(
         SiteFiles(POOLED, files["train"], files["eval"]),
         SitePolicy(),
-        prepared.site_dir(POOLED) / "ledger.db",
+        site_ledger(SitePolicy(), files["train"], prepared.site_dir(POOLED), prepared.ledgers),
     )
     return PreparedJob(
         job,
@@ -57,6 +58,7 @@ def pooled_job(prepared: PreparedJob) -> PreparedJob:
         [setup],
         prepared.labels,
         prepared.model,
+        prepared.ledgers,
     )
 
 
@@ -64,6 +66,7 @@ def run_centralized(prepared: PreparedJob, reporter: Reporter) -> dict[str, Any]
     """Train on the pooled data for ``federation.rounds`` rounds; write the usual outputs."""
     pooled = pooled_job(prepared)
     setup = pooled.sites[0]
+    record_ledgers(prepared.out, {POOLED: setup.ledger})  # for report and verify
     # the pooled baseline is not a site: no policy, but its DP spend is still recorded
     site = build_site(pooled, setup, with_policy=False)
     coordinator = make_coordinator(pooled)

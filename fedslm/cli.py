@@ -132,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fedslm.config import load_config
-    from fedslm.job import prepare_job
+    from fedslm.job import plan_job, preflight
+    from fedslm.privacy.ledger import simulated_ledger_dir
     from fedslm.progress import Reporter
+    from fedslm.runfolder import check_output_folder, clear_run, write_marker
     from fedslm.site import check_delta, check_secagg_weight
 
     job = load_config(args.config, args.overrides)
@@ -144,20 +146,38 @@ def _run(args: argparse.Namespace) -> int:
             "data.synthetic"
         )
     out: Path = args.out or Path("runs") / args.config.stem
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise FedSLMError(
-                f"{out} already holds a run; choose another --out or pass --overwrite"
-            )
-        shutil.rmtree(out)
+    # Everything is validated before anything is deleted or written: a bad config, data file
+    # or policy must leave an existing run (and its outputs) exactly as it was.
+    plan = plan_job(job, str(args.config))
+    for site in plan.sites:
+        rows, where = len(site.train), f"{args.config} (site {site.name})"
+        check_delta(job, rows, where)
+        check_secagg_weight(job, rows, where)
+    ledger_dir = simulated_ledger_dir()
+    # the ledger folder counts as an input: a run folder is replaced whole, ledgers never are
+    replace = check_output_folder(out, [args.config, *plan.inputs(), ledger_dir], args.overwrite)
+    declined: list[str] = []
+    if args.command == "simulate":
+        # a job every site would refuse (e.g. its data set's budget is spent) must not replace
+        # the run it would overwrite; the pooled baseline of `centralized` has no policy
+        declined = preflight(plan, ledger_dir)
+    try:
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedSLMError(
+            f"{ledger_dir}: cannot create the folder of simulated sites' privacy ledgers "
+            f"({exc.strerror}); set FEDSLM_LEDGERS (or FEDSLM_HOME) to a writable folder"
+        ) from None
+    if replace:
+        clear_run(out)
     reporter = Reporter(quiet=args.quiet)
     created = not out.exists()
     try:
-        prepared = prepare_job(job, str(args.config), out)
-        for site in prepared.sites:
-            rows, where = _count_rows(site.files.train), f"{args.config} (site {site.name})"
-            check_delta(job, rows, where)
-            check_secagg_weight(job, rows, where)
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, args.command, str(args.config))  # first: a crashed run is a run
+        prepared = plan.write(out, ledger_dir)
+        ledgers = {s.name: s.ledger for s in prepared.sites}
+        write_marker(out, args.command, str(args.config), ledgers)
     except FedSLMError:
         if created:
             shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left behind
@@ -168,6 +188,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     _print_plan(prepared, args.command, reporter)
     if args.command == "simulate":
+        _print_ledgers(reporter, ledgers)
+        for line in declined:
+            reporter.warn(f"will refuse round 1: {line}")
         from fedslm.server.simulation import simulate
 
         simulate(prepared, reporter)
@@ -242,7 +265,18 @@ def _print_summary(out: Path, reporter: Reporter) -> None:
             f"[{central['epsilon_check']}], delta {central['delta']:g}, "
             f"{central['rounds_released']} rounds released"
         )
+    from fedslm.runfolder import read_marker
+
+    ledgers = (read_marker(out) or {}).get("ledgers") or {}
+    _print_ledgers(reporter, {name: Path(p) for name, p in ledgers.items()})
     reporter.info(f"outputs: {out}/adapter, metrics.jsonl, privacy.json, checkpoints/")
+
+
+def _print_ledgers(reporter: Reporter, ledgers: dict[str, Path]) -> None:
+    # the spend is the data set's, across runs: say where it is kept (and that it stays)
+    reporter.info("privacy ledgers (kept across runs; --overwrite never deletes them):")
+    for name, path in ledgers.items():
+        reporter.info(f"  {name}: {path}")
 
 
 def _site_keygen(args: argparse.Namespace) -> int:

@@ -1,12 +1,15 @@
 """Preparing a job on this machine: site data, site policies, the base model, the coordinator.
 
-Shared by ``fedslm simulate`` and ``fedslm centralized``. Everything is validated before the
-first file is written, so a bad config, policy or data file leaves the output folder untouched.
+Shared by ``fedslm simulate`` and ``fedslm centralized``. ``plan_job`` validates everything
+(policies, model, every data row) without writing; ``JobPlan.write`` then puts the sites' files
+on disk. A bad config, policy or data file therefore leaves the output folder untouched, and an
+old run is only replaced once the new job is known to be valid.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +21,13 @@ from fedslm import __version__
 from fedslm.artifacts import write_json
 from fedslm.config import JobConfig
 from fedslm.coordinator import Coordinator
-from fedslm.data import SiteFiles, infer_labels, materialize_sites
-from fedslm.errors import ConfigError
+from fedslm.data import SiteFiles, SitePlan, plan_sites, planned_labels, write_rows, write_sites
+from fedslm.errors import ConfigError, FederationError
 from fedslm.keys import generate_key
 from fedslm.models import get_adapter_state, load_model, resolve_model, select_device
 from fedslm.models.registry import ResolvedModel
 from fedslm.policy import SitePolicy, merge_mappings, policy_from_mapping
+from fedslm.privacy.ledger import DatasetFingerprint, simulated_ledger_path
 
 MANIFEST = "job.json"
 SITE_KEY, SITE_PUBLIC_KEY = "site.key", "site.pub"
@@ -57,6 +61,9 @@ class PreparedJob:
     sites: list[SiteSetup]
     labels: list[str]
     model: ResolvedModel
+    # the folder of simulated ledgers (one per data set) this job's sites use; None: each
+    # site's ledger is in its folder of the run (library callers' throwaway jobs)
+    ledgers: Path | None = None
 
     def site_dir(self, name: str) -> Path:
         """Where a simulated site keeps what is its own: data, policy, ledger."""
@@ -125,30 +132,125 @@ def site_policies(job: JobConfig, source: str) -> dict[str, SitePolicy]:
     return out
 
 
-def prepare_job(job: JobConfig, source: str, out: Path) -> PreparedJob:
-    """Validate policies, resolve the model, and write each site's data, policy and ledger
-    location under ``out/sites/SITE``."""
-    policies = site_policies(job, source)  # before anything is written
+@dataclass(frozen=True)
+class JobPlan:
+    """A job validated in full and not yet written: policies, model, every site's rows."""
+
+    job: JobConfig
+    source: str
+    policies: dict[str, SitePolicy]
+    model: ResolvedModel
+    sites: list[SitePlan]
+    labels: list[str]
+
+    def inputs(self) -> list[Path]:
+        """Files and folders the job reads and must not be deleted by replacing a run: the
+        data files, the model folder and any ledger a site policy names."""
+        data = self.job.data
+        found = [Path(data.path)] if data.path else []
+        found += [Path(p) for p in (data.sites or {}).values()]
+        found += [Path(self.job.model.path)] if self.job.model.path else []
+        found += [Path(p.ledger) for p in self.policies.values() if p.ledger]
+        return found
+
+    def write(self, out: Path, ledgers: Path | None = None) -> PreparedJob:
+        """Write each site's data, policy and key pair under ``out/sites/SITE``.
+
+        ``ledgers`` is the folder of simulated ledgers: a site whose policy names no ledger
+        keeps it there, named by its training data's fingerprint, so that runs on the same
+        records compose wherever their run folders are. None keeps it in the site's folder of
+        the run (``out/sites/SITE/ledger.db``).
+        """
+        files = write_sites(self.sites, out / "sites")
+        if ledgers is not None:
+            ledgers.mkdir(parents=True, exist_ok=True)
+        sites = []
+        for f in files:
+            policy = self.policies[f.name]
+            folder = out / "sites" / f.name
+            (folder / "policy.yaml").write_text(yaml.safe_dump(policy.model_dump(mode="json")))
+            ledger = site_ledger(policy, f.train, folder, ledgers)
+            # a simulated site makes its own key pair, as a real one does with `fedslm site keygen`
+            public = generate_key(
+                folder / SITE_KEY, folder / SITE_PUBLIC_KEY, f"fedslm-site:{f.name}"
+            )
+            sites.append(SiteSetup(f, policy, ledger, public))
+        job_id = f"{self.job.fingerprint()[:12]}-{uuid.uuid4().hex[:8]}"
+        return PreparedJob(
+            self.job, self.source, out, job_id, sites, self.labels, self.model, ledgers
+        )
+
+
+def site_ledger(policy: SitePolicy, train: Path, folder: Path, ledgers: Path | None) -> Path:
+    """Where a simulated site's ledger is: the one its policy names, else the ledger of its
+    training data in ``ledgers``, else ``folder/ledger.db``."""
+    if policy.ledger:
+        return Path(policy.ledger)
+    if ledgers is None:
+        return folder / "ledger.db"
+    return simulated_ledger_path(ledgers, DatasetFingerprint.of_file(train)).resolve()
+
+
+def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
+    """Ask every simulated site's policy about the whole job before anything is written, as
+    the site will in round 1: the job's rules, and its spend composed with what the site's
+    ledger already holds for the data set. Reads only.
+
+    Returns one line per refusing site, naming its ledger (a site may decline; the others
+    train without it). Raises ``FederationError`` with those lines when too few sites would
+    be left for ``federation.min_sites``: such a run could not train at all.
+    """
+    from fedslm.privacy.accounting import Segment
+    from fedslm.privacy.ledger import PrivacyLedger
+    from fedslm.site import job_refusal, plan_privacy, site_lora
+
+    job, refusals = plan.job, []
+    with tempfile.TemporaryDirectory(prefix="fedslm-preflight-") as tmp:
+        for site in plan.sites:
+            policy = plan.policies[site.name]
+            # the ledger is named by the fingerprint of the file the site will train on: the
+            # same rows, written the same way, give the same bytes
+            train = Path(tmp) / site.name / "train.jsonl"
+            write_rows(site.train, train)
+            fp = DatasetFingerprint.of_file(train)
+            ledger = site_ledger(policy, train, Path(tmp), ledgers)
+            spent: list[Segment] = []
+            if ledger.exists():
+                with PrivacyLedger(ledger, create=False) as opened:
+                    opened.check_dataset(fp)
+                    spent = opened.segments(fp)  # LedgerError on a broken chain
+            privacy = plan_privacy(job, len(site.train), f"{plan.source} (site {site.name})")
+            rank = site_lora(job, site.name, policy).r
+            reasons = job_refusal(policy, job, privacy, plan.model.sha256, spent, rank)
+            if reasons:
+                refusals.append(f"site {site.name} (ledger {ledger}): {'; '.join(reasons)}")
+    accepting = len(plan.sites) - len(refusals)
+    if refusals and accepting < job.federation.required_sites:
+        raise FederationError(
+            f"{plan.source}: {len(refusals)} of {len(plan.sites)} sites refuse this job, leaving "
+            f"{accepting} (federation.min_sites needs {job.federation.required_sites}); "
+            "nothing was written:\n  " + "\n  ".join(refusals)
+        )
+    return refusals
+
+
+def plan_job(job: JobConfig, source: str) -> JobPlan:
+    """Validate policies, resolve the model and read every site's data; write nothing."""
+    policies = site_policies(job, source)
     model = resolve_model(job.model)
-    files = materialize_sites(
-        job.data, job.federation.site_names, job.task.type, job.seed, out / "sites"
-    )
+    plans = plan_sites(job.data, job.federation.site_names, job.task.type, job.seed)
     labels: list[str] = []
     if job.task.type == "classification":
-        labels = job.data.labels or infer_labels(files, job.data.label_column)
+        labels = job.data.labels or planned_labels(plans)
         if len(labels) < 2:
             raise ConfigError(f"{source}: classification needs at least 2 labels, found {labels}")
-    sites = []
-    for f in files:
-        policy = policies[f.name]
-        folder = out / "sites" / f.name
-        (folder / "policy.yaml").write_text(yaml.safe_dump(policy.model_dump(mode="json")))
-        ledger = Path(policy.ledger) if policy.ledger else folder / "ledger.db"
-        # a simulated site makes its own key pair, as a real one does with `fedslm site keygen`
-        public = generate_key(folder / SITE_KEY, folder / SITE_PUBLIC_KEY, f"fedslm-site:{f.name}")
-        sites.append(SiteSetup(f, policy, ledger, public))
-    job_id = f"{job.fingerprint()[:12]}-{uuid.uuid4().hex[:8]}"
-    return PreparedJob(job, source, out, job_id, sites, labels, model)
+    return JobPlan(job, source, policies, model, plans, labels)
+
+
+def prepare_job(job: JobConfig, source: str, out: Path, ledgers: Path | None = None) -> PreparedJob:
+    """Validate policies, resolve the model, and write each site's data, policy and ledger
+    location under ``out/sites/SITE`` (``ledgers``: see ``JobPlan.write``)."""
+    return plan_job(job, source).write(out, ledgers)
 
 
 def adapter_metadata(p: PreparedJob) -> dict[str, Any]:

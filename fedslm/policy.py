@@ -70,7 +70,7 @@ class SitePolicy(BaseModel):
     ledger: str | None = Field(
         default=None,
         description="The site's privacy ledger file (default: ledger.db next to the data file; "
-        "in simulation OUT/sites/SITE/ledger.db).",
+        "in simulation $FEDSLM_LEDGERS/<sha256 of the site's training file>.db).",
     )
     daemon: DaemonSettings | None = Field(
         default=None,

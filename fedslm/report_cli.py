@@ -25,10 +25,24 @@ def report_cmd(args: argparse.Namespace) -> int:
 
 
 def verify_cmd(args: argparse.Namespace) -> int:
-    """Verify a run folder or a report.json; exit 0 ok, 1 first discrepancy, 2 unreadable."""
+    """Verify a run folder or a report.json; exit 0 ok, 1 first discrepancy, 2 unreadable,
+    3 unsigned (no site signature checked against the auditor's ``--keys``; 0 with
+    ``--allow-unsigned``)."""
+    from fedslm.errors import FedSLMError
+    from fedslm.report.signing import load_trusted_keys
     from fedslm.report.verify import verify_path
 
-    outcome = verify_path(args.path)
+    try:
+        trusted = load_trusted_keys(getattr(args, "keys", None) or [])
+    except FedSLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # say what the signatures will be checked against before anything else
+    if trusted:
+        print("keys: " + "; ".join(str(k) for k in trusted.values()))
+    else:
+        print("keys: none given (--keys): site signatures cannot be checked")
+    outcome = verify_path(args.path, trusted, getattr(args, "allow_unsigned", False))
     print(outcome.message, file=sys.stdout if outcome.code == 0 else sys.stderr)
     return outcome.code
 
@@ -61,8 +75,23 @@ def add_cli(subparsers: Any) -> None:
     report.set_defaults(handler=report_cmd)
     verify = subparsers.add_parser(
         "verify",
-        help="recompute a report or a run from the run's files (exit 1 at the first "
-        "discrepancy, 2 for unreadable input)",
+        help="recompute a report or a run from the run's files and check each site's "
+        "signature against your keys (exit 1 at the first discrepancy, 2 for unreadable "
+        "input, 3 when a site's report is not signed by a key you gave)",
     )
     verify.add_argument("path", type=Path, help="a run folder or a report.json")
+    verify.add_argument(
+        "--keys",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR_OR_FILE",
+        help="the sites' public keys, from you, not from the run: a coordinator's sites.json, "
+        "SITE.pub files, or a folder of them or of SITE/site.pub (repeatable)",
+    )
+    verify.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="exit 0 even when a site's report carries no signature checked against --keys",
+    )
     verify.set_defaults(handler=verify_cmd)

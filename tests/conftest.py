@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,26 @@ def fedslm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = Path(os.environ.get("FEDSLM_TEST_HOME") or tmp_path_factory.mktemp("fedslm-home"))
     os.environ["FEDSLM_HOME"] = str(home)
     return home
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_ledgers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Simulated sites' ledgers (one per data set, composing across runs) go to a folder of
+    the module's own, so that runs in different modules never share a privacy budget; the
+    folder is set before any module-scoped fixture runs a job."""
+    folder = tmp_path_factory.mktemp("ledgers")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDSLM_LEDGERS", str(folder))
+        yield folder
+
+
+@pytest.fixture(autouse=True)
+def ledgers(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each test's own folder of simulated ledgers (inherited by subprocesses): runs in one
+    test compose, as they would for a user; runs in different tests do not."""
+    folder = tmp_path_factory.mktemp("ledgers")
+    monkeypatch.setenv("FEDSLM_LEDGERS", str(folder))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,11 @@ SMALL = ["--set", "data.synthetic.rows_per_site=200", "-q"]
 
 
 def simulate(out: Path, *overrides: str) -> Path:
-    assert main(["simulate", str(SMOKE), "--out", str(out), *SMALL, *overrides]) == 0
+    # each run its own privacy budget (the runs here reuse one data set, whose ledger would
+    # otherwise compose across them)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDSLM_LEDGERS", str(out.parent / f"{out.name}-ledgers"))
+        assert main(["simulate", str(SMOKE), "--out", str(out), *SMALL, *overrides]) == 0
     return out
 
 
@@ -41,8 +45,13 @@ def report(run: Path, out: Path | None = None, baselines: tuple[Path, ...] = ())
     return report_cmd(argparse.Namespace(run=run, out=out, baseline=list(baselines)))
 
 
-def verify(path: Path) -> int:
-    return verify_cmd(argparse.Namespace(path=path))
+def verify(path: Path, keys: list[Path] | None = None, allow_unsigned: bool = False) -> int:
+    """``fedslm verify``; ``keys`` defaults to the sites' public keys of the run holding
+    ``path`` (the simulation's operator holds every site's key)."""
+    if keys is None:
+        root = next((p for p in [path, *path.parents] if (p / "privacy.json").is_file()), None)
+        keys = [root / "sites"] if root is not None else []
+    return verify_cmd(argparse.Namespace(path=path, keys=keys, allow_unsigned=allow_unsigned))
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -77,8 +86,18 @@ def central_run(tmp_path_factory: pytest.TempPathFactory, run: Path) -> Path:
 
 @pytest.fixture
 def copy(run: Path, tmp_path: Path) -> Path:
-    """A private copy of the reported run, to tamper with."""
-    return Path(shutil.copytree(run, tmp_path / "run"))
+    """A private copy of the reported run, to tamper with: its files, and its sites' ledgers
+    (kept outside the run, one per data set) copied to ``sites/SITE/ledger.db``, with job.json
+    and the reports made again to match."""
+    out = Path(shutil.copytree(run, tmp_path / "run"))
+    manifest = load(out / "job.json")
+    for site in manifest["sites"]:
+        own = out / "sites" / site["name"] / "ledger.db"
+        shutil.copy(site["ledger"], own)
+        site["ledger"] = str(own)
+    dump(out / "job.json", manifest)
+    assert report(out) == 0
+    return out
 
 
 def report_files(run: Path) -> list[Path]:
@@ -228,7 +247,7 @@ def test_verify_fails_on_a_signature_from_another_site(
     assert verify(copy) == 1
     err = capsys.readouterr().err
     assert "sites/site-2/report.sig, site site-2: field signature" in err
-    assert "with the key registered for the site" in err
+    assert "with the site's key from" in err
 
 
 def test_verify_fails_on_a_missing_signature(
@@ -237,6 +256,99 @@ def test_verify_fails_on_a_missing_signature(
     (copy / "sites" / "site-3" / "report.sig").unlink()
     assert verify(copy) == 1
     assert "the site's report is not signed" in capsys.readouterr().err
+
+
+def test_verify_says_which_keys_it_checked_against(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedslm import keys
+
+    assert verify(run) == 0
+    out = capsys.readouterr().out
+    for site in SITES:
+        pub = keys.load_public_key((run / "sites" / site / "site.pub").read_text())
+        assert f"{site} {keys.fingerprint(pub)} ({run / 'sites' / site / 'site.pub'})" in out
+    assert f"signatures of {', '.join(SITES)} checked against your keys" in out
+
+
+def test_a_replaced_site_key_and_a_re_signed_report_fail_against_the_auditors_keys(
+    run: Path, copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The attack: swap a site's key pair in the run and in job.json, then report again. The
+    run's own keys now agree with it; the keys the auditor holds do not."""
+    from fedslm.keys import generate_key
+
+    folder = copy / "sites" / "site-2"
+    (folder / "site.key").unlink()
+    (folder / "site.pub").unlink()
+    forged = generate_key(folder / "site.key", folder / "site.pub", "fedslm-site:site-2")
+    manifest = load(copy / "job.json")
+    next(s for s in manifest["sites"] if s["name"] == "site-2")["public_key"] = forged
+    dump(copy / "job.json", manifest)
+    assert report(copy) == 0
+    assert verify(copy, keys=[run / "sites"]) == 1
+    err = capsys.readouterr().err
+    assert "sites/site-2/report.sig, site site-2: field signature" in err
+    assert f"with the site's key from {run / 'sites' / 'site-2' / 'site.pub'}" in err
+    assert verify(copy / "sites" / "site-2" / "report.json", keys=[run / "sites"]) == 1
+
+
+def test_blanked_keys_and_no_signatures_are_unsigned_never_ok(
+    run: Path, copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The attack: blank every key in job.json, drop the sites' keys, report again (nothing
+    is signed). Without keys that is UNSIGNED (exit 3); with the auditor's keys, FAILED."""
+    manifest = load(copy / "job.json")
+    for site in manifest["sites"]:
+        site["public_key"] = ""
+        (copy / "sites" / site["name"] / "site.key").unlink()
+    dump(copy / "job.json", manifest)
+    for sig in copy.glob("sites/*/report.sig"):
+        sig.unlink()
+    assert report(copy) == 0
+    assert not list(copy.glob("sites/*/report.sig"))
+    assert verify(copy, keys=[]) == 3
+    captured = capsys.readouterr()
+    assert "keys: none given" in captured.out
+    assert "verify UNSIGNED" in captured.err and "verify OK" not in captured.err
+    assert "no signature was checked for site-1, site-2, site-3" in captured.err
+    assert verify(copy / "report.json", keys=[]) == 3
+    assert verify(copy, keys=[run / "sites"]) == 1
+    assert "the site's report is not signed" in capsys.readouterr().err
+    # only the auditor can decide an unsigned report is acceptable, and it still says so
+    assert verify(copy, keys=[], allow_unsigned=True) == 0
+    assert "verify OK (UNSIGNED, accepted with --allow-unsigned)" in capsys.readouterr().out
+
+
+def test_a_site_the_auditor_has_no_key_for_is_unsigned(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert verify(run, keys=[run / "sites" / "site-1" / "site.pub"]) == 3
+    err = capsys.readouterr().err
+    assert "site-2: you gave no key for this site (--keys)" in err
+    assert verify(run / "sites" / "site-1" / "report.json", keys=[run / "sites" / "site-1"]) == 0
+
+
+def test_verify_reads_keys_from_a_registry_pub_files_and_refuses_bad_ones(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pubs = {s: (run / "sites" / s / "site.pub").read_text().strip() for s in SITES}
+    registry = tmp_path / "state" / "sites.json"
+    registry.parent.mkdir()
+    dump(registry, {s: {"public_key": line, "fingerprint": "x"} for s, line in pubs.items()})
+    assert verify(run, keys=[registry]) == 0
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for s, line in pubs.items():  # a key line without the site's name: named by the file
+        (flat / f"{s}.pub").write_text(" ".join(line.split()[:2]) + "\n")
+    assert verify(run, keys=[flat]) == 0
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert verify(run, keys=[tmp_path / "empty"]) == 2
+    assert "no site public key in this folder" in capsys.readouterr().err
+    (flat / "site-1.pub").write_text(pubs["site-2"].split(" fedslm")[0] + "\n")
+    assert verify(run, keys=[flat, run / "sites"]) == 2
+    assert "a second, different key for site 'site-1'" in capsys.readouterr().err
 
 
 def test_the_egress_log_is_in_the_report(run: Path) -> None:
@@ -299,7 +411,8 @@ def test_report_to_another_folder(run: Path, tmp_path: Path) -> None:
     assert report(run, out) == 0
     assert (out / "report.html").is_file()
     assert (out / "sites" / "site-1" / "report.json").is_file()
-    assert verify(out / "report.json") == 0  # finds its run by the run_dir it names
+    # finds its run by the run_dir it names
+    assert verify(out / "report.json", keys=[run / "sites"]) == 0
 
 
 # --------------------------------------------------------------------------------------------

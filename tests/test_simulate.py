@@ -34,6 +34,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def ledger_of(run: Path, site: str) -> Path:
+    """The site's ledger, where job.json says (simulated ledgers live outside the run)."""
+    sites = json.loads((run / "job.json").read_text())["sites"]
+    return Path(next(s["ledger"] for s in sites if s["name"] == site))
+
+
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
     out = tmp_path_factory.mktemp("sim") / "run"
@@ -205,7 +211,8 @@ def test_ledgers_hold_every_round_and_verify(bert_run: Path) -> None:
 
     privacy = json.loads((bert_run / "privacy.json").read_text())
     for site in ("site-1", "site-2", "site-3"):
-        path = bert_run / "sites" / site / "ledger.db"
+        path = ledger_of(bert_run, site)
+        assert not path.is_relative_to(bert_run)  # the data set's, not the run's
         with PrivacyLedger(path, create=False) as ledger:
             assert ledger.verify() == []
             entries = ledger.entries()
@@ -232,7 +239,7 @@ def test_a_site_policy_refusal_trains_nothing_and_central_dp_survives_it(
     assert "site-3" not in rnd["bytes_sent"]
     from fedslm.privacy.ledger import PrivacyLedger
 
-    with PrivacyLedger(out / "sites" / "site-3" / "ledger.db", create=False) as ledger:
+    with PrivacyLedger(ledger_of(out, "site-3"), create=False) as ledger:
         assert ledger.entries() == []  # nothing trained, nothing spent
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["sites"]["site-3"]["refusals"]

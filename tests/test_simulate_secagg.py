@@ -37,15 +37,26 @@ COMMON = ["--set", "federation.rounds=1", "--set", "data.synthetic.rows_per_site
 
 
 def run_cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    env = os.environ.copy()
+    if "--out" in args:
+        # each run its own privacy budget: these runs compare jobs on the same data, which
+        # would otherwise compose in one ledger per data set and exhaust it
+        env["FEDSLM_LEDGERS"] = f"{args[args.index('--out') + 1]}-ledgers"
     proc = subprocess.run(
         [sys.executable, "-m", "fedslm.cli", *args],
         capture_output=True,
         text=True,
-        env=os.environ.copy(),
+        env=env,
         timeout=600,
     )
     assert proc.returncode == expect, proc.stderr[-4000:]
     return proc
+
+
+def ledger_of(run: Path, site: str) -> Path:
+    """The site's ledger, where job.json says (simulated ledgers live outside the run)."""
+    sites = json.loads((run / "job.json").read_text())["sites"]
+    return Path(next(s["ledger"] for s in sites if s["name"] == site))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +100,7 @@ def test_secure_adapter_equals_plain_within_the_quantisation_bound(
 def test_secure_sites_sent_protocol_messages_and_no_adapter(runs: tuple[Path, Path]) -> None:
     _, secure = runs
     for site in ("site-1", "site-2", "site-3"):
-        with PrivacyLedger(secure / "sites" / site / "ledger.db", create=False) as ledger:
+        with PrivacyLedger(ledger_of(secure, site), create=False) as ledger:
             entries = egress_entries(ledger)
         kinds = [(e.kind, e.status) for e in entries]
         assert kinds == [
@@ -182,7 +193,7 @@ def _plain_mean_of_three(run: Path, tmp: Path) -> tuple[dict[str, torch.Tensor],
 
 
 def _site4_egress(run: Path) -> list:
-    with PrivacyLedger(run / "sites" / "site-4" / "ledger.db", create=False) as ledger:
+    with PrivacyLedger(ledger_of(run, "site-4"), create=False) as ledger:
         return egress_entries(ledger)
 
 
@@ -271,7 +282,7 @@ def test_below_the_threshold_the_round_fails_and_nothing_is_aggregated(
     )
     # no site was asked to unmask: the three masked inputs stay masked
     for site in ("site-1", "site-2", "site-3"):
-        with PrivacyLedger(t4 / "sites" / site / "ledger.db", create=False) as ledger:
+        with PrivacyLedger(ledger_of(t4, site), create=False) as ledger:
             kinds = [e.kind for e in egress_entries(ledger)]
         assert "secagg-masked" in kinds and "secagg-unmask" not in kinds
     assert [(e.kind, e.status) for e in _site4_egress(t4)][2] == ("secagg-masked", "blocked")

@@ -2,10 +2,14 @@
 
 from fedslm.data.sites import (
     SiteFiles,
+    SitePlan,
     infer_labels,
     materialize_sites,
+    plan_sites,
+    planned_labels,
     read_site_file,
     split_site,
+    write_sites,
 )
 from fedslm.data.split import split_by_column, split_dirichlet, split_iid, train_eval_split
 from fedslm.data.synthetic import INTENTS, corpus_for_tokenizer, generate_bank_messages
@@ -27,6 +31,7 @@ __all__ = [
     "Examples",
     "Instructions",
     "SiteFiles",
+    "SitePlan",
     "Table",
     "check_labels",
     "corpus_for_tokenizer",
@@ -34,6 +39,8 @@ __all__ = [
     "generate_bank_messages",
     "infer_labels",
     "materialize_sites",
+    "plan_sites",
+    "planned_labels",
     "read_examples",
     "read_instructions",
     "read_rows",
@@ -45,4 +52,5 @@ __all__ = [
     "split_site",
     "train_eval_split",
     "write_rows",
+    "write_sites",
 ]

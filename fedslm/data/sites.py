@@ -53,15 +53,24 @@ def _task_columns(data: DataConfig, task: str) -> list[str]:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def materialize_sites(
-    data: DataConfig, site_names: list[str], task: str, seed: int, out_dir: Path
-) -> list[SiteFiles]:
-    """Write ``out_dir/<site>/data/{train,eval}.jsonl`` for every site and return their paths.
+@dataclass(frozen=True)
+class SitePlan:
+    """One site's validated rows, projected to the task's columns and split into train and
+    eval, held in memory until ``write_sites`` puts them on disk."""
 
-    Classification files hold the text and label columns, causal-LM files the prompt and
-    response columns (named as in ``data``). Each site's rows are split into train/eval with
-    ``data.eval_fraction`` (stratified by label when labels are known). Raises ``DataError``
-    naming the file and row for any bad input, before anything is written.
+    name: str
+    train: list[dict[str, str]]
+    eval: list[dict[str, str]]
+    # the training rows' labels (classification), else None
+    train_labels: list[str] | None
+
+
+def plan_sites(data: DataConfig, site_names: list[str], task: str, seed: int) -> list[SitePlan]:
+    """Read, validate and split every site's rows without writing anything.
+
+    Raises ``DataError`` naming the file and row for any bad input. What ``materialize_sites``
+    writes is exactly these rows; a caller that must not touch the disk before the whole job is
+    known to be valid (``fedslm simulate --overwrite``) plans first and writes later.
     """
     if not site_names:
         raise DataError("there are no sites; set federation.sites")
@@ -74,7 +83,7 @@ def materialize_sites(
         assert data.sites is not None
         sites = _from_site_files(data, site_names, task)
 
-    plans: list[tuple[_SiteRows, list[int], list[int]]] = []
+    plans: list[SitePlan] = []
     problems: list[str] = []
     for site in sites:
         try:
@@ -82,18 +91,45 @@ def materialize_sites(
         except DataError as exc:
             problems.append(f"site '{site.name}' ({site.source}): {exc}")
             continue
-        plans.append((site, train, held))
+        labels = (
+            [site.rows[i][data.label_column] for i in train] if task == "classification" else None
+        )
+        plans.append(
+            SitePlan(
+                site.name,
+                [_project(site.rows[i], columns) for i in train],
+                [_project(site.rows[i], columns) for i in held],
+                labels,
+            )
+        )
     if problems:
         raise DataError("\n".join(problems))
+    return plans
 
+
+def write_sites(plans: list[SitePlan], out_dir: Path) -> list[SiteFiles]:
+    """Write ``out_dir/<site>/data/{train,eval}.jsonl`` for every planned site."""
     out: list[SiteFiles] = []
-    for site, train, held in plans:
-        folder = Path(out_dir) / site.name / "data"
-        files = SiteFiles(site.name, folder / "train.jsonl", folder / "eval.jsonl")
-        write_rows([_project(site.rows[i], columns) for i in train], files.train)
-        write_rows([_project(site.rows[i], columns) for i in held], files.eval)
+    for plan in plans:
+        folder = Path(out_dir) / plan.name / "data"
+        files = SiteFiles(plan.name, folder / "train.jsonl", folder / "eval.jsonl")
+        write_rows(plan.train, files.train)
+        write_rows(plan.eval, files.eval)
         out.append(files)
     return out
+
+
+def materialize_sites(
+    data: DataConfig, site_names: list[str], task: str, seed: int, out_dir: Path
+) -> list[SiteFiles]:
+    """Write ``out_dir/<site>/data/{train,eval}.jsonl`` for every site and return their paths.
+
+    Classification files hold the text and label columns, causal-LM files the prompt and
+    response columns (named as in ``data``). Each site's rows are split into train/eval with
+    ``data.eval_fraction`` (stratified by label when labels are known). Raises ``DataError``
+    naming the file and row for any bad input, before anything is written.
+    """
+    return write_sites(plan_sites(data, site_names, task, seed), out_dir)
 
 
 def _project(row: dict[str, str], columns: list[str]) -> dict[str, str]:
@@ -231,6 +267,12 @@ def read_site_file(
     table = read_table(path, columns)
     labels = _labels_of(data, task, Path(path), table.rows, table.locations)
     return [_project(row, columns) for row in table.rows], labels
+
+
+def planned_labels(plans: list[SitePlan]) -> list[str]:
+    """The sorted union of the labels in the planned sites' training rows (what
+    ``infer_labels`` reads back from the written files)."""
+    return sorted({label for p in plans for label in (p.train_labels or [])})
 
 
 def infer_labels(files: list[SiteFiles], label_column: str) -> list[str]:

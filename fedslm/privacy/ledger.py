@@ -173,6 +173,45 @@ class DatasetFingerprint:
         return cls(digest, rows)
 
 
+# Where simulated sites keep their ledgers. A site's budget belongs to its data set, not to a
+# run folder: ``fedslm simulate --overwrite`` replaces a run but must never reset the spend on
+# the data it trained on, so simulated ledgers live outside every run, one file per data set.
+LEDGERS_ENV = "FEDSLM_LEDGERS"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def simulated_ledger_dir() -> Path:
+    """The folder holding simulated sites' ledgers: ``$FEDSLM_LEDGERS``, else
+    ``$FEDSLM_HOME/ledgers``, else ``~/.fedslm/ledgers``.
+
+    Not under ``~/.cache`` (where built models go by default): cache cleaners may empty that,
+    and a deleted ledger is a budget reset.
+    """
+    if os.environ.get(LEDGERS_ENV):
+        return Path(os.environ[LEDGERS_ENV]).expanduser()
+    home = os.environ.get("FEDSLM_HOME")
+    return (Path(home).expanduser() if home else Path.home() / ".fedslm") / "ledgers"
+
+
+def simulated_ledger_path(folder: Path, dataset: DatasetFingerprint) -> Path:
+    """The ledger file of ``dataset`` in ``folder``: named by the data set's sha256, so every
+    simulated run on the same records composes in the same ledger."""
+    return Path(folder) / f"{dataset.sha256}.db"
+
+
+def is_sqlite_file(path: Path) -> bool:
+    """Whether ``path`` is an SQLite database (what a privacy ledger is), by its header.
+
+    Used to refuse deleting a folder that holds one: any SQLite file may be a ledger (a
+    policy can name any path), so none is deleted on a guess.
+    """
+    try:
+        with Path(path).open("rb") as fh:
+            return fh.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
 def _key(dataset: str | DatasetFingerprint) -> str:
     key = dataset.key if isinstance(dataset, DatasetFingerprint) else str(dataset)
     if not key:

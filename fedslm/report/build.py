@@ -304,12 +304,16 @@ def budget(ctx: RunContext, site: str) -> Budget | None:
 
 
 def lifetime_spend(ctx: RunContext, site: str, p: dict[str, Any]) -> LifetimeSpend | None:
-    """Everything the site's ledger holds for the data set, composed, against the budget."""
+    """Everything the site's ledger holds for the data set up to this job's last entry,
+    composed, against the budget."""
     view = ctx.ledger(site)
     if view is None or view.error is not None:
         return None
     dataset = view.bound_dataset or (view.entries[-1].dataset if view.entries else None)
-    mine = [e for e in view.entries if e.dataset == dataset]
+    # As of this job's last entry: later jobs on the same data set (simulated runs compose in
+    # one ledger per data set) belong to their own reports, and must not change this one.
+    last = max((e.seq for e in ctx.job_entries(site)), default=None)
+    mine = [e for e in view.entries if e.dataset == dataset and (last is None or e.seq <= last)]
     # a site that trained without DP has no delta of its own; its ledger entries (noise 0)
     # still spend, and are read at the job's delta and accountant
     priv_cfg = (ctx.run.config or {}).get("privacy") or {}
@@ -321,7 +325,8 @@ def lifetime_spend(ctx: RunContext, site: str, p: dict[str, Any]) -> LifetimeSpe
     if delta is not None and acc is not None:
         segs = [e.segment for e in mine]
         how = (
-            f"{RECOMPUTED} from all {len(mine)} ledger entries of the data set, at this job's delta"
+            f"{RECOMPUTED} from the data set's {len(mine)} ledger entries up to this job's last, "
+            "at this job's delta"
         )
         spent = figure(epsilon(segs, delta, acc), delta, acc, how)
         spent_pld = figure(epsilon(segs, delta, "pld"), delta, "pld", how)
@@ -348,7 +353,7 @@ def lifetime_spend(ctx: RunContext, site: str, p: dict[str, Any]) -> LifetimeSpe
         budget=lim,
         remaining=remaining,
         ledger_head_in_privacy_json=p.get("ledger_head"),
-        ledger_last_hash=view.entries[-1].hash if view.entries else None,
+        ledger_last_hash=mine[-1].hash if mine else None,  # the last entry counted here
     )
 
 
@@ -932,8 +937,12 @@ def trust_model(ctx: RunContext, privacy: Privacy) -> list[str]:
         "does not cover the metrics sent in the clear (losses, accuracy, counts), and the "
         "evaluation records are not protected by it at all.",
         "Each site's ledger is hash-chained and privacy.json records its head, so an edit, "
-        "deletion or reordering of entries is detected. Nothing is signed yet: someone who "
-        "rewrites a ledger, privacy.json and this report together would not be detected.",
+        "deletion or reordering of entries is detected. Each site signs its own report with "
+        "its key, and `fedslm verify --keys` checks that signature against the site's public "
+        "key as the auditor holds it, never one stored in the run: someone who rewrites a "
+        "ledger, privacy.json and the reports together is detected by the sites' signatures "
+        "only. In a simulation the operator holds every site's key, so there the signatures "
+        "show only that the operator made the report.",
         "Noise comes from non-cryptographic random number generators (see the caveats).",
     ]
     if privacy.central:

@@ -510,10 +510,13 @@ def check_policy(ctx: RunContext, sites: Sequence[str]) -> Discrepancy | None:
         lifetime = math.nan
         if view is not None and view.entries:
             ds = view.bound_dataset or view.entries[-1].dataset
-            lifetime = epsilon([e.segment for e in view.entries if e.dataset == ds], delta, acc)
+            # up to this job's last entry: later jobs on the data set answer to their own runs
+            last = max((e.seq for e in ctx.job_entries(s)), default=None)
+            upto = [e for e in view.entries if e.dataset == ds and (last is None or e.seq <= last)]
+            lifetime = epsilon([e.segment for e in upto], delta, acc)
         comparisons = [
             ("epsilon", _eps(p.get("epsilon")), "max_epsilon_per_job", True),
-            ("lifetime epsilon (ledger, all jobs)", lifetime, "lifetime_epsilon", True),
+            ("lifetime epsilon (ledger, jobs up to this)", lifetime, "lifetime_epsilon", True),
             ("delta", delta, "max_delta", True),
             ("noise_multiplier", float(p["noise_multiplier"]), "min_noise_multiplier", False),
         ]

@@ -1,9 +1,12 @@
 """Reading a run folder: the files a report and its verification are computed from.
 
 A run folder is what ``fedslm simulate`` or ``fedslm centralized`` wrote: ``privacy.json``,
-``metrics.jsonl``, ``adapter/``, ``sites/SITE/`` and, for simulations, the ``job.json``
-manifest. Nothing here interprets a figure; it only finds and parses files, and says which file
-is missing or unreadable (``ReportInputError``, exit code 2 on the command line).
+``metrics.jsonl``, ``adapter/``, ``sites/SITE/``, the ``fedslm-run.json`` marker and, for
+simulations, the ``job.json`` manifest. Simulated sites' ledgers are outside the run folder
+(one per data set, see ``fedslm.privacy.ledger.simulated_ledger_dir``); job.json, or for a
+centralized run the marker, says where. Nothing here interprets a figure; it only finds and
+parses files, and says which file is missing or unreadable (``ReportInputError``, exit code 2
+on the command line).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import yaml
 
 from fedslm.errors import DataError, FedSLMError
 from fedslm.privacy.ledger import DatasetFingerprint, LedgerEntry, LedgerError, PrivacyLedger
+from fedslm.runfolder import read_marker
 
 PRIVACY_FILE = "privacy.json"
 METRICS_FILE = "metrics.jsonl"
@@ -188,7 +192,9 @@ def _locate_sites(
             raise ReportInputError(
                 f"{root / MANIFEST_FILE}: sites entry without {exc}; not a fedslm manifest"
             ) from None
-    # `fedslm centralized` writes no manifest; its pooled site follows the simulated layout
+    # `fedslm centralized` writes no manifest; its pooled site follows the simulated layout,
+    # with its ledger where the run's marker says (the ledger folder), else in its folder
+    ledgers = (read_marker(root) or {}).get("ledgers") or {}
     sites = {}
     for name in privacy["sites"]:
         folder = root / "sites" / name
@@ -198,7 +204,7 @@ def _locate_sites(
             name,
             folder / "data" / "train.jsonl",
             folder / "data" / "eval.jsonl",
-            folder / "ledger.db",
+            Path(ledgers[name]) if isinstance(ledgers.get(name), str) else folder / "ledger.db",
             policy,
         )
     return sites

@@ -12,14 +12,23 @@ checks run over the report's sites, and the report is verified:
 4. ``report.html`` beside it is exactly what ``report.json`` renders to (when made by the same
    fedslm and matplotlib versions; otherwise this step is skipped and said so).
 
+Each site's report must also carry that site's signature, checked against the public key
+the *auditor* supplies for the site (``--keys``), never against a key read from the run: a key
+stored beside what it signs proves nothing to someone who can rewrite both. A report that is
+not signed by a key the auditor holds is UNSIGNED: the figures may all check out, but nobody
+vouches for them.
+
 The outcome is the first discrepancy (exit 1), naming file, site, field, stored and
-recomputed values; or one line saying what was checked (exit 0).
+recomputed values; else, when some site's report carried no signature checked against the
+auditor's keys, UNSIGNED (exit 3, or 0 when the auditor accepts that with
+``allow_unsigned``); else one line saying what was checked and against which keys (exit 0).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +41,13 @@ from fedslm.report.checks import Discrepancy, first_failure
 from fedslm.report.model import VOLATILE_FIELDS, Report
 from fedslm.report.render import render_html
 from fedslm.report.runfiles import PRIVACY_FILE, ReportInputError, RunContext, load_run
-from fedslm.report.signing import check_site_signature
+from fedslm.report.signing import TrustedKey, check_site_signature
 
 # A re-read float equals the stored one; accountants run threaded FFTs whose last bits can
 # depend on the thread count, so allow far less than any edit but more than rounding.
 _REL = 1e-9
+# exit code of a run or report whose figures check out but that no site key vouches for
+UNSIGNED = 3
 
 
 @dataclass
@@ -48,20 +59,44 @@ class Outcome:
     checked: list[str] = field(default_factory=list)
 
 
-def verify_path(path: str | Path) -> Outcome:
-    """Verify a run folder or one ``report.json``; never raises for bad input."""
+@dataclass
+class Signatures:
+    """The keys the auditor supplied, and which sites' reports were checked against them."""
+
+    trusted: Mapping[str, TrustedKey]
+    signed: dict[str, TrustedKey] = field(default_factory=dict)
+    unsigned: dict[str, str] = field(default_factory=dict)  # site -> why it was not checked
+
+    def not_checked(self, site: str, why: str) -> None:
+        """Record that ``site``'s report carried no signature checked against a key."""
+        if site not in self.signed:
+            self.unsigned.setdefault(site, why)
+
+
+def verify_path(
+    path: str | Path,
+    trusted: Mapping[str, TrustedKey] | None = None,
+    allow_unsigned: bool = False,
+) -> Outcome:
+    """Verify a run folder or one ``report.json``; never raises for bad input.
+
+    ``trusted`` holds the sites' public keys as the auditor supplied them (by site name);
+    site signatures are checked against these only. With a site's report unsigned by such a
+    key the outcome is UNSIGNED (exit 3) unless ``allow_unsigned``.
+    """
     path = Path(path)
+    sigs = Signatures(dict(trusted or {}))
     try:
         if path.is_dir():
-            return _verify_run(path)
+            return _verify_run(path, sigs, allow_unsigned)
         if path.is_file():
-            return _verify_report_file(path)
+            return _verify_report_file(path, sigs, allow_unsigned)
         raise ReportInputError(f"{path}: no such file or folder")
     except ReportInputError as exc:
         return Outcome(2, f"error: {exc}")
 
 
-def _verify_run(root: Path) -> Outcome:
+def _verify_run(root: Path, sigs: Signatures, allow_unsigned: bool) -> Outcome:
     ctx = RunContext(load_run(root))
     sites = ctx.site_names()
     failed = first_failure(ctx, sites)
@@ -71,20 +106,22 @@ def _verify_run(root: Path) -> Outcome:
     checked, skipped = [], []
     for report_path in [p for p in reports if p.is_file()]:
         expected = report_path.parent.name if report_path.parent != root else None
-        found, note = _verify_report(ctx, report_path, expected, root)
+        found, note = _verify_report(ctx, report_path, expected, root, sigs=sigs)
         if found is not None:
             return _fail("report", found)
         checked.append(str(report_path.relative_to(root)))
         skipped += [note] if note else []
+    for site in sites:
+        sigs.not_checked(site, f"no sites/{site}/{REPORT_JSON} (run `fedslm report`)")
     what = (
         f"{len(checked)} report(s) match the run ({', '.join(checked)})"
         if checked
         else "no report.json in the folder (run `fedslm report` to write one)"
     )
-    return _ok(root, sites, what, skipped)
+    return _ok(root, sites, what, skipped, sigs, allow_unsigned)
 
 
-def _verify_report_file(report_path: Path) -> Outcome:
+def _verify_report_file(report_path: Path, sigs: Signatures, allow_unsigned: bool) -> Outcome:
     stored = _read_report(report_path)
     folder = report_path.parent
     expected = folder.name if folder.parent.name == "sites" else None
@@ -109,10 +146,23 @@ def _verify_report_file(report_path: Path) -> Outcome:
     failed = first_failure(ctx, sites)
     if failed is not None:
         return _fail(failed[0], failed[1])
-    found, note = _verify_report(ctx, report_path, expected, root, stored)
+    found, note = _verify_report(ctx, report_path, expected, root, stored, sigs)
     if found is not None:
         return _fail("report", found)
-    return _ok(root, sites, f"{report_path} matches the run", [note] if note else [])
+    notes = [note] if note else []
+    if stored.scope.site is None:
+        # the federation's report is the coordinator's and carries no site's signature: the
+        # sites vouch for it through their own reports beside it, verified here as well
+        for site in sites:
+            part = folder / "sites" / site / REPORT_JSON
+            if not part.is_file():
+                sigs.not_checked(site, f"no sites/{site}/{REPORT_JSON} beside {report_path}")
+                continue
+            found, note = _verify_report(ctx, part, site, root, sigs=sigs)
+            if found is not None:
+                return _fail("report", found)
+            notes += [note] if note else []
+    return _ok(root, sites, f"{report_path} matches the run", notes, sigs, allow_unsigned)
 
 
 def _read_report(path: Path) -> Report:
@@ -136,9 +186,11 @@ def _verify_report(
     expected_site: str | None,
     root: Path,
     stored: Report | None = None,
+    sigs: Signatures | None = None,
 ) -> tuple[Discrepancy | None, str | None]:
     """The first discrepancy between a stored report and its run (or None), and a note about
-    anything skipped."""
+    anything skipped. A site's report is checked against the auditor's key for the site in
+    ``sigs``, which records whether it was."""
     stored = stored or _read_report(report_path)
     shown = _shown(report_path, root)
     if expected_site is not None and stored.scope.site != expected_site:
@@ -189,15 +241,16 @@ def _verify_report(
     )
     if found is not None:
         return found, None
-    if stored.scope.site is not None:
-        registered = {
-            s.get("name"): s.get("public_key") for s in (ctx.run.manifest or {}).get("sites", [])
-        }
-        found = check_site_signature(
-            stored.scope.site, report_path, registered.get(stored.scope.site), shown
-        )
-        if found is not None:
-            return found, None
+    site = stored.scope.site
+    if site is not None and sigs is not None:
+        trusted = sigs.trusted.get(site)
+        if trusted is None:
+            sigs.not_checked(site, "you gave no key for this site (--keys)")
+        else:
+            found = check_site_signature(site, report_path, trusted, shown)
+            if found is not None:
+                return found, None
+            sigs.signed[site] = trusted
     return _check_html(report_path, stored, rebuilt, root)
 
 
@@ -286,10 +339,38 @@ def _fail(check: str, found: Discrepancy) -> Outcome:
     return Outcome(1, f"verify FAILED ({check}): {found}")
 
 
-def _ok(root: Path, sites: list[str], what: str, notes: list[str]) -> Outcome:
+def _ok(
+    root: Path,
+    sites: list[str],
+    what: str,
+    notes: list[str],
+    sigs: Signatures,
+    allow_unsigned: bool,
+) -> Outcome:
     extra = f"; {'; '.join(notes)}" if notes else ""
+    figures = (
+        f"{root}: {len(checks.CHECKS)} checks passed for {len(sites)} site(s) "
+        f"({', '.join(sites)}), epsilons recomputed (PLD, exact closed form); {what}{extra}"
+    )
+    signed = ", ".join(sigs.signed)
+    if not sigs.unsigned:
+        return Outcome(0, f"verify OK: {figures}; signatures of {signed} checked against your keys")
+    missing = "; ".join(f"{site}: {why}" for site, why in sigs.unsigned.items())
+    if not sigs.trusted:
+        missing = f"{', '.join(sigs.unsigned)} (no --keys given)"
+    elif not sigs.signed:
+        missing += f" (your keys name {', '.join(sorted(sigs.trusted))})"
+    if allow_unsigned:
+        also = f"; signatures of {signed} checked against your keys" if signed else ""
+        return Outcome(
+            0,
+            f"verify OK (UNSIGNED, accepted with --allow-unsigned): {figures}; no signature "
+            f"checked for {missing}{also}",
+        )
     return Outcome(
-        0,
-        f"verify OK: {root}: {len(checks.CHECKS)} checks passed for {len(sites)} site(s) "
-        f"({', '.join(sites)}), epsilons recomputed (PLD, exact closed form); {what}{extra}",
+        UNSIGNED,
+        f"verify UNSIGNED: {figures}; but no signature was checked for {missing}. Whoever can "
+        "write the run folder could have made these figures; give the sites' public keys "
+        "with --keys (SITE.pub files, SITE/site.pub folders or the coordinator's sites.json), "
+        "or accept an unsigned report with --allow-unsigned",
     )
