@@ -32,12 +32,14 @@ Runs (``--runs``; the default set is the table issue 14 asks for):
                         ``exact`` runs the sites at ranks 4, 8, 8, 16, 16 (global rank 16)
 
 Rows are built up across sittings: each finished row is written at once to
-``OUT/rows/DATASET/RUN[-seedS][-TAG].json`` (date, git commit, command, overrides, the written
+``ROWS/DATASET/RUN[-seedS][-TAG].json`` (date, git commit, command, overrides, the written
 and the resolved config, wall seconds of training and of scoring, epsilon, scores), and a row
 already stored is skipped unless ``--redo``. ``-seedS`` is in the name of the multi-seed runs
 (the DP rows) and of any row run with a seed other than 0; ``-TAG`` names the extra ``--set``
 overrides of a study, so study rows never overwrite default rows. The run's ``metrics.jsonl``,
-``privacy.json`` and ``adapter/`` are kept beside it in ``OUT/artifacts/``. A row that fails
+``privacy.json`` and ``adapter/`` are kept in ``OUT/artifacts/``. ``ROWS`` defaults to
+``bench/results/utility/``, which is committed: a row measured in one sitting is part of the
+table in the next (``--quick`` rows go to ``OUT/rows`` and are never committed). A row that fails
 (a config the library rejects, a failed run) is reported, not stored; the exit code is then 1.
 ``--table`` trains
 nothing and prints the Markdown table of all stored rows, with the goal checks of issue 14.
@@ -89,6 +91,7 @@ from bench.utility_eval import score_adapter, spaced
 DATA_ROOT = REPO.parent / "shared" / "data"
 OUT = REPO / "runs" / "bench-utility"
 QUICK_OUT = REPO / "runs" / "bench-utility-quick"
+ROWS = REPO / "bench" / "results" / "utility"  # committed: the table is built across sittings
 SITES = 5
 SPLIT_SEED = 14  # the medical abstracts' fixed 80/20 train/test split (issue 14)
 TEST_FRACTION = 0.2
@@ -532,9 +535,9 @@ def train_row(
 # The table
 
 
-def load_rows(out: Path) -> list[dict[str, Any]]:
+def load_rows(rows: Path) -> list[dict[str, Any]]:
     """Every stored row under ``out/rows``."""
-    return [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*/*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(rows.glob("*/*.json"))]
 
 
 def _mean_spread(values: list[float]) -> str:
@@ -727,7 +730,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"apart (default --out {QUICK_OUT.relative_to(REPO)}): checks the pipeline",
     )
     ap.add_argument("--data-root", type=Path, default=DATA_ROOT, help="default ../shared/data")
-    ap.add_argument("--out", type=Path, help=f"row store (default {OUT.relative_to(REPO)})")
+    ap.add_argument(
+        "--out", type=Path, help=f"run artifacts (default {OUT.relative_to(REPO)})"
+    )
+    ap.add_argument(
+        "--rows", type=Path, help=f"row store (default {ROWS.relative_to(REPO)}, committed)"
+    )
     ap.add_argument("--work-dir", type=Path, help="scratch folder (default: a new temp folder)")
     ap.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
     ap.add_argument("--train-rows", type=int, help="use only N evenly spaced training rows")
@@ -740,6 +748,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.train_rows = args.train_rows or QUICK_TRAIN_ROWS
         args.test_rows = args.test_rows or QUICK_TEST_ROWS
     args.out = (args.out or (QUICK_OUT if args.quick else OUT)).resolve()
+    args.rows = (args.rows or (args.out / "rows" if args.quick else ROWS)).resolve()
     if args.tag and not args.extra:
         ap.error("--tag names the extra --set overrides; give some")
     return args
@@ -757,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m bench.utility``."""
     args = parse_args(argv)
     if args.table:
-        print(format_tables(load_rows(args.out)))
+        print(format_tables(load_rows(args.rows)))
         return 0
     # rows on part of the data are studies too: their sizes join the tag (quick rows live apart)
     sized = [] if args.quick else [f"{k}={getattr(args, k)}" for k in ("train_rows", "test_rows")]
@@ -770,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
             for run in args.runs:
                 seeds = args.seeds or ([0, 1] if RUNS[run].multi_seed else [0])
                 for seed in seeds:
-                    path = args.out / "rows" / name / f"{row_stem(run, seed, tag)}.json"
+                    path = args.rows / name / f"{row_stem(run, seed, tag)}.json"
                     if path.exists() and not args.redo:
                         print(f"[{name}/{run} seed {seed}] stored: {path}", file=sys.stderr)
                     else:
@@ -803,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
-    print(format_tables(load_rows(args.out), args.dataset))
+    print(format_tables(load_rows(args.rows), args.dataset))
     if failed:
         print(f"failed rows (not stored): {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
