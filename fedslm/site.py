@@ -694,7 +694,8 @@ class Site:
         return to_site_rank(state, self.job.lora.alpha, self.lora.r).state
 
     def _segment(self, round_num: int) -> Segment:
-        return self.plan.phase(round_num).segment(self.plan.phase(round_num).steps_per_round)
+        phase = self.plan.phase(round_num)
+        return phase.segment(phase.steps_per_round)
 
     def _epsilon(self, segments: list[Segment]) -> float:
         return epsilon(segments, self.plan.delta, self.plan.accountant)  # type: ignore[arg-type]
