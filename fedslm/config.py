@@ -162,7 +162,7 @@ class TrainConfig(_Section):
         default="auto",
         description="lora: LoRA factors and head; head: a linear probe on frozen features "
         "(classification); lp-lora: probe first (train.probe.rounds), then LoRA and head. "
-        "auto: head for classification under DP (with mean pooling), lora otherwise.",
+        "auto: head for classification with mean pooling, lora otherwise.",
     )
     local_epochs: PositiveFloat | None = 1.0
     local_steps: PositiveInt | None = None
@@ -681,13 +681,14 @@ class JobConfig(_Section):
 
     @property
     def train_mode(self) -> TrainMode:
-        """The training mode ``train.mode: auto`` stands for: a DP linear probe for
-        classification under DP with mean pooling (it beat DP LoRA on the public benchmark
-        data sets, docs/benchmarks.md), LoRA otherwise."""
+        """The training mode ``train.mode: auto`` stands for: the linear probe for
+        classification with mean pooling, with DP or without (it beat LoRA and lp-lora in
+        every comparison on the public benchmark data sets, docs/benchmarks.md section 3),
+        LoRA otherwise (causal LMs, the family's own head)."""
         if self.train.mode != "auto":
             return self.train.mode
         probe = self.task.type == "classification" and self.model.pooling == "mean"
-        return "head" if probe and self.privacy.enabled else "lora"
+        return "head" if probe else "lora"
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of the validated config (defaults included)."""

@@ -144,9 +144,10 @@ def test_modes_that_need_a_probe_are_refused_where_they_cannot_work() -> None:
         _job(train={"mode": "lp-lora"}, federation={"aggregation": "exact"})
     with pytest.raises(ValidationError, match="causal-lm"):
         _job(model={"name": "tiny-llama"}, task={"type": "causal-lm"}, train={"mode": "head"})
-    # auto: the probe under DP with mean pooling, LoRA otherwise
+    # auto: the probe for classification with mean pooling (DP or not), LoRA otherwise
     assert _job().train_mode == "head"
-    assert _job(privacy={"enabled": False}).train_mode == "lora"
+    assert _job(privacy={"enabled": False}).train_mode == "head"
+    assert _job(model={"name": "tiny-llama"}, task={"type": "causal-lm"}).train_mode == "lora"
     assert _job(model={"name": "tiny-bert", "pooling": "model"}).train_mode == "lora"
 
 
@@ -231,3 +232,21 @@ def test_a_default_dp_job_learns_beyond_the_label_prior(
         run_centralized(prepared, Reporter(quiet=True))
     prior, accuracy = _prior_and_final_accuracy(out)
     assert accuracy >= prior + 0.1, (prior, accuracy)
+
+
+def test_a_low_noise_phase_cannot_hide_behind_a_noisier_one() -> None:
+    """A job could put its low-noise rounds in one phase and show a site's floor only the
+    other's: the site's policy checks the smallest noise multiplier of every phase."""
+    from fedslm.policy import SitePolicy
+    from fedslm.site import job_refusal
+
+    job = _job(train={"mode": "lp-lora", "probe": {"epsilon_share": 0.9}})
+    plan = plan_privacy(job, 2000, "test")
+    sigmas = sorted(ph.noise_multiplier for ph in plan.phases)
+    assert sigmas[0] < sigmas[1]
+    floor = (sigmas[0] + sigmas[1]) / 2
+    policy = SitePolicy.model_validate(
+        {"privacy": {"min_noise_multiplier": floor, "lifetime_epsilon": 100}}
+    )
+    reasons = job_refusal(policy, job, plan, "0" * 64, spent=[])
+    assert any("noise multiplier" in r and "below the site's minimum" in r for r in reasons)
