@@ -652,10 +652,13 @@ def format_tables(rows: list[dict[str, Any]], datasets: Sequence[str] | None = N
                     ",".join(sorted({r["commit"] for r in g})),
                 ]
             )
-        first = mine[0]["data"]
-        split = mine[0].get("resolved_config", {}).get("data", {}).get("split", {})
+        # the header describes the data set as the default rows saw it, not a tagged study's
+        # subset (e.g. --train-rows)
+        base = next((r for r in mine if not r.get("tag")), mine[0])
+        first = base["data"]
+        split = base.get("resolved_config", {}).get("data", {}).get("split", {})
         how = f"{split['method']} {split.get('alpha', '')}".strip() if split else "?"
-        quick = "QUICK rows (a pipeline check: the figures mean nothing); " * mine[0]["quick"]
+        quick = "QUICK rows (a pipeline check: the figures mean nothing); " * base["quick"]
         out.append(
             f"### {dataset}\n\n{quick}train rows {first['train_rows']}, test rows scored "
             f"{first['test_rows_scored']}, {first['labels']} labels, {SITES} sites "
