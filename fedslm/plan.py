@@ -45,16 +45,16 @@ def trainable_parameters(job: JobConfig, model_dir: Path, num_labels: int) -> di
     the model's ``config.json``: the head is ``hidden x labels + labels``; LoRA adds
     ``r x (in + out)`` per targeted projection (only ``out`` with ffa, whose A is frozen),
     counting q and v projections of every layer as fedslm's default targets do."""
-    from fedslm.models.memory import architecture_from_config
+    from fedslm.models.memory import architecture_from_config, lora_params
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     arch = architecture_from_config(config, 0.0)
     head = arch.hidden * num_labels + num_labels if job.task.type == "classification" else 0
     r = job.lora.r
     if job.federation.aggregation == "ffa":
-        lora = arch.layers * r * (arch.hidden + arch.kv_dim)
+        lora = arch.layers * r * (arch.hidden + arch.kv_dim)  # B only: r x out per projection
     else:
-        lora = arch.layers * r * (2 * arch.hidden + arch.hidden + arch.kv_dim)
+        lora = lora_params(arch, r)
     return {"head": head, "lora": lora + head}
 
 
