@@ -129,8 +129,11 @@ class ProbeConfig(_Section):
     public benchmark data sets (docs/benchmarks.md, section 3)."""
 
     local_epochs: PositiveFloat = Field(default=6.0, description="Passes per round.")
-    batch_size: PositiveInt = Field(
-        default=512, description="Expected (Poisson) batch; q = min(1, batch_size / records)."
+    batch_size: PositiveInt | None = Field(
+        default=None,
+        description="Expected (Poisson) batch; q = min(1, batch_size / records). Default: 512 "
+        "with DP (the noise per step is fixed, so a larger batch carries more signal), 128 "
+        "without (more steps, less drift between label-skewed sites).",
     )
     learning_rate: PositiveFloat = 2.0
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
@@ -145,6 +148,12 @@ class ProbeConfig(_Section):
         "calibrated to this share of privacy.target_epsilon; the LoRA rounds get the noise "
         "that brings the composition of both phases to the target.",
     )
+
+    def logical_batch(self, dp: bool) -> int:
+        """The expected batch of a probe step (``batch_size``, or its default)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 512 if dp else 128
 
 
 TrainMode = Literal["lora", "head", "lp-lora"]

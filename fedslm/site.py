@@ -140,10 +140,11 @@ def plan_privacy(job: JobConfig, records: int, source: str) -> PrivacyPlan:
     rounds = job.federation.rounds
     mode = job.train_mode
     shapes: list[tuple[Literal["head", "lora"], int, int, float | None]] = []
+    probe_batch = t.probe.logical_batch(p.enabled)
     if mode == "head":
-        shapes.append(("head", rounds, t.probe.batch_size, t.probe.local_epochs))
+        shapes.append(("head", rounds, probe_batch, t.probe.local_epochs))
     elif mode == "lp-lora":
-        shapes.append(("head", t.probe.rounds, t.probe.batch_size, t.probe.local_epochs))
+        shapes.append(("head", t.probe.rounds, probe_batch, t.probe.local_epochs))
         shapes.append(("lora", rounds - t.probe.rounds, t.logical_batch(p.enabled), None))
     else:
         shapes.append(("lora", rounds, t.logical_batch(p.enabled), None))

@@ -95,6 +95,27 @@ def test_plan_figures_match_a_hand_computation() -> None:
     assert not warnings
 
 
+def test_batch_defaults_depend_on_dp_and_an_explicit_batch_wins() -> None:
+    """With DP the noise of a step is fixed, so the default batch is large; without DP the
+    probe takes smaller batches (more steps, less drift between skewed sites)."""
+    dp, no_dp = (
+        _job(train={"mode": "head"}),
+        _job(train={"mode": "head"}, privacy={"enabled": False}),
+    )
+    assert plan_privacy(dp, 5000, "test").phases[0].batch_size == 512
+    assert plan_privacy(no_dp, 5000, "test").phases[0].batch_size == 128
+    assert (
+        plan_privacy(_job(train={"mode": "lora"}, privacy={"enabled": False}), 5000, "t")
+        .phases[0]
+        .batch_size
+        == 32
+    )
+    explicit = _job(
+        train={"mode": "head", "probe": {"batch_size": 300}}, privacy={"enabled": False}
+    )
+    assert plan_privacy(explicit, 5000, "test").phases[0].batch_size == 300
+
+
 def test_the_plan_warns_in_plain_words_when_noise_swamps_a_tiny_site() -> None:
     job = _job(train={"mode": "lora"})
     plan = plan_privacy(job, 33, "test")
