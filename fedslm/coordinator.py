@@ -253,9 +253,10 @@ class Coordinator:
         # every site that trained spent privacy, whether or not its input reached the sum
         good = [r for r in reports if r.site in set(survivors)] if result is not None else []
         for r in reports:
-            if not self._anchored(r, "; its masked input could not be left out of the sum"):
-                continue
-            self._account(r, round_num)
+            # a masked input cannot be taken out of the sum: its spend counts all the same,
+            # but its head does not replace the anchored one
+            anchored = self._anchored(r, "; its masked input is in the sum all the same")
+            self._account(r, round_num, anchor=anchored)
             rec["sites"][r.site] = _site_record(r) | {
                 "in_secure_sum": r.site in set(survivors) and result is not None
             }
@@ -568,7 +569,7 @@ class Coordinator:
             "epsilon_check": "ok" if ok else "MISMATCH",
         }
 
-    def _account(self, r: SiteReport, round_num: int) -> None:
+    def _account(self, r: SiteReport, round_num: int, anchor: bool = True) -> None:
         if (r.site, round_num) in self._accounted:
             return  # the same release, sent again for a retried or resumed round
         self._accounted.add((r.site, round_num))
@@ -579,9 +580,10 @@ class Coordinator:
             p.segments.append(r.segment)
             p.reported_epsilon = r.epsilon
             p.delta, p.accountant, p.max_grad_norm = r.delta, r.accountant, r.max_grad_norm
-            p.lifetime_epsilon, p.ledger_head = r.lifetime_epsilon, r.ledger_head
-            if r.ledger_head and r.ledger_seq is not None:
-                p.ledger_seq = r.ledger_seq
+            p.lifetime_epsilon = r.lifetime_epsilon
+            if anchor:
+                p.ledger_head, p.ledger_seq = r.ledger_head, r.ledger_seq
+            if anchor and r.ledger_head and r.ledger_seq is not None:
                 self.anchors[r.site] = {
                     "seq": r.ledger_seq,
                     "hash": r.ledger_head,

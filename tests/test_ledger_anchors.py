@@ -30,6 +30,7 @@ from fedslm.privacy.ledger import (
     GENESIS_HASH,
     DatasetFingerprint,
     LedgerEntry,
+    LedgerError,
     PrivacyLedger,
     entry_hash,
     journal_path,
@@ -253,6 +254,14 @@ def test_coordinator_refuses_a_head_behind_the_one_it_anchored(tmp_path: Path) -
     assert "round 1:" in second.privacy_summary()["sites"]["bank"]["refusals"][0]
     assert second.aggregate(1, [_report("bank", 6, "b" * 64)], []) is not None
 
+    # under secure aggregation the input is in the sum already: counted, but not anchored
+    second.start_round(2)
+    second.aggregate_secure(2, [_report("bank", 4, "c" * 64)], [], None, None, [], "failed")
+    assert any("in the sum all the same" in f for f in second.record["failures"])
+    summary = second.privacy_summary()["sites"]["bank"]
+    assert summary["dp_steps"] == 2 * STEPS
+    assert (summary["ledger_head_seq"], summary["ledger_head"]) == (6, "b" * 64)
+
 
 def test_head_conflict_rules() -> None:
     anchored = {"seq": 5, "hash": "h5", "where": "run x round 2"}
@@ -302,3 +311,64 @@ def test_divergence_names_the_first_entry_that_differs() -> None:
     lost = divergence(chain, [Anchor(None, "gone", "old privacy.json")])
     assert lost is not None and "no entry of the ledger has hash gone" in lost.describe()
     assert divergence([], [Anchor(1, "a", "journal")]) is not None  # a deleted ledger
+
+
+def test_anchors_are_read_per_site(tmp_path: Path) -> None:
+    """A run's files hold every site's heads: only this site's anchor its ledger."""
+    run = tmp_path / "run"
+    run.mkdir()
+    privacy = {
+        "sites": {
+            "bank": {"ledger_head": "b" * 64, "ledger_head_seq": 4},
+            "clinic": {"ledger_head": "c" * 64, "ledger_head_seq": 9},
+            "no-dp": {"dp_enabled": False},
+        }
+    }
+    (run / "privacy.json").write_text(json.dumps(privacy))
+    # a report's privacy part: one entry per site, its lifetime spend naming the heads
+    report = {
+        "privacy": {
+            "sites": [
+                {"site": s, "lifetime": {"ledger_head_in_privacy_json": h, "ledger_last_hash": h}}
+                for s, h in (("bank", "b" * 64), ("clinic", "c" * 64))
+            ]
+        }
+    }
+    (run / "report.json").write_text(json.dumps(report))
+    bank = read_anchors(run, "bank")
+    assert {(a.seq, a.hash) for a in bank} == {(4, "b" * 64), (None, "b" * 64)}
+    assert all("bank" in a.source for a in bank)
+    with pytest.raises(LedgerError, match="sites bank, clinic; say which"):
+        read_anchors(run / "privacy.json")
+    assert read_anchors(run, "elsewhere") == []
+    with pytest.raises(LedgerError, match="no such file"):
+        read_anchors(tmp_path / "missing.json")
+
+
+def test_simulate_preflight_refuses_the_rewritten_ledger(tmp_path: Path, tiny_bert: Path) -> None:
+    """`fedslm simulate` asks each site before writing anything: the journal refuses it."""
+    from fedslm.config import validate_config
+    from fedslm.errors import FederationError
+    from fedslm.job import plan_job, preflight, site_ledger
+
+    raw = {
+        "model": {"path": str(tiny_bert)},
+        "train": {"mode": "lora", "batch_size": 16, "max_length": 16},
+        "federation": {"sites": 1, "rounds": 2},
+        "data": {"synthetic": {"rows_per_site": 160}},
+        "privacy": {"target_epsilon": 8.0},
+    }
+    plan = plan_job(validate_config(raw), "job.yaml")
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    train = tmp_path / "train.jsonl"
+    write_rows(plan.sites[0].train, train)  # the bytes preflight fingerprints
+    fp = DatasetFingerprint.of_file(train)
+    ledger = site_ledger(plan.policies[plan.sites[0].name], train, tmp_path, ledgers)
+    spend(ledger, fp, "job-a", 3, 8.0)
+    spend(ledger, fp, "job-b", 2, 1.0)
+    with pytest.raises(FederationError, match="lifetime budget is 10"):
+        preflight(plan, ledgers)
+    delete_job_and_rehash(ledger, "job-a")
+    with pytest.raises(FederationError, match="rewritten from entry seq 1 on"):
+        preflight(plan, ledgers)

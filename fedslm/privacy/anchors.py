@@ -181,7 +181,8 @@ def read_anchors(path: str | Path, site: str | None = None) -> list[Anchor]:
         raise LedgerError(f"{path}: cannot read ledger heads: {exc}") from None
     if isinstance(data, dict) and isinstance(data.get("sites"), dict):
         return _privacy_anchors(path, data["sites"], site)
-    return [Anchor(None, h, f"{path} ({key})") for key, h in _report_heads(data)]
+    heads = _report_heads(data)
+    return [Anchor(None, h, f"{path} ({s})") for s in _pick(path, heads, site) for h in heads[s]]
 
 
 def _pick(path: Path, heads: dict[str, Any], site: str | None) -> list[str]:
@@ -219,19 +220,22 @@ def _metrics_anchors(path: Path, rounds: list[dict[str, Any]], site: str | None)
     return [a for s in _pick(path, heads, site) for a in heads[s]]
 
 
-def _report_heads(data: Any, key: str = "") -> list[tuple[str, str]]:
-    """Every ``ledger_head_in_privacy_json`` and ``ledger_last_hash`` in a site's report."""
+def _report_heads(data: Any, found: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Per site, every ``ledger_head_in_privacy_json`` and ``ledger_last_hash`` of its part of
+    a report (``privacy.sites[].lifetime``: a run's report holds every site's)."""
+    found = {} if found is None else found
     if isinstance(data, dict):
-        found = []
-        for k, v in data.items():
-            if k in ("ledger_head_in_privacy_json", "ledger_last_hash") and isinstance(v, str):
-                found.append((k, v))
-            else:
-                found += _report_heads(v, k)
-        return found
-    if isinstance(data, list):
-        return [h for v in data for h in _report_heads(v, key)]
-    return []
+        lifetime = data.get("lifetime")
+        if isinstance(data.get("site"), str) and isinstance(lifetime, dict):
+            for key in ("ledger_head_in_privacy_json", "ledger_last_hash"):
+                if isinstance(lifetime.get(key), str):
+                    found.setdefault(data["site"], []).append(lifetime[key])
+        for v in data.values():
+            _report_heads(v, found)
+    elif isinstance(data, list):
+        for v in data:
+            _report_heads(v, found)
+    return found
 
 
 # --------------------------------------------------------------------------------------------
