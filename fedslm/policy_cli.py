@@ -33,7 +33,7 @@ def check_text(
     bad policy, data, ledger, job or model.
     """
     from fedslm.policy import load_policy
-    from fedslm.privacy.anchors import anchor_refusal, read_anchors
+    from fedslm.privacy.anchors import anchor_refusal, read_anchors, read_journal
     from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger, journal_path
 
     policy = load_policy(policy_path)
@@ -63,9 +63,12 @@ def check_text(
     broken = anchor_refusal(ledger_path, released)
     if broken:
         return "\n".join([*lines, f"REFUSED: {broken}"]), False
+    journal = journal_path(ledger_path)
+    journaled = len(read_journal(journal))
     lines.append(
-        f"ledger heads: the ledger extends the {len(released)} head(s) given with --anchor and "
-        f"those in its journal {journal_path(ledger_path)}"
+        f"ledger heads: the ledger extends all {len(released)} given with --anchor and "
+        f"{journaled} in its journal {journal}"
+        + ("" if released else " (no --anchor: only the journal beside the ledger was checked)")
     )
     spent: list[Segment] = []
     if ledger_path.exists():
