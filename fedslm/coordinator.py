@@ -382,9 +382,18 @@ class Coordinator:
         return rec
 
     def keep_anchors(self) -> None:
-        """Write every site's last ledger head to ``anchors_file`` (if any), for later runs."""
-        if self.anchors_file is not None:
-            write_json(self.anchors_file, self.anchors)
+        """Write every site's last ledger head to ``anchors_file`` (if any), for later runs.
+
+        Merged with the file as it is now: another run of the same coordinator may have
+        anchored a later head of a site meanwhile, and the later one is kept.
+        """
+        if self.anchors_file is None:
+            return
+        merged = read_site_anchors(self.anchors_file)
+        for site, head in self.anchors.items():
+            if site not in merged or head["seq"] >= merged[site]["seq"]:
+                merged[site] = head
+        write_json(self.anchors_file, merged)
 
     def _anchored(self, r: SiteReport, consequence: str = "") -> bool:
         """Whether ``r``'s ledger head can extend the site's last anchored head; if not, the

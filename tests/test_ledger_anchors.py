@@ -244,15 +244,22 @@ def test_coordinator_refuses_a_head_behind_the_one_it_anchored(tmp_path: Path) -
     assert first.aggregate(2, [_report("bank", 3, "f" * 64)], []) is None
     assert any("entry seq 3 at the latest" in f for f in first.record["failures"])
     first.keep_anchors()
+    assert json.loads(store.read_text())["bank"]["seq"] == 5
+    # another run that anchored a later head meanwhile keeps it
+    third = _coordinator(tmp_path / "runs" / "three", store)
+    third.anchors["bank"] = {"seq": 7, "hash": "7" * 64, "where": "run three round 1"}
+    third.keep_anchors()
+    first.keep_anchors()
+    assert json.loads(store.read_text())["bank"]["seq"] == 7
 
     # the next run of the same coordinator remembers the head
     second = _coordinator(tmp_path / "runs" / "two", store)
     second.start_round(1)
     assert second.aggregate(1, [_report("bank", 3, "a" * 64)], []) is None
     failure = second.record["failures"][0]
-    assert "bank" in failure and "run one round 1 anchored its entry seq 5" in failure
+    assert "bank" in failure and "run three round 1 anchored its entry seq 7" in failure
     assert "round 1:" in second.privacy_summary()["sites"]["bank"]["refusals"][0]
-    assert second.aggregate(1, [_report("bank", 6, "b" * 64)], []) is not None
+    assert second.aggregate(1, [_report("bank", 8, "b" * 64)], []) is not None
 
     # under secure aggregation the input is in the sum already: counted, but not anchored
     second.start_round(2)
@@ -260,7 +267,7 @@ def test_coordinator_refuses_a_head_behind_the_one_it_anchored(tmp_path: Path) -
     assert any("in the sum all the same" in f for f in second.record["failures"])
     summary = second.privacy_summary()["sites"]["bank"]
     assert summary["dp_steps"] == 2 * STEPS
-    assert (summary["ledger_head_seq"], summary["ledger_head"]) == (6, "b" * 64)
+    assert (summary["ledger_head_seq"], summary["ledger_head"]) == (8, "b" * 64)
 
 
 def test_head_conflict_rules() -> None:
