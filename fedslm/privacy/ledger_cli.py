@@ -156,7 +156,9 @@ def add_cli(subparsers: Any) -> None:
     )
     show.set_defaults(handler=_show_cmd)
     verify = sub.add_parser(
-        "verify", help="check the hash chain and recompute every epsilon (exit 1 on mismatch)"
+        "verify",
+        help="check the hash chain, recompute every epsilon and check the ledger extends every "
+        "anchored head (its journal, --anchor); exit 1 on mismatch",
     )
     verify.add_argument("ledger", type=Path, help="ledger file (SQLite)")
     verify.add_argument(
