@@ -205,6 +205,8 @@ def _report(content: RecordDict, state: dict, array_bytes: int) -> SiteReport:
         max_grad_norm=float(info["max_grad_norm"]) if segment else None,
         lifetime_epsilon=float(info["lifetime_epsilon"]) if segment else None,
         ledger_head=str(info["ledger_head"]) if segment else None,
+        # sites before fedslm sent their heads with a seq leave it out
+        ledger_seq=(int(info.get("ledger_seq", 0)) or None) if segment else None,
     )
 
 

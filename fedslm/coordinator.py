@@ -66,6 +66,7 @@ class SiteReport:
     lifetime_epsilon: float | None = None
     ledger_head: str | None = None
     privacy_seconds: float = 0.0
+    ledger_seq: int | None = None  # the seq of the ledger entry whose hash is ledger_head
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class _SitePrivacy:
     max_grad_norm: float | None = None
     lifetime_epsilon: float | None = None
     ledger_head: str | None = None
+    ledger_seq: int | None = None
     records: int = 0
     rounds: int = 0
     refusals: list[str] = field(default_factory=list)
@@ -119,6 +121,7 @@ class Coordinator:
         export_model: torch.nn.Module,
         initial_state: AdapterState,
         metadata: dict[str, Any],
+        anchors_file: Path | None = None,
     ) -> None:
         self.job = job
         self.out = out_dir
@@ -150,6 +153,9 @@ class Coordinator:
         # fedprox is FedAvg at the coordinator; its proximal step happens at the sites
         kind = "fedavg" if server.name == "fedprox" else server.name
         self.server_optimizer = make_server_optimizer(kind, **server.hyperparameters())
+        # every site's last ledger head from earlier runs (deployed: one file for all runs)
+        self.anchors_file = anchors_file
+        self.anchors = read_site_anchors(anchors_file)
 
     # -- per round --------------------------------------------------------------------------
 
@@ -177,7 +183,7 @@ class Coordinator:
         rec = self._begin_aggregation(round_num, failures, refusals)
         # in site order, not reply order: a float sum depends on its order, and the next
         # round's noise seeds on the adapter's bytes, so a rerun must sum the same way
-        reports = sorted(reports, key=lambda r: r.site)
+        reports = [r for r in sorted(reports, key=lambda r: r.site) if self._anchored(r)]
         fed = self.job.federation
         screening = screen_updates(
             self.state,
@@ -247,7 +253,10 @@ class Coordinator:
         # every site that trained spent privacy, whether or not its input reached the sum
         good = [r for r in reports if r.site in set(survivors)] if result is not None else []
         for r in reports:
-            self._account(r, round_num)
+            # a masked input cannot be taken out of the sum: its spend counts all the same,
+            # but its head does not replace the anchored one
+            anchored = self._anchored(r, "; its masked input is in the sum all the same")
+            self._account(r, round_num, anchor=anchored)
             rec["sites"][r.site] = _site_record(r) | {
                 "in_secure_sum": r.site in set(survivors) and result is not None
             }
@@ -369,7 +378,43 @@ class Coordinator:
         write_torch(checkpoint / "server_optimizer.pt", self.server_optimizer.state_dict())
         write_torch(checkpoint / RESUME_STATE, self._resume_state())
         append_jsonl(self.out / "metrics.jsonl", rec)
+        self.keep_anchors()
         return rec
+
+    def keep_anchors(self) -> None:
+        """Write every site's last ledger head to ``anchors_file`` (if any), for later runs.
+
+        Merged with the file as it is now: another run of the same coordinator may have
+        anchored a later head of a site meanwhile, and the later one is kept.
+        """
+        if self.anchors_file is None:
+            return
+        merged = read_site_anchors(self.anchors_file)
+        for site, head in self.anchors.items():
+            if site not in merged or head["seq"] >= merged[site]["seq"]:
+                merged[site] = head
+        write_json(self.anchors_file, merged)
+
+    def _anchored(self, r: SiteReport, consequence: str = "") -> bool:
+        """Whether ``r``'s ledger head can extend the site's last anchored head; if not, the
+        conflict is recorded as a failure and a refusal of the site, and its update unused."""
+        conflict = head_conflict(self._last_head(r.site), r.ledger_seq, r.ledger_head)
+        if conflict is None:
+            return True
+        reason = f"{r.site}: {conflict}{consequence}"
+        self.record["failures"].append(f"update rejected: {reason}")
+        self.privacy.setdefault(r.site, _SitePrivacy()).refusals.append(
+            f"round {self.record['round']}: {reason}"
+        )
+        return False
+
+    def _last_head(self, site: str) -> dict[str, Any] | None:
+        """The site's last anchored head: this run's latest, else the one of earlier runs."""
+        p = self.privacy.get(site)
+        if p is not None and p.ledger_head and p.ledger_seq is not None:
+            return {"seq": p.ledger_seq, "hash": p.ledger_head, "where": "an earlier round of "
+                    "this run"}  # fmt: skip
+        return self.anchors.get(site)
 
     def _resume_state(self) -> dict[str, Any]:
         """What ``resume`` needs beyond the exported adapter: the exact float32 global state,
@@ -462,6 +507,7 @@ class Coordinator:
                     segments=[s.to_dict() for s in p.segments],
                     lifetime_epsilon_site_reported=p.lifetime_epsilon,
                     ledger_head=p.ledger_head,
+                    ledger_head_seq=p.ledger_seq,
                 )
             sites[name] = entry
         return {
@@ -532,7 +578,7 @@ class Coordinator:
             "epsilon_check": "ok" if ok else "MISMATCH",
         }
 
-    def _account(self, r: SiteReport, round_num: int) -> None:
+    def _account(self, r: SiteReport, round_num: int, anchor: bool = True) -> None:
         if (r.site, round_num) in self._accounted:
             return  # the same release, sent again for a retried or resumed round
         self._accounted.add((r.site, round_num))
@@ -543,7 +589,15 @@ class Coordinator:
             p.segments.append(r.segment)
             p.reported_epsilon = r.epsilon
             p.delta, p.accountant, p.max_grad_norm = r.delta, r.accountant, r.max_grad_norm
-            p.lifetime_epsilon, p.ledger_head = r.lifetime_epsilon, r.ledger_head
+            p.lifetime_epsilon = r.lifetime_epsilon
+            if anchor:
+                p.ledger_head, p.ledger_seq = r.ledger_head, r.ledger_seq
+            if anchor and r.ledger_head and r.ledger_seq is not None:
+                self.anchors[r.site] = {
+                    "seq": r.ledger_seq,
+                    "hash": r.ledger_head,
+                    "where": f"run {self.out.name} round {round_num}",
+                }
 
 
 def _complete_lines(path: Path) -> list[dict[str, Any]]:
@@ -580,4 +634,46 @@ def _site_record(r: SiteReport) -> dict[str, Any]:
         "privacy_seconds": r.privacy_seconds,
         "bytes_sent": r.bytes_sent,
         "epsilon": r.epsilon,
+        # the head the site released this round: anchors its ledger (fedslm.privacy.anchors)
+        "ledger_seq": r.ledger_seq,
+        "ledger_head": r.ledger_head,
     }
+
+
+def read_site_anchors(path: Path | None) -> dict[str, dict[str, Any]]:
+    """The coordinator's record of each site's last ledger head (``{}`` if none yet)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {str(s): {"seq": int(a["seq"]), "hash": str(a["hash"]),
+                         "where": str(a.get("where", path))} for s, a in data.items()}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FederationError(
+            f"{path}: the coordinator's record of site ledger heads is unreadable ({exc}); "
+            "restore it from a backup (deleting it forgets every site's anchored head)"
+        ) from None
+
+
+def head_conflict(
+    anchored: Mapping[str, Any] | None, seq: int | None, head: str | None
+) -> str | None:
+    """Why a site's new ledger head ``(seq, head)`` cannot extend its ``anchored`` head (None:
+    it can). Pure.
+
+    A site appends before it replies, so a new head has a later seq than the anchored one, or
+    the same seq and hash (a round replayed). Without the entries in between the coordinator
+    cannot check the hashes that link them; the site checks that (``fedslm.privacy.anchors``).
+    """
+    if anchored is None or head is None or seq is None:
+        return None
+    a_seq, a_hash, where = int(anchored["seq"]), str(anchored["hash"]), anchored.get("where")
+    if seq > a_seq or (seq == a_seq and head == a_hash):
+        return None
+    return (
+        f"its ledger head is now entry seq {seq} ({head[:16]}…) but {where} anchored its entry "
+        f"seq {a_seq} ({a_hash[:16]}…): the site's ledger diverges from the anchored chain at "
+        f"entry seq {seq} at the latest (entries deleted or rewritten, later hashes "
+        "recomputed); the site must restore its ledger from a backup that extends the anchored "
+        "head"
+    )

@@ -55,6 +55,7 @@ ALLOWED_FIELDS: dict[str, tuple[type, ...]] = {
     "max_grad_norm": (float,),
     "lifetime_epsilon": (float,),
     "ledger_head": (str,),
+    "ledger_seq": (int,),
     "refused": (bool,),
     "reasons": (list,),  # list[str]: the site's own policy reasons
 }

@@ -60,6 +60,7 @@ def to_report(site: Site, u: SiteUpdate, bytes_sent: int | None = None) -> SiteR
         u.lifetime_epsilon,
         u.ledger_head,
         u.privacy_seconds,
+        u.ledger_seq,
     )
 
 

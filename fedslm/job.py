@@ -201,6 +201,7 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
     be left for ``federation.min_sites``: such a run could not train at all.
     """
     from fedslm.privacy.accounting import Segment
+    from fedslm.privacy.anchors import anchor_refusal
     from fedslm.privacy.ledger import PrivacyLedger
     from fedslm.site import job_refusal, plan_privacy, site_lora
 
@@ -214,6 +215,10 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
             write_rows(site.train, train)
             fp = DatasetFingerprint.of_file(train)
             ledger = site_ledger(policy, train, Path(tmp), ledgers)
+            broken = anchor_refusal(ledger)  # the heads in the ledger's journal
+            if broken:
+                refusals.append(f"site {site.name}: {broken}")
+                continue
             spent: list[Segment] = []
             if ledger.exists():
                 with PrivacyLedger(ledger, create=False) as opened:
@@ -271,8 +276,10 @@ def adapter_metadata(p: PreparedJob) -> dict[str, Any]:
     }
 
 
-def make_coordinator(p: PreparedJob) -> Coordinator:
-    """A coordinator holding the job's initial adapter (same seed as every site)."""
+def make_coordinator(p: PreparedJob, anchors_file: Path | None = None) -> Coordinator:
+    """A coordinator holding the job's initial adapter (same seed as every site);
+    ``anchors_file`` keeps every site's last ledger head across runs (deployed only: simulated
+    site names are not identities from one simulation to the next)."""
     loaded = load_model(
         p.model.path,
         p.job.task.type,
@@ -286,4 +293,5 @@ def make_coordinator(p: PreparedJob) -> Coordinator:
     if loaded.defaults is not None:
         # what was trained and how: targets, head, pad token, prompt template
         meta["family_defaults"] = loaded.defaults.describe()
-    return Coordinator(p.job, p.out, loaded.model, get_adapter_state(loaded.model), meta)
+    state = get_adapter_state(loaded.model)
+    return Coordinator(p.job, p.out, loaded.model, state, meta, anchors_file)

@@ -1,7 +1,8 @@
 """``fedslm policy check POLICY [--job JOB]``: what a site operator runs before saying yes.
 
 It validates the site's own policy file, fingerprints the data set it names, reads what the
-site's ledger says that data set has spent, and, given a job config, costs every step the job
+site's ledger says that data set has spent (once the ledger is shown to extend every head the
+site released and journaled: ``--anchor``), and, given a job config, costs every step the job
 would take on this data and prints whether the site would accept it and why not. Nothing is
 written: the ledger is only read.
 """
@@ -9,6 +10,7 @@ written: the ledger is only read.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,23 @@ from fedslm.errors import ConfigError
 from fedslm.privacy.accounting import ACCOUNTANT_NAMES, Segment, epsilon
 
 
-def check_text(policy_path: Path, job_path: Path | None = None) -> tuple[str, bool]:
+def check_text(
+    policy_path: Path,
+    job_path: Path | None = None,
+    anchors: Sequence[Path] = (),
+    site: str | None = None,
+) -> tuple[str, bool]:
     """The report ``policy check`` prints and whether the job (if any) would be accepted.
 
-    Raises ``FedSLMError`` subclasses for a bad policy, data, ledger, job or model.
+    ``anchors`` are run folders, privacy.json, report.json or journal files holding ledger
+    heads the site released (``site``, default the policy's ``daemon.name``, picks its heads
+    in a run of several sites); with the ledger's own journal, a ledger that no longer extends
+    one of them is refused whatever it says was spent. Raises ``FedSLMError`` subclasses for a
+    bad policy, data, ledger, job or model.
     """
     from fedslm.policy import load_policy
-    from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger
+    from fedslm.privacy.anchors import anchor_refusal, read_anchors, read_journal
+    from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger, journal_path
 
     policy = load_policy(policy_path)
     limits = policy.privacy
@@ -46,6 +58,18 @@ def check_text(policy_path: Path, job_path: Path | None = None) -> tuple[str, bo
     fp = DatasetFingerprint.of_file(data)
     lines.append(f"data set {data}: {fp.rows} rows, sha256 {fp.sha256}")
     ledger_path = policy.ledger_file() or data.parent / "ledger.db"
+    name = site or (policy.daemon.name if policy.daemon is not None else None)
+    released = [a for path in anchors for a in read_anchors(path, name)]
+    broken = anchor_refusal(ledger_path, released)
+    if broken:
+        return "\n".join([*lines, f"REFUSED: {broken}"]), False
+    journal = journal_path(ledger_path)
+    journaled = len(read_journal(journal))
+    lines.append(
+        f"ledger heads: the ledger extends all {len(released)} given with --anchor and "
+        f"{journaled} in its journal {journal}"
+        + ("" if released else " (no --anchor: only the journal beside the ledger was checked)")
+    )
     spent: list[Segment] = []
     if ledger_path.exists():
         # opened without binding it: a check must not write to the site's ledger
@@ -123,7 +147,7 @@ def _cost_job(
 
 
 def _check_cmd(args: argparse.Namespace) -> int:
-    text, accepted = check_text(args.policy, args.job)
+    text, accepted = check_text(args.policy, args.job, args.anchor, args.site)
     print(text)
     return 0 if accepted else 1
 
@@ -137,4 +161,16 @@ def add_cli(subparsers: Any) -> None:
     )
     check.add_argument("policy", type=Path, help="the site's policy YAML")
     check.add_argument("--job", type=Path, help="a job config to cost against the policy")
+    check.add_argument(
+        "--anchor",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a run folder, privacy.json, report.json or journal holding ledger heads this site "
+        "released; the ledger must still extend them (repeatable)",
+    )
+    check.add_argument(
+        "--site", help="this site's name in the --anchor runs (default: the policy's daemon.name)"
+    )
     check.set_defaults(handler=_check_cmd)

@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from fedslm.models.loading import classification_head
 from fedslm.models.registry import ResolvedModel
 from fedslm.policy import SitePolicy, check_job, check_round
 from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon
+from fedslm.privacy.anchors import Anchor, anchor_refusal
 from fedslm.privacy.dp_sgd import per_sample_module
 from fedslm.privacy.egress_log import record_egress
 from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger
@@ -275,6 +277,7 @@ class SiteUpdate:
     ledger_head: str | None
     seconds: float  # local training
     privacy_seconds: float  # policy check, ledger read and write, every epsilon computed
+    ledger_seq: int | None = None  # the seq of the entry whose hash is ledger_head
 
 
 def noise_fingerprint(job: JobConfig) -> str:
@@ -325,6 +328,10 @@ class Site:
     a real site's secret never leaves the site (the coordinator chooses ``job.seed``, so the
     seed cannot come from the job alone). Default: 32 fresh random bytes (updates are then not
     reproducible, and private).
+
+    ``anchors`` are ledger heads the site released earlier (``fedslm.privacy.anchors``); with
+    the ledger's journal of heads they are checked before the job is accepted, and a ledger
+    that no longer extends one of them is refused.
     """
 
     def __init__(
@@ -342,6 +349,7 @@ class Site:
         source: str = "<job config>",
         dataset: DatasetFingerprint | None = None,
         noise_secret: bytes | None = None,
+        anchors: Sequence[Anchor] = (),
     ) -> None:
         self.job = job
         self.name = name
@@ -350,6 +358,7 @@ class Site:
         self.policy = policy
         self.job_id = job_id
         self.ledger_path = ledger
+        self.anchors = tuple(anchors)  # heads released earlier, besides the ledger's journal
         self.dataset = dataset if dataset is not None else DatasetFingerprint.of_file(train_file)
         if noise_secret is not None and len(noise_secret) < 16:
             raise ValueError("noise_secret must be at least 16 bytes")
@@ -407,6 +416,11 @@ class Site:
         if self.policy is None:
             return []
         plan = self.plan
+        if self._job_refusal is None:
+            # a ledger rewritten below a head the site released or journaled understates
+            # the spend: refuse before reading a figure from it
+            broken = anchor_refusal(self.ledger_path, self.anchors)
+            self._job_refusal = [broken] if broken else None
         with self._ledger() as ledger:
             prior = ledger.entries(self.dataset)
         others = [e.segment for e in prior if e.job_id != self.job_id]
@@ -519,6 +533,7 @@ class Site:
             ledger_head=entry.hash if entry is not None else None,
             seconds=seconds,
             privacy_seconds=privacy_seconds,
+            ledger_seq=entry.seq if entry is not None else None,
         )
 
     # -- what leaves the site ------------------------------------------------------------------
@@ -545,6 +560,7 @@ class Site:
                 max_grad_norm=float(p.max_grad_norm),
                 lifetime_epsilon=_finite(u.lifetime_epsilon),
                 ledger_head=u.ledger_head or "",
+                ledger_seq=int(u.ledger_seq or 0),
             )
         return Payload("train", dict(u.state), metrics, fields)
 

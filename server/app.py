@@ -25,6 +25,7 @@ from fedslm import __version__
 from fedslm.coordinator import Coordinator
 from fedslm.errors import FederationError
 from fedslm.job import PreparedJob, make_coordinator
+from fedslm.privacy.anchors import COORDINATOR_ANCHORS_FILE
 from fedslm.progress import Reporter
 
 
@@ -156,7 +157,8 @@ def run_deployed(grid: Grid, run_dir: Path, resume: bool, reporter: Reporter) ->
     quicker_reply_pulls()
     run = DeployedRun.load(run_dir)
     prepared = run.prepared
-    coordinator = make_coordinator(prepared)
+    # every site's last ledger head, kept across the runs of this coordinator
+    coordinator = make_coordinator(prepared, run_dir.parent / COORDINATOR_ANCHORS_FILE)
     first = 1
     if resume:
         first = coordinator.resume() + 1

@@ -400,8 +400,10 @@ def test_cli_show_and_verify(ledger_path: Path, capsys: pytest.CaptureFixture[st
         show_text(missing)
     assert verify_file(missing) == 2
     assert not missing.exists()  # show/verify never create a ledger
-    # creation is atomic (built aside, linked into place): no temporary file is left behind
-    assert sorted(p.name for p in ledger_path.parent.iterdir()) == ["ledger.sqlite"]
+    # creation is atomic (built aside, linked into place): no temporary file is left behind,
+    # only the journal of the heads written
+    names = sorted(p.name for p in ledger_path.parent.iterdir())
+    assert names == ["ledger.sqlite", "ledger.sqlite.heads"]
 
     junk = ledger_path.with_name("junk.sqlite")
     junk.write_bytes(b"not a database at all" * 100)

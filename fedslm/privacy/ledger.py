@@ -15,8 +15,9 @@ What the file guarantees:
   before; the genesis link is 64 zeros) and the file's metadata holds the head of the chain,
   so an edited, deleted, reordered or truncated entry is detected by :meth:`PrivacyLedger.verify`
   and refused before any spend is computed from it. A chain inside the file cannot stop someone
-  who rewrites *every* hash; publish the head hash elsewhere (e.g. in the run's privacy.json)
-  to anchor it.
+  who rewrites *every* hash: the heads the site released (privacy.json, its reports, the
+  coordinator's record) and its journal of heads (``journal_path``) anchor it, and
+  ``fedslm.privacy.anchors`` refuses a ledger that no longer extends them.
 - **Keyed by data set.** The key is the sha256 of the data file and its row count
   (:class:`DatasetFingerprint`). A ledger may be bound to one data set, after which opening it
   for another is an error.
@@ -191,6 +192,16 @@ def simulated_ledger_dir() -> Path:
         return Path(os.environ[LEDGERS_ENV]).expanduser()
     home = os.environ.get("FEDSLM_HOME")
     return (Path(home).expanduser() if home else Path.home() / ".fedslm") / "ledgers"
+
+
+def journal_path(ledger: Path) -> Path:
+    """The journal of a ledger's heads, ``<ledger>.heads``: one JSON line per entry written.
+
+    A second line of defence against a rewritten ledger (``fedslm.privacy.anchors``): it sits
+    beside the ledger, so whoever can rewrite the ledger can usually rewrite it too. The heads
+    the site released (privacy.json, reports, the coordinator's record) are the first line.
+    """
+    return ledger.with_name(ledger.name + ".heads")
 
 
 def simulated_ledger_path(folder: Path, dataset: DatasetFingerprint) -> Path:
@@ -527,6 +538,7 @@ class PrivacyLedger:
                 key, job_id, round, segment, delta, accountant, eps, eps_pld, t, last_ds_seq
             )
             if entry is not None:
+                self._journal(entry)
                 return entry
         raise LedgerError(
             f"{self.path}: other processes kept appending to this data set; tried "
@@ -604,6 +616,25 @@ class PrivacyLedger:
         return self._meta(key)
 
     # ---- internals
+
+    def _journal(self, entry: LedgerEntry) -> None:
+        """Append the new head to the journal beside the ledger (``journal_path``), after the
+        entry is committed: a crash in between leaves the journal one head short, which the
+        anchor check reads as nothing missing."""
+        line = json.dumps(
+            {"seq": entry.seq, "hash": entry.hash, "job_id": entry.job_id, "round": entry.round}
+        )
+        path = journal_path(self.path)
+        try:
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise LedgerError(
+                f"{path}: entry seq {entry.seq} was recorded in the ledger but its head could "
+                f"not be added to the journal of heads: {exc}. Make the file writable and retry"
+            ) from None
 
     @contextmanager
     def _translate(self, action: str) -> Iterator[None]:

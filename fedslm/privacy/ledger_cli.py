@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedslm.privacy import accounting
+from fedslm.privacy.anchors import check_ledger_anchors, read_anchors, read_journal
 from fedslm.privacy.egress_log import egress_entries, verify_egress
 from fedslm.privacy.ledger import (
     EPSILON_PLD_REL_TOL,
@@ -16,6 +18,7 @@ from fedslm.privacy.ledger import (
     LedgerError,
     PrivacyLedger,
     format_time,
+    journal_path,
 )
 
 
@@ -90,11 +93,23 @@ def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def verify_file(path: str | Path) -> int:
-    """Verify a ledger file and print the outcome. Exit code: 0 ok, 1 discrepancy, 2 unreadable."""
+def verify_file(
+    path: str | Path, anchors: Sequence[str | Path] = (), site: str | None = None
+) -> int:
+    """Verify a ledger file and print the outcome. Exit code: 0 ok, 1 discrepancy, 2 unreadable.
+
+    Besides its own chains, the ledger must extend every head in its journal and in
+    ``anchors`` (run folders, privacy.json, report.json or journals; ``site`` picks the site's
+    heads in a run of several): a ledger rewritten with every later hash recomputed passes the
+    chain check but not this one.
+    """
     try:
+        released = [a for p in anchors for a in read_anchors(p, site)]
         with PrivacyLedger(path, create=False) as ledger:
             problems = ledger.verify() or verify_egress(ledger)
+            if not problems:
+                found = check_ledger_anchors(ledger, released)
+                problems = [found.describe()] if found else []
             count = len(ledger.entries())
             messages = len(egress_entries(ledger))
     except LedgerError as exc:
@@ -103,11 +118,14 @@ def verify_file(path: str | Path) -> int:
     if problems:
         print(f"ledger {path}: verification FAILED: {problems[0]}", file=sys.stderr)
         return 1
+    journal = journal_path(Path(path))
+    heads = len(released) + len(read_journal(journal))
     print(
         f"ledger {path}: OK, {_plural(count, 'entry', 'entries')} and "
         f"{_plural(messages, 'egress record', 'egress records')}, hash chains intact, every "
         "epsilon recomputed "
-        f"(stored accountant within {EPSILON_REL_TOL:.0%}, pld within {EPSILON_PLD_REL_TOL:.0%})"
+        f"(stored accountant within {EPSILON_REL_TOL:.0%}, pld within {EPSILON_PLD_REL_TOL:.0%}), "
+        f"extends {_plural(heads, 'anchored head', 'anchored heads')} (--anchor and {journal})"
     )
     return 0
 
@@ -118,7 +136,7 @@ def _show_cmd(args: argparse.Namespace) -> int:
 
 
 def _verify_cmd(args: argparse.Namespace) -> int:
-    return verify_file(args.ledger)
+    return verify_file(args.ledger, args.anchor, args.site)
 
 
 def add_cli(subparsers: Any) -> None:
@@ -138,7 +156,19 @@ def add_cli(subparsers: Any) -> None:
     )
     show.set_defaults(handler=_show_cmd)
     verify = sub.add_parser(
-        "verify", help="check the hash chain and recompute every epsilon (exit 1 on mismatch)"
+        "verify",
+        help="check the hash chain, recompute every epsilon and check the ledger extends every "
+        "anchored head (its journal, --anchor); exit 1 on mismatch",
     )
     verify.add_argument("ledger", type=Path, help="ledger file (SQLite)")
+    verify.add_argument(
+        "--anchor",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a run folder, privacy.json, report.json or journal holding heads the site "
+        "released; the ledger must still extend them (repeatable; its journal is always read)",
+    )
+    verify.add_argument("--site", help="the site's name in the --anchor runs")
     verify.set_defaults(handler=_verify_cmd)
