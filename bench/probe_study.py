@@ -12,9 +12,11 @@ table per study:
   without DP, plus the zero-shot accuracy of the label-name head;
 - ``shape``: rounds x local epochs x batch for federated DP (5 Dirichlet(0.5) sites);
 - ``federation``: records vs uniform weighting, server momentum;
-- ``head-init``: label-name, zero and random head.
+- ``head-init``: label-name, zero and random head;
+- ``nodp``: without DP, batch and learning rate, centralized against federated;
+- ``lr``: under DP, the learning rate at epsilon 8 and 3.
 
-    python -m bench.probe_study [--study pooling shape federation head-init] [--seeds 0 1]
+    python -m bench.probe_study [--study pooling shape federation head-init nodp lr] [--seeds 0 1]
 
 Features are cached in ``runs/bench-probe/features.pt`` (about 3 minutes on 2 cores to build).
 It is a simulation of the probe's arithmetic, not a fedslm run: the fedslm rows of the same
@@ -254,11 +256,44 @@ def study_head_init(feats: dict, seeds: list[int]) -> str:
     return table(["data set", "head start", "DP eps 8", "DP eps 3"], rows)
 
 
+NODP_SHAPES = [(512, 2.0), (256, 2.0), (128, 2.0), (128, 1.0), (64, 0.5), (64, 1.0), (32, 0.5)]
+
+
+def study_nodp(feats: dict, seeds: list[int]) -> str:
+    """Without DP: batch and learning rate, centralized against federated (5 rounds x 6)."""
+    rows = []
+    for batch, lr in NODP_SHAPES:
+        cells = []
+        for d in feats.values():
+            shape = {"rounds": 5, "epochs": 6, "batch": batch, "lr": lr, "init": "label-names"}
+            central = np.mean([federated(d, eps=None, sites=1, seed=s, **shape) for s in seeds])
+            fed = np.mean([federated(d, eps=None, seed=s, **shape) for s in seeds])
+            cells.append(f"{central:.3f} / {fed:.3f}")
+        rows.append([batch, lr, *cells])
+    return table(["batch", "lr", *(f"{n}: central / federated" for n in feats)], rows)
+
+
+def study_lr(feats: dict, seeds: list[int]) -> str:
+    """Under DP (5 x 6 x 512, label-name head): the probe's learning rate at epsilon 8 and 3."""
+    rows = []
+    for lr in (2.0, 1.0, 0.5):
+        cells = [
+            _mean([federated(d, eps=eps, lr=lr, init="label-names", seed=s) for s in seeds])
+            for d in feats.values()
+            for eps in (8.0, 3.0)
+        ]
+        rows.append([lr, *cells])
+    heads = [f"{n} eps {e:g}" for n in feats for e in (8, 3)]
+    return table(["lr", *heads], rows)
+
+
 STUDIES = {
     "pooling": study_pooling,
     "shape": study_shape,
     "federation": study_federation,
     "head-init": study_head_init,
+    "nodp": study_nodp,
+    "lr": study_lr,
 }
 
 
