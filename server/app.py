@@ -69,6 +69,7 @@ def run_rounds(
             new_arrays, _ = strategy.aggregate_train(r, replies)
             if new_arrays is not None:
                 arrays = new_arrays
+                coordinator.save_round()  # on disk now: its evaluation comes with round r+1
                 break
             rec = coordinator.record
             rec["attempts"] = attempt + 1
