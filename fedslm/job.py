@@ -208,6 +208,7 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
     from fedslm.site import job_refusal, plan_privacy, site_lora
 
     job, refusals, faults = plan.job, [], []
+    owners: dict[Path, tuple[str, str]] = {}  # ledger file -> (site, data set) using it
     with tempfile.TemporaryDirectory(prefix="fedslm-preflight-") as tmp:
         for site in plan.sites:
             policy = plan.policies[site.name]
@@ -217,6 +218,15 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
             write_rows(site.train, train)
             fp = DatasetFingerprint.of_file(train)
             ledger = site_ledger(policy, train, Path(tmp), ledgers)
+            other, other_data = owners.setdefault(ledger.resolve(), (site.name, fp.key))
+            if other_data != fp.key:
+                # e.g. one policy.default.ledger for every site: the second site's first
+                # record would find the ledger bound to the first site's data set
+                faults.append(
+                    f"site {site.name}: ledger {ledger}: is also the ledger of site {other}, "
+                    "whose data set differs; a ledger holds one data set: give each site its own"
+                )
+                continue
             try:
                 spent = _usable_ledger(ledger, fp, created_by_run=not policy.ledger)
             except LedgerError as exc:

@@ -205,6 +205,16 @@ def test_a_ledger_fault_is_one_line_per_site_before_anything_runs(
     assert "ray" not in err.lower() and elapsed < 60
 
 
+def test_one_ledger_named_for_every_site_is_a_fault_of_the_second(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_bert: Path
+) -> None:
+    cfg = tiny_job(tmp_path, "policy:\n  default: {ledger: shared.db}\n")
+    err = fails(["simulate", str(cfg), "--out", str(tmp_path / "out")], capsys)
+    shared = tmp_path / "shared.db"
+    assert f"site site-2: ledger {shared}: is also the ledger of site site-1" in err, err
+    assert not (tmp_path / "out").exists() and not shared.exists()
+
+
 def test_a_job_every_policy_refuses_stops_before_anything_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_bert: Path
 ) -> None:
