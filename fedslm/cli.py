@@ -142,9 +142,10 @@ def _run(args: argparse.Namespace) -> int:
     reporter = Reporter(quiet=args.quiet)
     if is_empty_config(args.config):
         # an empty file is valid (every key has a default), but rarely what was meant
+        extra = " with your --set overrides" if args.overrides else ""
         reporter.warn(
-            f"{args.config} sets nothing: running the default job (docs/config.md lists the "
-            "defaults: a synthetic data set, the default model and federation)"
+            f"{args.config} sets nothing: running the default job{extra} (docs/config.md "
+            "lists the defaults: a synthetic data set, the default model and federation)"
         )
     if job.data.at_sites:
         raise FedSLMError(
