@@ -374,8 +374,10 @@ class Coordinator:
         # round (or one that failed) counts up to now, its own evaluation included.
         last = rec["round"] >= self.job.federation.rounds or not rec.get("aggregated")
         until = time.perf_counter() if last or self._aggregated_at is None else self._aggregated_at
-        assert self._counted_until is not None, "end_round before start_round"
-        rec["wall_seconds"], self._counted_until = until - self._counted_until, until
+        if self._counted_until is not None:
+            rec["wall_seconds"], self._counted_until = until - self._counted_until, until
+        else:  # a round resumed for its evaluation: its time was counted before the crash
+            assert rec.get("evaluated") is False, "end_round before start_round"
         rec["evaluated"] = True
         self._write_round(rec)
         return rec
@@ -450,7 +452,18 @@ class Coordinator:
         self.privacy = {n: _privacy_from_dict(d) for n, d in saved["privacy"].items()}
         self._accounted = {(str(s), int(r)) for s, r in saved["accounted"]}
         self._noise.set_state(saved["noise"])
+        if done[-1].get("evaluated") is False:
+            # killed before the round's evaluation came back: its line is completed by the
+            # evaluation that rides on the next round's messages (``pending_evaluation``)
+            self.record, self._saved_round = dict(done[-1]), last
         return last
+
+    @property
+    def pending_evaluation(self) -> int | None:
+        """The round in hand whose line waits for its evaluation (after ``resume``), else
+        None."""
+        rec = self.record
+        return int(rec["round"]) if rec.get("evaluated") is False else None
 
     # -- end of job ---------------------------------------------------------------------------
 

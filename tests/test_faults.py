@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from fedslm.cli import main
 from fedslm.config import load_config
@@ -275,6 +276,30 @@ def test_an_aggregated_round_is_on_disk_before_its_evaluation(prepared) -> None:
     c.end_round()  # the evaluation arrived with round 2's replies: the line is completed
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(x["round"], x["evaluated"], x["eval_accuracy"]) for x in lines] == [(1, True, 0.75)]
+
+
+def test_a_run_resumed_before_a_rounds_evaluation_completes_its_line(prepared) -> None:
+    from fedslm.coordinator import SiteEval
+    from fedslm.job import make_coordinator
+
+    c = make_coordinator(prepared)
+    c.start_round(1)
+    assert c.aggregate(1, [_update(c, "site-1", 0.01)], []) is not None
+    c.save_round()  # then the coordinator dies while round 2 trains
+    resumed = make_coordinator(prepared)
+    assert resumed.resume() == 1
+    assert resumed.pending_evaluation == 1
+    torch.testing.assert_close(resumed.state, c.state)
+    resumed.record_evaluation([SiteEval("site-1", 0.5, 0.75, 24)], [])
+    resumed.end_round()
+    lines = [json.loads(x) for x in (prepared.out / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["round"], x["evaluated"], x["eval_accuracy"]) for x in lines] == [(1, True, 0.75)]
+    assert resumed.pending_evaluation is None
+    resumed.start_round(2)  # the run goes on with round 2 as usual
+    assert resumed.aggregate(2, [_update(resumed, "site-1", 0.01)], []) is not None
+    resumed.end_round()
+    lines = [json.loads(x) for x in (prepared.out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
 
 
 # -------------------------------------------------------------------------------------------
