@@ -16,6 +16,7 @@ the deployment path must start fast, and never needs them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message, RecordDict
@@ -67,13 +68,34 @@ def _answer(kind: str, msg: Message, context: Context) -> RecordDict:
         return content
     from fedslm.clients.handlers import HANDLERS
 
-    return HANDLERS[kind](_site(msg, context), msg.content, context.state, context.node_id)
+    try:
+        return HANDLERS[kind](_site(msg, context), msg.content, context.state, context.node_id)
+    except Exception as exc:
+        raise _site_failure(msg, context, exc) from exc
+
+
+def _site_failure(msg: Message, context: Context, exc: Exception) -> Exception:
+    """The error a simulated site's failure becomes: one line naming the site, which Flower
+    turns into the error reply the round records (instead of a Ray traceback)."""
+    import traceback
+
+    from fedslm.errors import FedSLMError
+    from fedslm.job import PreparedJob
+
+    try:
+        prepared = PreparedJob.load(Path(str(msg.content["config"]["manifest"])))
+        name = prepared.sites[int(context.node_config["partition-id"])].name
+    except Exception:  # the manifest itself may be what failed
+        name = f"partition {context.node_config.get('partition-id')}"
+    if isinstance(exc, FedSLMError):
+        return FedSLMError(f"site {name}: {exc}")
+    # not the input's fault: a bug, whose traceback belongs in the log
+    traceback.print_exception(exc)
+    return FedSLMError(f"site {name}: {type(exc).__name__}: {exc} (traceback in the log)")
 
 
 def _site(msg: Message, context: Context) -> Site:
     """The simulated site of this node for the job whose manifest the message names."""
-    from pathlib import Path
-
     from fedslm.errors import FedSLMError
     from fedslm.inprocess import build_site
     from fedslm.job import PreparedJob

@@ -62,11 +62,16 @@ def write_torch(path: Path, data: Any) -> None:
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON object as one line, flushed to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(_clean(record), sort_keys=True) + "\n"
+    line = jsonl_line(record)
     with path.open("a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def jsonl_line(record: dict[str, Any]) -> str:
+    """One JSON Lines line (``append_jsonl``'s), for rewriting such a file whole."""
+    return json.dumps(_clean(record), sort_keys=True) + "\n"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedslm.config import load_config
+    from fedslm.config import is_empty_config, load_config
     from fedslm.job import plan_job, preflight
     from fedslm.privacy.ledger import simulated_ledger_dir
     from fedslm.progress import Reporter
@@ -139,6 +139,14 @@ def _run(args: argparse.Namespace) -> int:
     from fedslm.site import check_delta, check_secagg_weight
 
     job = load_config(args.config, args.overrides)
+    reporter = Reporter(quiet=args.quiet)
+    if is_empty_config(args.config):
+        # an empty file is valid (every key has a default), but rarely what was meant
+        extra = " with your --set overrides" if args.overrides else ""
+        reporter.warn(
+            f"{args.config} sets nothing: running the default job{extra} (docs/config.md "
+            "lists the defaults: a synthetic data set, the default model and federation)"
+        )
     if job.data.at_sites:
         raise FedSLMError(
             f"{args.config}: data.at_sites is for deployed jobs, where each site reads its own "
@@ -170,7 +178,6 @@ def _run(args: argparse.Namespace) -> int:
         ) from None
     if replace:
         clear_run(out)
-    reporter = Reporter(quiet=args.quiet)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -198,8 +205,8 @@ def _run(args: argparse.Namespace) -> int:
         from fedslm.centralized import run_centralized
 
         run_centralized(prepared, reporter)
-    _print_summary(out, reporter)
-    return 0
+    roster = [s.name for s in prepared.sites] if args.command == "simulate" else []
+    return _print_summary(out, reporter, roster)
 
 
 def _print_plan(prepared: PreparedJob, command: str, reporter: Reporter) -> None:
@@ -236,12 +243,17 @@ def _count_rows(path: Path) -> int:
         return sum(1 for line in fh if line.strip())
 
 
-def _print_summary(out: Path, reporter: Reporter) -> None:
+def _print_summary(out: Path, reporter: Reporter, roster: list[str]) -> int:
+    """The run's summary; returns the exit code: 0, or 1 when a site of ``roster`` failed
+    (error, timeout, rejected update) in some round, which makes the run incomplete even
+    though ``federation.min_sites`` held. A refusal is the site's choice: listed, exit 0."""
     import json
 
     from fedslm.artifacts import read_jsonl
+    from fedslm.progress import absences
 
-    last = read_jsonl(out / "metrics.jsonl")[-1]
+    records = read_jsonl(out / "metrics.jsonl")
+    last = records[-1]
     privacy = json.loads((out / "privacy.json").read_text())
     reporter.info(
         f"final eval loss {last.get('eval_loss')}, eval accuracy {last.get('eval_accuracy')}"
@@ -270,6 +282,17 @@ def _print_summary(out: Path, reporter: Reporter) -> None:
     ledgers = (read_marker(out) or {}).get("ledgers") or {}
     _print_ledgers(reporter, {name: Path(p) for name, p in ledgers.items()})
     reporter.info(f"outputs: {out}/adapter, metrics.jsonl, privacy.json, checkpoints/")
+    absent = absences(records, roster)
+    for a in absent:
+        reporter.warn(f"did not take part: {a.describe()}")
+    failed = sorted({a.site for a in absent if a.failed})
+    if failed:
+        reporter.warn(
+            f"INCOMPLETE: {len(failed)} of {len(roster)} sites failed in some round "
+            f"({', '.join(failed)}); the adapter was trained without them there (exit code 1)"
+        )
+        return 1
+    return 0
 
 
 def _print_ledgers(reporter: Reporter, ledgers: dict[str, Path]) -> None:

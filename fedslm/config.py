@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -721,6 +722,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give the job's YAML config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
@@ -740,6 +745,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         set_keys.add(key)
     raw = _resolve_paths(raw, path.parent)
     return validate_config(raw, source=str(path), set_keys=set_keys)
+
+
+def is_empty_config(path: str | Path) -> bool:
+    """Whether the config file at ``path`` sets nothing (empty, or only comments): such a
+    file runs the whole default job, which a user who meant another file should hear."""
+    try:
+        return not yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
 
 
 def validate_config(
@@ -780,7 +794,8 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make relative file paths relative to the config file, not to the working directory."""
+    """Make relative file paths relative to the config file, not to the working directory:
+    the model and data paths, and the ``ledger`` of ``policy.default`` and ``policy.sites.*``."""
 
     def fix(value: Any) -> Any:
         if isinstance(value, str) and value and not Path(value).is_absolute():
@@ -796,29 +811,54 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             data["path"] = fix(data["path"])
         if isinstance(data.get("sites"), dict):
             data["sites"] = {k: fix(v) for k, v in data["sites"].items()}
+    policy = raw.get("policy")
+    if isinstance(policy, dict):
+        sites = policy.get("sites")
+        sections = [policy.get("default"), *(sites.values() if isinstance(sites, dict) else ())]
+        for section in sections:
+            if isinstance(section, dict) and "ledger" in section:
+                section["ledger"] = fix(section["ledger"])
     return raw
 
 
+# pydantic names the member of a union (``PositiveInt | list[str]``) in an error's location:
+# 'int', 'list[str]', 'constrained-int', 'function-after[...]'; they mean nothing to a user
+_UNION_TAG = re.compile(
+    r"^(int|float|str|bool|constrained-\w+|(list|dict|literal)\[.*\]|function-.*)$"
+)
+
+
 def _format_errors(exc: ValidationError, source: str, set_keys: set[str]) -> str:
-    lines = [f"{source}: invalid job config ({exc.error_count()} problem(s)):"]
+    problems: dict[str, list[dict[str, Any]]] = {}
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
-        # pydantic puts union members into loc ('int', 'list[str]'); they mean nothing to a user
-        loc = [p for p in loc if p not in {"int", "list[str]", "float", "constrained-float"}]
-        key = ".".join(loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key '{key}'"
-            hint = _suggest(loc)
-            if hint:
-                msg += f"; did you mean '{hint}'?"
-        else:
-            given = err.get("input")
-            shown = "" if isinstance(given, dict) else f" (got {given!r})"
-            msg = f"{key}: {err['msg']}{shown}"
-        if key in set_keys:
-            msg += " [from --set]"
-        lines.append(f"  - {msg}")
+        loc = [str(p) for p in err["loc"] if not _UNION_TAG.match(str(p))]
+        problems.setdefault(".".join(loc), []).append(err | {"loc": loc})
+    lines = [f"{source}: invalid job config ({len(problems)} problem(s)):"]
+    for key, errs in problems.items():
+        lines.append(f"  - {_describe_problem(key, errs, set_keys)}")
     return "\n".join(lines)
+
+
+def _describe_problem(key: str, errs: list[dict[str, Any]], set_keys: set[str]) -> str:
+    """One line for every error pydantic gives for one key: a value that fits no member of a
+    union gets one error per member; the member whose type matched says what is wrong."""
+    key = key or "(top level)"
+    err = errs[0]
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown key '{key}'"
+        hint = _suggest(err["loc"])
+        if hint:
+            msg += f"; did you mean '{hint}'?"
+    else:
+        # 'Input should be a valid list' is noise when another member took the value's type
+        fitting = [e for e in errs if not e["type"].endswith("_type")] or errs
+        text = "; or ".join(dict.fromkeys(e["msg"] for e in fitting))
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        msg = f"{key}: {text}{shown}"
+    if key in set_keys:
+        msg += " [from --set]"
+    return msg
 
 
 def _suggest(loc: list[str]) -> str | None:

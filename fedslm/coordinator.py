@@ -20,6 +20,7 @@ import torch
 from fedslm.aggregation import exact, fedavg, ffa, weighted_mean
 from fedslm.artifacts import (
     append_jsonl,
+    jsonl_line,
     library_versions,
     write_json,
     write_text,
@@ -136,6 +137,7 @@ class Coordinator:
         self._accounted: set[tuple[str, int]] = set()
         self._aggregated_at: float | None = None  # when the round in hand was aggregated
         self._counted_until: float | None = None  # the end of the last round's wall time
+        self._saved_round: int | None = None  # the round whose metrics line is on disk
         central = job.privacy.central
         self.central_sigma: float | None = None
         if central.enabled:
@@ -356,8 +358,24 @@ class Coordinator:
         rec["eval_accuracy"] = weighted_mean((e.accuracy, e.num_examples) for e in evals)
         return {k: rec[k] for k in ("eval_loss", "eval_accuracy") if rec[k] is not None}
 
+    def save_round(self) -> None:
+        """Put the aggregated round in hand on disk now: its checkpoint, its line of
+        ``metrics.jsonl`` (evaluation pending) and a ``privacy.json`` that says the run is
+        incomplete. Flower's round loop evaluates a round with the next round's messages, so
+        without this a run killed in round r+1 would leave nothing of round r. ``end_round``
+        later completes the line with the evaluation."""
+        rec = self.record
+        assert rec.get("aggregated"), "save_round of a round that was not aggregated"
+        assert self._counted_until is not None, "save_round before start_round"
+        # provisional: end_round recounts the last round up to its own evaluation
+        rec["wall_seconds"] = (self._aggregated_at or time.perf_counter()) - self._counted_until
+        rec["evaluated"] = False
+        self._write_round(rec)
+        write_json(self.out / "privacy.json", self.privacy_summary())
+
     def end_round(self) -> dict[str, Any]:
-        """Write this round's checkpoint and its line of ``metrics.jsonl``; return the line."""
+        """Write this round's checkpoint and its line of ``metrics.jsonl``; return the line.
+        A round that was not aggregated trained nothing new: it gets its line, no checkpoint."""
         rec = self.record
         # The round's share of the run's wall time: from the previous round's aggregation (the
         # first round in this process: from its start) to its own. Each round's messages carry
@@ -365,21 +383,40 @@ class Coordinator:
         # round (or one that failed) counts up to now, its own evaluation included.
         last = rec["round"] >= self.job.federation.rounds or not rec.get("aggregated")
         until = time.perf_counter() if last or self._aggregated_at is None else self._aggregated_at
-        assert self._counted_until is not None, "end_round before start_round"
-        rec["wall_seconds"], self._counted_until = until - self._counted_until, until
+        if self._counted_until is not None:
+            rec["wall_seconds"], self._counted_until = until - self._counted_until, until
+        else:  # a round resumed for its evaluation: its time was counted before the crash
+            assert rec.get("evaluated") is False, "end_round before start_round"
+        rec["evaluated"] = True
+        self._write_round(rec)
+        return rec
+
+    def _write_round(self, rec: dict[str, Any]) -> None:
+        """The round's checkpoint (once, when it was aggregated), then its metrics line: added,
+        or replacing the line ``save_round`` wrote for it."""
         rec["finished_at"] = round(time.time(), 3)  # when the round was recorded (Unix time)
         rec["epsilon"] = {s: p.reported_epsilon for s, p in self.privacy.items()}
         if self.central_sigma is not None:
             rec["central_epsilon"] = self._central_epsilon(self.job.privacy.accountant)
-        checkpoint = self.out / "checkpoints" / f"round-{rec['round']}"
-        export_adapter(self.model, self.state, checkpoint, self.metadata | {"round": rec["round"]})
-        # a resumed run continues the server optimizer exactly; the metrics line written last
-        # is what marks the round (and its checkpoint) complete
-        write_torch(checkpoint / "server_optimizer.pt", self.server_optimizer.state_dict())
-        write_torch(checkpoint / RESUME_STATE, self._resume_state())
-        append_jsonl(self.out / "metrics.jsonl", rec)
+        metrics = self.out / "metrics.jsonl"
+        if rec.get("aggregated") and self._saved_round != rec["round"]:
+            checkpoint = self.out / "checkpoints" / f"round-{rec['round']}"
+            meta = self.metadata | {"round": rec["round"]}
+            export_adapter(self.model, self.state, checkpoint, meta)
+            # a resumed run continues the server optimizer exactly; the metrics line written
+            # last is what marks the round (and its checkpoint) complete
+            write_torch(checkpoint / "server_optimizer.pt", self.server_optimizer.state_dict())
+            write_torch(checkpoint / RESUME_STATE, self._resume_state())
+        if self._saved_round == rec["round"]:
+            lines = _complete_lines(metrics)
+            if lines and lines[-1].get("round") == rec["round"]:
+                lines[-1] = rec
+                write_text(metrics, "".join(jsonl_line(r) for r in lines))
+                self.keep_anchors()
+                return
+        append_jsonl(metrics, rec)
+        self._saved_round = rec["round"]
         self.keep_anchors()
-        return rec
 
     def keep_anchors(self) -> None:
         """Write every site's last ledger head to ``anchors_file`` (if any), for later runs.
@@ -461,19 +498,33 @@ class Coordinator:
         self.privacy = {n: _privacy_from_dict(d) for n, d in saved["privacy"].items()}
         self._accounted = {(str(s), int(r)) for s, r in saved["accounted"]}
         self._noise.set_state(saved["noise"])
+        if done[-1].get("evaluated") is False:
+            # killed before the round's evaluation came back: its line is completed by the
+            # evaluation that rides on the next round's messages (``pending_evaluation``)
+            self.record, self._saved_round = dict(done[-1]), last
         return last
+
+    @property
+    def pending_evaluation(self) -> int | None:
+        """The round in hand whose line waits for its evaluation (after ``resume``), else
+        None."""
+        rec = self.record
+        return int(rec["round"]) if rec.get("evaluated") is False else None
 
     # -- end of job ---------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        """Export the final adapter and write ``privacy.json``; return the privacy summary."""
-        export_adapter(self.model, self.state, self.out / "adapter", self.metadata)
-        summary = self.privacy_summary()
+        """Export the final adapter (only when a round trained one: an untrained adapter
+        must not pass for a result) and write ``privacy.json``; return the privacy summary."""
+        if self.aggregated_rounds:
+            export_adapter(self.model, self.state, self.out / "adapter", self.metadata)
+        summary = self.privacy_summary(finished=True)
         write_json(self.out / "privacy.json", summary)
         return summary
 
-    def privacy_summary(self) -> dict[str, Any]:
-        """Per site: epsilon as the site reported it, and recomputed here from its segments."""
+    def privacy_summary(self, finished: bool = False) -> dict[str, Any]:
+        """Per site: epsilon as the site reported it, and recomputed here from its segments;
+        and how far the run got (``run``; ``finished``: the run has stopped)."""
         sites: dict[str, Any] = {}
         for name, p in sorted(self.privacy.items()):
             entry: dict[str, Any] = {
@@ -517,6 +568,7 @@ class Coordinator:
             "target_epsilon": self.job.privacy.target_epsilon if self.job.privacy.enabled else None,
             "sites": sites,
             "job_fingerprint": self.job.fingerprint(),
+            "run": self._run_status(finished),
             "versions": library_versions(),
             "caveats": [
                 "Opacus secure_mode (cryptographically secure noise) was not used: it "
@@ -531,6 +583,31 @@ class Coordinator:
                     else []
                 ),
             ],
+        }
+
+    def _run_status(self, finished: bool) -> dict[str, Any]:
+        """How far the run got: ``complete`` when its last round was recorded aggregated. A
+        file written after a round while others remain says ``incomplete`` and not
+        ``stopped``: read after a crash, it is what was on disk when the run was killed."""
+        planned, rec = self.job.federation.rounds, self.record
+        recorded = int(rec.get("round", 1)) - (0 if rec.get("aggregated") else 1)
+        complete = finished and recorded >= planned and bool(rec.get("aggregated"))
+        if complete:
+            note = f"all {planned} rounds recorded"
+        elif finished:
+            note = f"stopped in round {rec.get('round', 1)} of {planned}: " + str(
+                rec.get("reason") or "see metrics.jsonl"
+            )
+        else:
+            note = f"written when round {recorded} of {planned} finished, while the run went on"
+        return {
+            "status": "complete" if complete else "incomplete",
+            "stopped": finished,
+            "rounds_planned": planned,
+            "rounds_finished": recorded,
+            "rounds_aggregated": self.aggregated_rounds,
+            "adapter": bool(finished and self.aggregated_rounds),
+            "note": note,
         }
 
     def _central_epsilon(self, accountant: str) -> float:

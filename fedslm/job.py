@@ -9,6 +9,7 @@ old run is only replaced once the new job is known to be valid.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from fedslm.keys import generate_key
 from fedslm.models import get_adapter_state, load_model, resolve_model, select_device
 from fedslm.models.registry import ResolvedModel
 from fedslm.policy import SitePolicy, merge_mappings, policy_from_mapping
-from fedslm.privacy.ledger import DatasetFingerprint, simulated_ledger_path
+from fedslm.privacy.accounting import Segment
+from fedslm.privacy.ledger import DatasetFingerprint, LedgerError, simulated_ledger_path
 
 MANIFEST = "job.json"
 SITE_KEY, SITE_PUBLIC_KEY = "site.key", "site.pub"
@@ -197,15 +199,17 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
     ledger already holds for the data set. Reads only.
 
     Returns one line per refusing site, naming its ledger (a site may decline; the others
-    train without it). Raises ``FederationError`` with those lines when too few sites would
-    be left for ``federation.min_sites``: such a run could not train at all.
+    train without it). Raises ``FederationError`` with one line per site naming its ledger
+    when a site's ledger cannot be used (corrupt, locked, read-only, another data set's, in a
+    missing folder): the site would fail in round 1, and on this machine the operator can fix
+    it. Raises it too when too few sites would be left for ``federation.min_sites``: such a
+    run could not train at all.
     """
-    from fedslm.privacy.accounting import Segment
     from fedslm.privacy.anchors import anchor_refusal
-    from fedslm.privacy.ledger import PrivacyLedger
     from fedslm.site import job_refusal, plan_privacy, site_lora
 
-    job, refusals = plan.job, []
+    job, refusals, faults = plan.job, [], []
+    owners: dict[Path, tuple[str, str]] = {}  # ledger file -> (site, data set) using it
     with tempfile.TemporaryDirectory(prefix="fedslm-preflight-") as tmp:
         for site in plan.sites:
             policy = plan.policies[site.name]
@@ -215,20 +219,35 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
             write_rows(site.train, train)
             fp = DatasetFingerprint.of_file(train)
             ledger = site_ledger(policy, train, Path(tmp), ledgers)
+            other, other_data = owners.setdefault(ledger.resolve(), (site.name, fp.key))
+            if other_data != fp.key:
+                # e.g. one policy.default.ledger for every site: the second site's first
+                # record would find the ledger bound to the first site's data set
+                faults.append(
+                    f"site {site.name}: ledger {ledger}: is also the ledger of site {other}, "
+                    "whose data set differs; a ledger holds one data set: give each site its own"
+                )
+                continue
             broken = anchor_refusal(ledger)  # the heads in the ledger's journal
             if broken:
                 refusals.append(f"site {site.name}: {broken}")
                 continue
-            spent: list[Segment] = []
-            if ledger.exists():
-                with PrivacyLedger(ledger, create=False) as opened:
-                    opened.check_dataset(fp)
-                    spent = opened.segments(fp)  # LedgerError on a broken chain
+            try:
+                spent = _usable_ledger(ledger, fp, created_by_run=not policy.ledger)
+            except LedgerError as exc:
+                reason = str(exc).removeprefix(f"{ledger}: ")
+                faults.append(f"site {site.name}: ledger {ledger}: {reason}")
+                continue
             privacy = plan_privacy(job, len(site.train), f"{plan.source} (site {site.name})")
             rank = site_lora(job, site.name, policy).r
             reasons = job_refusal(policy, job, privacy, plan.model.sha256, spent, rank)
             if reasons:
                 refusals.append(f"site {site.name} (ledger {ledger}): {'; '.join(reasons)}")
+    if faults:
+        raise FederationError(
+            f"{plan.source}: {len(faults)} site(s) cannot use their privacy ledger; nothing "
+            "was written:\n  " + "\n  ".join(faults + refusals)
+        )
     accepting = len(plan.sites) - len(refusals)
     if refusals and accepting < job.federation.required_sites:
         raise FederationError(
@@ -237,6 +256,37 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
             "nothing was written:\n  " + "\n  ".join(refusals)
         )
     return refusals
+
+
+def _usable_ledger(path: Path, fp: DatasetFingerprint, created_by_run: bool) -> list[Segment]:
+    """What the ledger at ``path`` holds for data set ``fp``, after checking that the site can
+    record its spend there in round 1: readable, an intact chain of this data set, writable
+    and not locked by another process. A ledger that does not exist yet must be creatable
+    (its folder exists and is writable; ``created_by_run``: the run makes the folder). Writes
+    nothing to the ledger. Raises ``LedgerError`` naming the file."""
+    from fedslm.privacy.ledger import PrivacyLedger
+
+    if not path.exists():
+        folder = path.parent
+        if not folder.is_dir() and not created_by_run:
+            raise LedgerError(f"{path}: its folder {folder} does not exist; create it")
+        if folder.is_dir() and not os.access(folder, os.W_OK):
+            raise LedgerError(f"{path}: cannot create the ledger: folder {folder} is read-only")
+        return []
+    # (os.access sees an immutable file as unwritable, even for root)
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise LedgerError(
+            f"{path}: the ledger file is read-only (or immutable), so the site could not "
+            "record its spend; make it writable"
+        )
+    with PrivacyLedger(path, create=False) as opened:
+        opened.check_dataset(fp)
+        spent = opened.segments(fp)  # LedgerError on a broken chain: never under-count
+        # take the write lock and let it go: another process holding the ledger would make
+        # the site's first record wait and fail (an empty transaction writes nothing)
+        with opened.transaction("checking that the ledger can be written"):
+            pass
+    return spent
 
 
 def plan_job(job: JobConfig, source: str) -> JobPlan:

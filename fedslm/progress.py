@@ -6,6 +6,9 @@ One ``Reporter`` per process. ``quiet`` keeps warnings and errors only, for log 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -61,3 +64,46 @@ class Reporter:
             f"eval acc {_num(rec.get('eval_accuracy'), '.3f')} "
             f"({rec['wall_seconds']:.1f} s)"
         )
+
+
+@dataclass(frozen=True)
+class Absence:
+    """A site that did not take part in a round's training, and why. ``failed``: it broke
+    (an error, a timeout, a rejected update); otherwise its policy refused the round."""
+
+    round: int
+    site: str
+    why: str
+    failed: bool
+
+    def describe(self) -> str:
+        """One line of the run's summary."""
+        return (
+            f"round {self.round}: {self.site} {'failed' if self.failed else 'refused'}: {self.why}"
+        )
+
+
+def absences(records: Sequence[dict[str, Any]], roster: Sequence[str]) -> list[Absence]:
+    """Every site of ``roster`` that trained nothing in a round of ``records`` (the lines of
+    ``metrics.jsonl``), with its refusal or the failures that name it. A failure that names
+    no site (a simulated node that timed out) is given to each absent site nobody explains."""
+    out = []
+    for rec in records:
+        took_part = {s for s, v in (rec.get("sites") or {}).items() if "steps" in v}
+        refusals = rec.get("refusals") or {}
+        failures = [f for f in rec.get("failures") or [] if not f.startswith("evaluate: ")]
+        unnamed = [f for f in failures if not any(_names(f, s) for s in roster)]
+        for site in roster:
+            if site in took_part:
+                continue
+            if site in refusals:
+                out.append(Absence(rec["round"], site, "; ".join(refusals[site]), False))
+                continue
+            mine = [f for f in failures if _names(f, site)] or unnamed
+            why = "; ".join(mine) or "no usable update arrived (see metrics.jsonl)"
+            out.append(Absence(rec["round"], site, why, True))
+    return out
+
+
+def _names(text: str, site: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(site)}(?![\w-])", text) is not None

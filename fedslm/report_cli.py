@@ -17,6 +17,9 @@ def report_cmd(args: argparse.Namespace) -> int:
     for w in written:
         print(f"{w.scope}: {w.html_path} and {w.json_path.name}")
     federation = written[0].report.summary
+    incomplete = written[0].report.run.incomplete
+    if incomplete:
+        print(f"report: {incomplete}", file=sys.stderr)
     if federation.checks_passed:
         print(f"report: {federation.checks_line}")
         return 0

@@ -54,7 +54,9 @@ def run_rounds(
     fed = coordinator.job.federation
     retries = 0 if fed.secure_aggregation else fed.round_retries
     arrays = state_to_arrays(coordinator.state)
-    unevaluated: int | None = None  # the last aggregated round, until its evaluation is in
+    # the last aggregated round, until its evaluation is in (a resumed run: the round it
+    # resumed after, when the crash came before that round's evaluation)
+    unevaluated: int | None = coordinator.pending_evaluation
     for r in range(first_round, fed.rounds + 1):
         for attempt in range(retries + 1):
             train_config = _copy(config)
@@ -70,6 +72,7 @@ def run_rounds(
             new_arrays, _ = strategy.aggregate_train(r, replies)
             if new_arrays is not None:
                 arrays = new_arrays
+                coordinator.save_round()  # on disk now: its evaluation comes with round r+1
                 break
             rec = coordinator.record
             rec["attempts"] = attempt + 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedslm.job import PreparedJob
 from fedslm.progress import Reporter
+from fedslm.reaper import start_reaper, stop_reaper
 
 
 def simulate(prepared: PreparedJob, reporter: Reporter) -> None:
@@ -38,16 +39,23 @@ def simulate(prepared: PreparedJob, reporter: Reporter) -> None:
         },
     }
     _quiet_flower()
-    run_simulation(
-        server_app=make_server_app(Path(manifest), reporter),
-        client_app=client_app,
-        num_supernodes=sites,
-        backend_config=backend_config,
-    )
+    # Ray's agents would outlive a run killed with SIGKILL: a watchdog ends them
+    reaper = start_reaper()
+    try:
+        run_simulation(
+            server_app=make_server_app(Path(manifest), reporter),
+            client_app=client_app,
+            num_supernodes=sites,
+            backend_config=backend_config,
+        )
+    finally:
+        stop_reaper(reaper)
 
 
 def _quiet_flower() -> None:
     # Flower logs each strategy step, its deprecation notice for run_simulation (we pin 1.41,
-    # where it is the in-process simulation entry point) and actor shutdowns; the reporter says
-    # what matters, and Flower's errors still show.
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    # where it is the in-process simulation entry point), actor shutdowns, and every error a
+    # site's ClientApp raised with its Ray traceback. The reporter says what matters: each
+    # site's failure is one line of its round (a bug's traceback is printed by the ClientApp),
+    # and a ServerApp error reaches the caller as an exception.
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)

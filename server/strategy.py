@@ -334,7 +334,7 @@ class FedSLMStrategy(Strategy):
             for reply in exchange(grid, messages, timeout):
                 node = reply.metadata.src_node_id
                 if reply.has_error():
-                    answers[node] = NoReply(f"error reply: {reply.error.reason}")
+                    answers[node] = NoReply(f"error reply: {error_reason(reply)}")
                     continue
                 refusal = decode_refusal(reply.content)
                 if refusal is not None:
@@ -364,7 +364,7 @@ class FedSLMStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                failures.append(f"{self._label(node)}: {reply.error.reason}")
+                failures.append(f"{self._label(node)}: {error_reason(reply)}")
                 continue
             prefix = EVAL_PREFIX if reply.metadata.message_type == MessageType.TRAIN else ""
             try:
@@ -386,6 +386,20 @@ class FedSLMStrategy(Strategy):
             evals.append(ev)
         metrics = self.coordinator.record_evaluation(evals, failures)
         return MetricRecord(metrics) if metrics else None
+
+
+# Flower's simulation wraps what a ClientApp raised into a Ray task error: its text is a
+# remote traceback ending in "... occurred. Message: " and the exception's own message
+_CLIENT_APP_MESSAGE = "occurred. Message: "
+
+
+def error_reason(reply: Message) -> str:
+    """The reason of an error reply, without the traceback Flower's simulation wraps around
+    an exception the ClientApp raised (its message names the site and what went wrong)."""
+    reason = reply.error.reason
+    if _CLIENT_APP_MESSAGE in reason:
+        reason = reason.rsplit(_CLIENT_APP_MESSAGE, 1)[1].strip().removesuffix("'>").strip()
+    return reason
 
 
 def _decode_plain(content: RecordDict, _node: int) -> SiteReport:
@@ -411,7 +425,7 @@ def _sort_replies(
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            failures.append(f"{label(node)}: {reply.error.reason}")
+            failures.append(f"{label(node)}: {error_reason(reply)}")
             continue
         try:
             refusal = decode_refusal(reply.content)

@@ -321,9 +321,15 @@ def _read_csv(path: Path, wanted: list[str], optional: list[str]) -> Table:
             rows.append(row)
             locations.append(where)
     except csv.Error as exc:
-        raise DataError(
-            f"{path}: line {reader.line_num}: not valid CSV ({exc}); check the quoting"
-        ) from None
+        where = f"row {len(rows) + 1} (line {last_line + 1})"
+        if "field larger than field limit" in str(exc):
+            # Python's csv module refuses such a field; the quoting may well be fine
+            raise DataError(
+                f"{path}: {where}: a field is longer than the CSV reader's limit of "
+                f"{csv.field_size_limit():,} characters; shorten it (texts are cut to "
+                "train.max_length tokens anyway) or remove the row"
+            ) from None
+        raise DataError(f"{path}: {where}: not valid CSV ({exc}); check the quoting") from None
     if not rows:
         raise DataError(f"{path}: has a header but no data rows")
     return Table(path=path, columns=header, rows=rows, locations=locations)

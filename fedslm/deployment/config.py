@@ -128,6 +128,10 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give the {what} YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} file ({exc.strerror})") from None
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: {what} is not valid YAML text: {exc}") from None
     if not isinstance(raw, dict):

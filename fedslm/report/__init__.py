@@ -53,6 +53,8 @@ def write_reports(
     """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
+    if out.exists() and not out.is_dir():
+        raise ReportInputError(f"--out {out}: is a file, not a folder; choose a folder")
     ctx = RunContext(load_run(run_dir))
     pairs = find_baselines(run_dir)
     for b in baselines:
@@ -71,8 +73,13 @@ def write_reports(
     written = []
     for site, folder, report in built:
         json_path, html_path = folder / REPORT_JSON, folder / REPORT_HTML
-        write_text(json_path, report_json_text(report))
-        write_text(html_path, render_html(report))
+        try:
+            write_text(json_path, report_json_text(report))
+            write_text(html_path, render_html(report))
+        except OSError as exc:
+            raise ReportInputError(
+                f"{exc.filename or folder}: cannot write the report ({exc.strerror})"
+            ) from None
         key = run_dir / "sites" / (site or "") / SITE_KEY_FILE
         if site is not None and key.is_file():
             # the site vouches for its part with its own key (in deployment, at the site)

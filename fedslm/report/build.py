@@ -184,6 +184,7 @@ def run_info(ctx: RunContext) -> RunInfo:
         rounds_planned=(config.get("federation") or {}).get("rounds"),
         rounds_recorded=len(run.metrics),
         sites=ctx.site_names(),
+        incomplete=run.incomplete,
     )
 
 
@@ -820,6 +821,8 @@ def summary(
         f"{fp.task or 'an unrecorded task'} on the frozen base model {model.name} (weights "
         f"sha256 {(model.sha256 or 'not recorded')[:16]}…), trained {how}."
     )
+    if run.incomplete:
+        trained = f"INCOMPLETE: {run.incomplete}. {trained}"
     data = "; ".join(
         f"{d.site}: {d.train_rows if d.train_rows is not None else '?'} training and "
         f"{d.eval_rows if d.eval_rows is not None else '?'} evaluation records"

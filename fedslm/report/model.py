@@ -75,6 +75,9 @@ class RunInfo(_Model):
     rounds_planned: int | None
     rounds_recorded: int
     sites: list[str]
+    incomplete: str | None = Field(
+        default=None, description="why the run is not complete (interrupted, stopped early)"
+    )
 
 
 class Summary(_Model):

@@ -128,7 +128,8 @@ def utility_plot(report: Report) -> str | None:
         for ax in (loss_ax, acc_ax):
             ax.set_xlabel("round")
             ax.xaxis.get_major_locator().set_params(integer=True)
-        acc_ax.legend(loc="best", fontsize=8, frameon=False)
+        if acc_ax.get_legend_handles_labels()[0]:  # none before any round was evaluated
+            acc_ax.legend(loc="best", fontsize=8, frameon=False)
         fig.tight_layout()
     return _svg(fig, "plot-utility")
 

@@ -91,6 +91,22 @@ class RunFiles:
         """The final adapter's tensors."""
         return self.root / ADAPTER_DIR / ADAPTER_WEIGHTS
 
+    @property
+    def incomplete(self) -> str | None:
+        """Why the run is not complete, as privacy.json's ``run`` says (None: complete, or a
+        run from before fedslm recorded it)."""
+        run = self.privacy.get("run")
+        if not isinstance(run, dict) or run.get("status") != "incomplete":
+            return None
+        done, planned = run.get("rounds_finished"), run.get("rounds_planned")
+        adapter = "" if run.get("adapter") else "; no final adapter/"
+        if not run.get("stopped"):
+            return (
+                f"run interrupted after round {done} of {planned} (or still running): its "
+                f"files are as round {done} left them{adapter}; the checks cover what exists"
+            )
+        return f"run incomplete: {run.get('note')}{adapter}"
+
     def rel(self, path: Path) -> str:
         """``path`` relative to the run folder when inside it (what a report shows)."""
         try:
@@ -104,6 +120,11 @@ def load_run(root: str | Path) -> RunFiles:
     root = Path(root)
     if not root.is_dir():
         raise ReportInputError(f"{root}: not a run folder (no such directory)")
+    if not (root / PRIVACY_FILE).exists() and read_marker(root) is not None:
+        raise ReportInputError(
+            f"{root}: run interrupted before its first round finished (no {PRIVACY_FILE}, "
+            "which a run writes when each round finishes); there is nothing to report yet"
+        )
     privacy = read_json(root / PRIVACY_FILE)
     if not isinstance(privacy, dict) or not isinstance(privacy.get("sites"), dict):
         raise ReportInputError(f"{root / PRIVACY_FILE}: has no 'sites' mapping; not a fedslm run")

@@ -113,6 +113,8 @@ def _verify_run(root: Path, sigs: Signatures, allow_unsigned: bool) -> Outcome:
         skipped += [note] if note else []
     for site in sites:
         sigs.not_checked(site, f"no sites/{site}/{REPORT_JSON} (run `fedslm report`)")
+    if ctx.run.incomplete:
+        skipped.insert(0, ctx.run.incomplete)
     what = (
         f"{len(checked)} report(s) match the run ({', '.join(checked)})"
         if checked
