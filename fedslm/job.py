@@ -228,15 +228,15 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
                     "whose data set differs; a ledger holds one data set: give each site its own"
                 )
                 continue
-            broken = anchor_refusal(ledger)  # the heads in the ledger's journal
-            if broken:
-                refusals.append(f"site {site.name}: {broken}")
-                continue
             try:
                 spent = _usable_ledger(ledger, fp, created_by_run=not policy.ledger)
             except LedgerError as exc:
                 reason = str(exc).removeprefix(f"{ledger}: ")
                 faults.append(f"site {site.name}: ledger {ledger}: {reason}")
+                continue
+            broken = anchor_refusal(ledger)  # the heads in the ledger's journal
+            if broken:
+                refusals.append(f"site {site.name}: {broken}")
                 continue
             privacy = plan_privacy(job, len(site.train), f"{plan.source} (site {site.name})")
             rank = site_lora(job, site.name, policy).r
