@@ -11,6 +11,7 @@ nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -29,9 +30,17 @@ from fedslm.lora_math import to_site_rank
 from fedslm.losses import per_example_loss
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
 from fedslm.models.adapter import freeze_lora_a
+from fedslm.models.families import default_head
 from fedslm.models.loading import classification_head
-from fedslm.models.registry import ResolvedModel
-from fedslm.policy import SitePolicy, check_job, check_round
+from fedslm.models.registry import ResolvedModel, base_parameters
+from fedslm.policy import (
+    AdapterHead,
+    AdapterSize,
+    SitePolicy,
+    check_job,
+    check_round,
+    max_adapter_params,
+)
 from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon
 from fedslm.privacy.dp_sgd import per_sample_module
 from fedslm.privacy.egress_log import record_egress
@@ -194,28 +203,72 @@ def job_refusal(
     policy: SitePolicy,
     job: JobConfig,
     plan: PrivacyPlan,
-    model_sha256: str,
+    model: ResolvedModel,
     spent: list[Segment],
-    lora_rank: int | None = None,
+    *,
+    site: str,
+    adapter: AdapterSize,
 ) -> list[str]:
     """Reasons ``policy`` refuses the whole job before round 1 (empty: accepted).
 
-    Every step the job plans is costed on top of ``spent``, what the data set has already
-    spent in other jobs (from the ledger).
+    The one decision the site makes (``Site.refusal``), the simulation's preflight makes and
+    ``fedslm policy check --job`` prints: every rule of ``check_job``, with the rank ``site``
+    trains at (``site_lora``), the head the job trains against the family's default, the
+    adapter the site would send (``adapter``: from ``measure_adapter``, or the site's own
+    loaded model), the records it trains on, and every step the job plans costed on top of
+    ``spent``, what the data set has already spent in other jobs (from the ledger).
     """
     return check_job(
         policy,
         task=job.task.type,
         rounds=job.federation.rounds,
-        model_sha256=model_sha256,
+        model_sha256=model.sha256,
         dp_enabled=plan.enabled,
         delta=plan.delta,
         noise_multiplier=plan.min_noise_multiplier,
         planned=plan.segments(),
         spent=spent,
         accountant=plan.accountant,
-        lora_rank=lora_rank,
+        lora_rank=site_lora(job, site, policy).r,
+        head=job_head(job, model),
+        adapter=adapter,
+        train_records=plan.records,
     )
+
+
+def job_head(job: JobConfig, model: ResolvedModel) -> AdapterHead | None:
+    """The classification head ``job`` trains on ``model`` and the family's default (None for
+    a causal LM, which trains no head)."""
+    if job.task.type != "classification":
+        return None
+    config = json.loads((model.path / "config.json").read_text(encoding="utf-8"))
+    default = default_head(str(config.get("model_type", "")), job.model.pooling)
+    return AdapterHead(tuple(job.model.head_modules or default), default)
+
+
+def adapter_size(model: torch.nn.Module, base_params: int) -> AdapterSize:
+    """The size of the adapter a training reply of ``model`` carries: every value of its
+    adapter state (what ``train_payload`` sends), against the base model's parameters."""
+    params = sum(t.numel() for t in get_adapter_state(model).values())
+    return AdapterSize(params, base_params)
+
+
+def measure_adapter(
+    job: JobConfig, model: ResolvedModel, labels: list[str], site: str, policy: SitePolicy
+) -> AdapterSize:
+    """The adapter ``site`` would send for ``job``: the model is built on the CPU as the site
+    builds it (its rank, the job's targets and head) and its adapter counted, so a check
+    before the job (preflight, ``policy check --job``) sees what the site will send."""
+    loaded = load_model(
+        model.path,
+        job.task.type,
+        site_lora(job, site, policy),
+        labels,
+        torch.device("cpu"),
+        seed=job.seed,
+        options=job.model,
+    )
+    return adapter_size(loaded.model, base_parameters(model.path))
 
 
 def check_delta(job: JobConfig, records: int, source: str) -> None:
@@ -345,6 +398,7 @@ class Site:
         self.job = job
         self.name = name
         self.labels = labels
+        self.model = model
         self.model_sha256 = model.sha256
         self.policy = policy
         self.job_id = job_id
@@ -367,6 +421,11 @@ class Site:
         initial = get_adapter_state(self.loaded.model)
         self.agreed_tensors = {k: tuple(t.shape) for k, t in initial.items()}
         self.adapter_bytes = sum(4 * t.numel() for t in initial.values())
+        self.adapter = adapter_size(self.loaded.model, base_parameters(model.path))
+        # the egress guard counts what each reply carries, whatever the job said it would be
+        self.max_reply_params = (
+            max_adapter_params(policy, self.adapter.base_params) if policy is not None else None
+        )
         self.train_data = self._encode(train_file)
         self.eval_data = self._encode(eval_file)
         self.plan = plan_privacy(job, len(self.train_data), source)
@@ -412,8 +471,9 @@ class Site:
         mine = [e.segment for e in prior if e.job_id == self.job_id and e.round != round_num]
         if self._job_refusal is None:
             self._job_refusal = job_refusal(
-                self.policy, self.job, plan, self.model_sha256, spent=others, lora_rank=self.lora.r
-            )
+                self.policy, self.job, plan, self.model, others, site=self.name,
+                adapter=self.adapter,
+            )  # fmt: skip
         if self._job_refusal:
             return self._job_refusal
         job_eps = lifetime_eps = 0.0
@@ -590,7 +650,12 @@ class Site:
         return Payload("secagg-unmask", fields=fields)
 
     def eval_payload(self, r: EvalResult) -> Payload:
-        """An evaluation reply: three numbers and the site's name."""
+        """An evaluation reply: three numbers and the site's name; with fewer evaluation
+        records than the policy's ``min_eval_records``, no numbers at all, only why."""
+        least = self.policy.min_eval_records if self.policy is not None else None
+        if least is not None and r.examples < least:
+            withheld = f"fewer evaluation records than the site's min_eval_records ({least})"
+            return Payload("evaluate", {}, {}, {"site": self.name, "withheld": withheld})
         metrics = {"num-examples": r.examples, "eval-loss": r.loss, "eval-accuracy": r.accuracy}
         return Payload("evaluate", {}, metrics, {"site": self.name})
 
@@ -618,8 +683,16 @@ class Site:
         site's store of released updates): it is logged again, with ``"replay": true``.
         """
         record = describe(payload)
-        max_bytes = self.policy.max_bytes_per_round if self.policy is not None else None
-        problems = check(record, self.agreed_tensors, max_bytes, ring)
+        policy = self.policy
+        max_bytes = policy.max_bytes_per_round if policy is not None else None
+        problems = check(
+            record,
+            self.agreed_tensors,
+            max_bytes,
+            ring,
+            max_params=self.max_reply_params,
+            min_eval_records=policy.min_eval_records if policy is not None else None,
+        )
         if problems:
             record["blocked_because"] = problems
         if replay:
