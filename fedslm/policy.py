@@ -290,12 +290,16 @@ def adapter_refusal(policy: SitePolicy, adapter: AdapterSize) -> list[str]:
             f"base model's {adapter.base_params:,} parameters; the site allows "
             f"max_trainable_fraction {policy.max_trainable_fraction:g}"
         )
-    if adapter.bytes > policy.max_bytes_per_round:
-        reasons.append(
-            f"the reply would send {adapter.bytes:,} bytes; the site allows "
-            f"{policy.max_bytes_per_round:,} per round"
-        )
-    return reasons
+    return reasons + _bytes_refusal(policy, adapter.bytes)
+
+
+def _bytes_refusal(policy: SitePolicy, bytes_to_send: int) -> list[str]:
+    if bytes_to_send <= policy.max_bytes_per_round:
+        return []
+    return [
+        f"the reply would send {bytes_to_send:,} bytes; the site allows "
+        f"{policy.max_bytes_per_round:,} per round"
+    ]
 
 
 def check_round(
@@ -309,13 +313,8 @@ def check_round(
 
     Epsilons are those the data set and the job would have spent once this round is counted.
     """
-    reasons: list[str] = []
+    reasons = _bytes_refusal(policy, bytes_to_send)
     limits = policy.privacy
-    if bytes_to_send > policy.max_bytes_per_round:
-        reasons.append(
-            f"the reply would send {bytes_to_send:,} bytes; the site allows "
-            f"{policy.max_bytes_per_round:,} per round"
-        )
     if lifetime_epsilon_after > limits.lifetime_epsilon * (1 + 1e-9):
         reasons.append(
             f"this round would bring the data set's spend to epsilon "

@@ -458,9 +458,11 @@ class Site:
     def refusal(self, round_num: int) -> list[str]:
         """Reasons the site's policy gives not to train ``round_num`` (empty: go ahead).
 
-        The whole job is checked once per process (every planned step against the per-job and
-        lifetime budgets, model, task, rounds, delta, noise); then this round against what the
-        ledger holds, the lifetime and per-job budgets, and the bytes the reply would carry.
+        The whole job is checked once per process (``job_refusal``: every planned step against
+        the per-job and lifetime budgets, model, task, rounds, delta, noise, rank, head, the
+        size of the adapter this site built, its training records); then this round against
+        what the ledger holds, the lifetime and per-job budgets, and the bytes the reply would
+        carry.
         """
         if self.policy is None:
             return []
@@ -677,7 +679,9 @@ class Site:
         it holds: tensor names, shapes, dtypes, bytes and sha256, metric keys and values).
         Raises ``EgressBlocked`` (a refusal) when it carries anything the job did not agree:
         an unexpected tensor or shape, a metric off the allow-list or not a number, an
-        unknown field, or more bytes than the policy allows. A secure-aggregation message must
+        unknown field, more bytes or more values (``max_trainable_fraction`` of the base
+        model) than the policy allows, or evaluation figures over fewer records than its
+        ``min_eval_records``. A secure-aggregation message must
         hold exactly its protocol fields, and a masked vector the length and dtype of ``ring``.
         ``replay`` marks a message sent again unchanged (a retried round answered from the
         site's store of released updates): it is logged again, with ``"replay": true``.
