@@ -253,10 +253,11 @@ def check(
 
 
 def _size_problems(record: dict[str, Any], max_params: int | None) -> list[str]:
-    # counted from the shapes that leave: a job cannot declare its way past the bound
-    shapes = [t["shape"] for t in record["tensors"]]
-    shapes += [v["shape"] for v in record.get("vectors", [])]
-    values = sum(math.prod(shape) for shape in shapes)
+    # counted from the shapes that leave: a job cannot declare its way past the bound. A masked
+    # vector holds the update and one more element, the site's weight in the sum.
+    vectors = record.get("vectors", [])
+    shapes = [t["shape"] for t in record["tensors"]] + [v["shape"] for v in vectors]
+    values = sum(math.prod(shape) for shape in shapes) - len(vectors)
     if max_params is None or values <= max_params:
         return []
     return [

@@ -246,11 +246,10 @@ def job_head(job: JobConfig, model: ResolvedModel) -> AdapterHead | None:
     return AdapterHead(tuple(job.model.head_modules or default), default)
 
 
-def adapter_size(model: torch.nn.Module, base_params: int) -> AdapterSize:
-    """The size of the adapter a training reply of ``model`` carries: every value of its
-    adapter state (what ``train_payload`` sends), against the base model's parameters."""
-    params = sum(t.numel() for t in get_adapter_state(model).values())
-    return AdapterSize(params, base_params)
+def adapter_size(state: dict[str, torch.Tensor], base_params: int) -> AdapterSize:
+    """The size of a training reply carrying adapter ``state`` (``get_adapter_state``: what
+    ``train_payload`` sends), against the base model's parameters."""
+    return AdapterSize(sum(t.numel() for t in state.values()), base_params)
 
 
 def measure_adapter(
@@ -268,7 +267,7 @@ def measure_adapter(
         seed=job.seed,
         options=job.model,
     )
-    return adapter_size(loaded.model, base_parameters(model.path))
+    return adapter_size(get_adapter_state(loaded.model), base_parameters(model.path))
 
 
 def check_delta(job: JobConfig, records: int, source: str) -> None:
@@ -421,7 +420,7 @@ class Site:
         initial = get_adapter_state(self.loaded.model)
         self.agreed_tensors = {k: tuple(t.shape) for k, t in initial.items()}
         self.adapter_bytes = sum(4 * t.numel() for t in initial.values())
-        self.adapter = adapter_size(self.loaded.model, base_parameters(model.path))
+        self.adapter = adapter_size(initial, base_parameters(model.path))
         # the egress guard counts what each reply carries, whatever the job said it would be
         self.max_reply_params = (
             max_adapter_params(policy, self.adapter.base_params) if policy is not None else None

@@ -277,3 +277,35 @@ def test_evaluation_rows_that_repeat_training_rows_are_warned_about(
     clean = duplicate_warning("a", "f.csv", [rows[i] for i in train], [rows[i] for i in held],
                               job.data, "classification")  # fmt: skip
     assert clean is None
+
+
+def test_the_plan_before_a_simulation_warns_of_repeated_rows(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    from fedslm.cli import _duplicate_warnings
+
+    rows = generate_bank_messages(["a"], 200, seed=3, skew=1.0)
+    write_rows([r for r in rows for _ in range(3)], tmp_path / "tripled.jsonl")
+    write_rows(rows, tmp_path / "once.jsonl")
+    split = {"method": "iid"}
+    for name, expect in (("tripled", 2), ("once", 0)):
+        data = {"path": str(tmp_path / f"{name}.jsonl"), "split": split}
+        prepared = prepare_job(validate_config(_job(tiny_bert, data=data)), "t", tmp_path / name)
+        warnings = _duplicate_warnings(prepared)
+        assert len(warnings) == expect, warnings
+        assert all("repeat a training row" in w and "site-" in w for w in warnings)
+
+
+def test_a_masked_vector_is_bounded_by_the_update_it_carries() -> None:
+    """Under secure aggregation the adapter leaves as one ring vector: the update and the
+    site's weight. The guard bounds the update's values, as for a plain reply."""
+    import numpy as np
+
+    from fedslm.egress import MASKED_VECTOR, RingSpec
+
+    masked = Payload("secagg-masked", fields={"site_id": 1},
+                     vectors={MASKED_VECTOR: np.zeros(1001, dtype="<u4")})  # fmt: skip
+    ring = RingSpec(1001, "<u4")
+    assert check(describe(masked), {}, None, ring, max_params=1000) == []
+    (problem,) = check(describe(masked), {}, None, ring, max_params=999)
+    assert problem.startswith("1,000 values; the site policy's max_trainable_fraction allows 999")
