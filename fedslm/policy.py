@@ -193,8 +193,6 @@ def check_job(
             f"min_train_records {policy.min_train_records} (a loss or update of so few "
             "records is theirs alone)"
         )
-    reasons += head_refusal(policy, head) if head is not None else []
-    reasons += adapter_refusal(policy, adapter) if adapter is not None else []
     if (
         lora_rank is not None
         and policy.max_lora_rank is not None
@@ -204,6 +202,8 @@ def check_job(
             f"the job asks for LoRA rank {lora_rank}; the site allows at most "
             f"{policy.max_lora_rank}"
         )
+    reasons += head_refusal(policy, head) if head is not None else []
+    reasons += adapter_refusal(policy, adapter) if adapter is not None else []
     if policy.allowed_base_models is not None and model_sha256 not in policy.allowed_base_models:
         reasons.append(f"base model sha256 {model_sha256[:12]}… is not in allowed_base_models")
     if not dp_enabled:
