@@ -222,9 +222,13 @@ def decode_refusal(content: RecordDict, prefix: str = "") -> tuple[str, list[str
 def decode_eval(content: RecordDict, prefix: str = "") -> SiteEval:
     """The coordinator's view of an evaluation reply, or with ``prefix=EVAL_PREFIX`` of the
     evaluation a training reply carries."""
+    info = content[prefix + "site"]
+    if info.get("withheld") is not None:
+        # the site sent no numbers: too few evaluation records for its policy
+        return SiteEval(str(info["site"]), math.nan, math.nan, 0, str(info["withheld"]))
     m = content[prefix + "metrics"]
     return SiteEval(
-        str(content[prefix + "site"]["site"]),
+        str(info["site"]),
         float(m["eval-loss"]),
         float(m["eval-accuracy"]),
         int(m["num-examples"]),

@@ -606,7 +606,7 @@ class Worker:
         """The site's data file split into train/eval for this job, under
         ``state_dir/jobs/<job-id>/``, and the fingerprint of the whole file."""
         from fedslm.artifacts import write_json
-        from fedslm.data import read_site_file, split_site, write_rows
+        from fedslm.data import duplicate_warning, read_site_file, split_site, write_rows
         from fedslm.privacy.ledger import DatasetFingerprint
 
         assert self.policy.data is not None
@@ -616,6 +616,12 @@ class Worker:
         d = job.data
         rows, labels = read_site_file(source, d, job.task.type)
         train, held = split_site(len(rows), labels, d, job.seed, self.name)
+        repeated = duplicate_warning(
+            self.name, str(source), [rows[i] for i in train], [rows[i] for i in held], d,
+            job.task.type,
+        )  # fmt: skip
+        if repeated is not None:
+            self.log(f"job {job_id}: warning: {repeated}")
         folder = self.state_dir / "jobs" / job_id
         folder.parent.mkdir(exist_ok=True, mode=0o700)
         folder.mkdir(exist_ok=True, mode=0o700)

@@ -236,6 +236,23 @@ def _print_plan(prepared: PreparedJob, command: str, reporter: Reporter) -> None
             reporter.info(line)
         for warning in warnings:
             reporter.warn(warning)
+    for warning in _duplicate_warnings(prepared):
+        reporter.warn(warning)
+
+
+def _duplicate_warnings(prepared: PreparedJob) -> list[str]:
+    """A warning for every site whose evaluation rows repeat its training rows."""
+    from fedslm.data import duplicate_warning, read_rows
+    from fedslm.data.sites import text_columns
+
+    job = prepared.job
+    columns = text_columns(job.data, job.task.type)
+    found = []
+    for s in prepared.sites:
+        train, held = (read_rows(f, columns) for f in (s.files.train, s.files.eval))
+        source = f"{s.files.train.parent} (train.jsonl, eval.jsonl)"
+        found.append(duplicate_warning(s.name, source, train, held, job.data, job.task.type))
+    return [w for w in found if w is not None]
 
 
 def _count_rows(path: Path) -> int:

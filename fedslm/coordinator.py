@@ -72,12 +72,15 @@ class SiteReport:
 
 @dataclass(frozen=True)
 class SiteEval:
-    """One site's evaluation of the global adapter on its held-out split."""
+    """One site's evaluation of the global adapter on its held-out split. ``withheld`` (no
+    numbers: loss and accuracy NaN, 0 examples) says why the site sent none: it holds fewer
+    evaluation records than its policy's ``min_eval_records``."""
 
     site: str
     loss: float
     accuracy: float
     num_examples: int
+    withheld: str | None = None
 
 
 @dataclass(frozen=True)
@@ -350,12 +353,17 @@ class Coordinator:
         """Fold the sites' evaluations of the global adapter into this round's record."""
         rec = self.record
         for e in evals:
-            rec["sites"].setdefault(e.site, {}).update(
-                eval_loss=e.loss, eval_accuracy=e.accuracy, eval_examples=e.num_examples
-            )
+            site = rec["sites"].setdefault(e.site, {})
+            if e.withheld is not None:
+                site["eval_withheld"] = e.withheld
+            else:
+                site.update(
+                    eval_loss=e.loss, eval_accuracy=e.accuracy, eval_examples=e.num_examples
+                )
         rec["failures"].extend(f"evaluate: {f}" for f in failures)
-        rec["eval_loss"] = weighted_mean((e.loss, e.num_examples) for e in evals)
-        rec["eval_accuracy"] = weighted_mean((e.accuracy, e.num_examples) for e in evals)
+        shown = [e for e in evals if e.withheld is None]
+        rec["eval_loss"] = weighted_mean((e.loss, e.num_examples) for e in shown)
+        rec["eval_accuracy"] = weighted_mean((e.accuracy, e.num_examples) for e in shown)
         return {k: rec[k] for k in ("eval_loss", "eval_accuracy") if rec[k] is not None}
 
     def save_round(self) -> None:

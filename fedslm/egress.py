@@ -12,7 +12,11 @@ Only what the job agreed may leave:
   job it accepted (LoRA factors and the task head), nothing else;
 - metrics: finite numbers under the keys in ``ALLOWED_METRICS``;
 - fields: the keys in ``ALLOWED_FIELDS``, each of its type (strings only where listed);
-- bytes: at most the site policy's ``max_bytes_per_round``.
+- bytes: at most the site policy's ``max_bytes_per_round``;
+- size: at most ``max_trainable_fraction`` of the base model's parameters, counted from the
+  shapes of what actually leaves (tensors and ring vectors), not from the job's description;
+- evaluation metrics only over at least the policy's ``min_eval_records`` records; an
+  evaluation marked ``withheld`` carries no metrics at all.
 
 Under secure aggregation (``fedslm.secagg``) a site sends five kinds of message per round, each
 with exactly the protocol's contents (``PROTOCOL_FIELDS``) and no adapter tensor:
@@ -58,6 +62,7 @@ ALLOWED_FIELDS: dict[str, tuple[type, ...]] = {
     "ledger_seq": (int,),
     "refused": (bool,),
     "reasons": (list,),  # list[str]: the site's own policy reasons
+    "withheld": (str,),  # an evaluation sent without numbers, and why (min_eval_records)
 }
 DTYPE = "float32"
 
@@ -171,12 +176,17 @@ def check(
     expected: dict[str, tuple[int, ...]],
     max_bytes: int | None,
     ring: RingSpec | None = None,
+    *,
+    max_params: int | None = None,
+    min_eval_records: int | None = None,
 ) -> list[str]:
     """Why ``record`` (from ``describe``) may not leave; empty means it may.
 
     ``expected`` maps each adapter tensor the job agreed to its shape. A training reply must
     carry exactly those tensors; other replies carry none. Protocol messages of secure
-    aggregation are checked by ``check_protocol`` against ``ring``.
+    aggregation are checked by ``check_protocol`` against ``ring``. ``max_params`` bounds the
+    values of all tensors and vectors together (the policy's share of the base model);
+    ``min_eval_records`` the records an evaluation's metrics may be computed on.
     """
     kind = record["kind"]
     if kind in PROTOCOL_FIELDS:
@@ -186,7 +196,7 @@ def check(
                 f"{record['tensor_bytes']:,} bytes of vectors; the site policy allows "
                 f"{max_bytes:,} per round"
             )
-        return problems
+        return problems + _size_problems(record, max_params)
     problems: list[str] = []
     if record.get("vectors"):
         problems.append(f"a {kind} message carries no ring vectors")
@@ -238,7 +248,36 @@ def check(
             f"{record['tensor_bytes']:,} bytes of tensors; the site policy allows "
             f"{max_bytes:,} per round"
         )
-    return problems
+    if record["kind"] == "evaluate":
+        problems += _evaluation_problems(record, min_eval_records)
+    return problems + _size_problems(record, max_params)
+
+
+def _size_problems(record: dict[str, Any], max_params: int | None) -> list[str]:
+    # counted from the shapes that leave: a job cannot declare its way past the bound. A masked
+    # vector holds the update and one more element, the site's weight in the sum.
+    vectors = record.get("vectors", [])
+    shapes = [t["shape"] for t in record["tensors"]] + [v["shape"] for v in vectors]
+    values = sum(math.prod(shape) for shape in shapes) - len(vectors)
+    if max_params is None or values <= max_params:
+        return []
+    return [
+        f"{values:,} values; the site policy's max_trainable_fraction allows {max_params:,} "
+        "(that share of the base model's parameters)"
+    ]
+
+
+def _evaluation_problems(record: dict[str, Any], min_records: int | None) -> list[str]:
+    metrics, fields = record["metrics"], record["fields"]
+    if "withheld" in fields:
+        return ["a withheld evaluation carries no metrics"] if metrics else []
+    examples = metrics.get("num-examples")
+    if min_records is not None and (not isinstance(examples, int) or examples < min_records):
+        return [
+            f"evaluation metrics over {examples} record(s); the site policy's "
+            f"min_eval_records is {min_records}"
+        ]
+    return []
 
 
 def check_protocol(record: dict[str, Any], ring: RingSpec | None) -> list[str]:

@@ -7,6 +7,7 @@ debugging, not for speed; ``fedslm simulate`` runs the sites in parallel through
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fedslm.coordinator import SiteEval, SiteReport
@@ -103,8 +104,12 @@ def run_in_process(
         evals = []
         for site in sites:
             ev = site.evaluate(coordinator.state)
-            site.release(r, site.eval_payload(ev))
-            evals.append(SiteEval(site.name, ev.loss, ev.accuracy, ev.examples))
+            sent = site.release(r, site.eval_payload(ev))
+            withheld = sent.fields.get("withheld")
+            if withheld is not None:  # too few evaluation records: no numbers left the site
+                evals.append(SiteEval(site.name, math.nan, math.nan, 0, withheld))
+            else:
+                evals.append(SiteEval(site.name, ev.loss, ev.accuracy, ev.examples))
         coordinator.record_evaluation(evals, [])
         reporter.round_done(coordinator.end_round(), rounds)
     return coordinator.finish()

@@ -27,7 +27,7 @@ from fedslm.errors import ConfigError, FederationError
 from fedslm.keys import generate_key
 from fedslm.models import get_adapter_state, load_model, resolve_model, select_device
 from fedslm.models.registry import ResolvedModel
-from fedslm.policy import SitePolicy, merge_mappings, policy_from_mapping
+from fedslm.policy import AdapterSize, SitePolicy, merge_mappings, policy_from_mapping
 from fedslm.privacy.accounting import Segment
 from fedslm.privacy.ledger import DatasetFingerprint, LedgerError, simulated_ledger_path
 
@@ -206,10 +206,11 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
     run could not train at all.
     """
     from fedslm.privacy.anchors import anchor_refusal
-    from fedslm.site import job_refusal, plan_privacy, site_lora
+    from fedslm.site import job_refusal, measure_adapter, plan_privacy, site_lora
 
     job, refusals, faults = plan.job, [], []
     owners: dict[Path, tuple[str, str]] = {}  # ledger file -> (site, data set) using it
+    adapters: dict[int, AdapterSize] = {}  # by the rank a site trains at: one build per rank
     with tempfile.TemporaryDirectory(prefix="fedslm-preflight-") as tmp:
         for site in plan.sites:
             policy = plan.policies[site.name]
@@ -240,7 +241,11 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
                 continue
             privacy = plan_privacy(job, len(site.train), f"{plan.source} (site {site.name})")
             rank = site_lora(job, site.name, policy).r
-            reasons = job_refusal(policy, job, privacy, plan.model.sha256, spent, rank)
+            if rank not in adapters:
+                adapters[rank] = measure_adapter(job, plan.model, plan.labels, site.name, policy)
+            reasons = job_refusal(
+                policy, job, privacy, plan.model, spent, site=site.name, adapter=adapters[rank]
+            )
             if reasons:
                 refusals.append(f"site {site.name} (ledger {ledger}): {'; '.join(reasons)}")
     if faults:

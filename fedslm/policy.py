@@ -8,7 +8,9 @@ log them but never override them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,10 +62,32 @@ class SitePolicy(BaseModel):
     allowed_tasks: list[str] = ["classification", "causal-lm"]
     max_rounds: Annotated[int, Field(ge=1)] = 100
     max_lora_rank: Annotated[int, Field(ge=1)] | None = Field(
-        default=None,
+        default=64,
         description="Largest LoRA rank the site trains (bounds what its updates can carry). "
         "With aggregation 'exact' the site trains at this rank instead; otherwise a job asking "
-        "for more is refused.",
+        "for more is refused. None: no cap (max_trainable_fraction still bounds the adapter).",
+    )
+    max_trainable_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.1,
+        description="Largest adapter a reply may carry, as a share of the base model's "
+        "parameters: every value sent (LoRA factors and head) counted against every weight "
+        "of the base model. Checked before round 1 on the adapter the site built and again "
+        "on every reply.",
+    )
+    allowed_head_modules: list[str] = Field(
+        default_factory=list,
+        description="Classification: modules a job may train and send as its head beyond the "
+        "model family's default head (docs/models.md). Empty: the default head only.",
+    )
+    min_train_records: Annotated[int, Field(ge=1)] = Field(
+        default=20,
+        description="Fewest training records the site trains a job on; with fewer it refuses "
+        "the job (a training loss of a handful of records is theirs alone).",
+    )
+    min_eval_records: Annotated[int, Field(ge=1)] = Field(
+        default=11,
+        description="Fewest evaluation records the site reports metrics on; with fewer it "
+        "sends 'withheld' and no numbers (evaluation metrics are not DP-protected).",
     )
     max_bytes_per_round: Annotated[int, Field(ge=1)] = 200_000_000
     data: str | None = Field(default=None, description="The site's data file.")
@@ -145,12 +169,17 @@ def check_job(
     spent: Sequence[Segment],
     accountant: str,
     lora_rank: int | None = None,
+    head: AdapterHead | None = None,
+    adapter: AdapterSize | None = None,
+    train_records: int | None = None,
 ) -> list[str]:
     """Reasons to refuse the whole job before round 1 (empty: the job is allowed).
 
     ``planned`` is every segment the job would spend on this site's data; ``spent`` is what the
     data set has already spent in earlier jobs (from the ledger). ``lora_rank`` is the rank the
-    site would train at (None: not checked).
+    site would train at, ``head`` the classification head the job trains, ``adapter`` the size
+    of the adapter the site would send and ``train_records`` the rows it would train on (each
+    None: not checked).
     """
     reasons: list[str] = []
     limits = policy.privacy
@@ -158,6 +187,12 @@ def check_job(
         reasons.append(f"task {task!r} is not in the site's allowed_tasks {policy.allowed_tasks}")
     if rounds > policy.max_rounds:
         reasons.append(f"the job asks for {rounds} rounds; the site allows {policy.max_rounds}")
+    if train_records is not None and train_records < policy.min_train_records:
+        reasons.append(
+            f"the site would train on {train_records} record(s); its policy needs at least "
+            f"min_train_records {policy.min_train_records} (a loss or update of so few "
+            "records is theirs alone)"
+        )
     if (
         lora_rank is not None
         and policy.max_lora_rank is not None
@@ -167,6 +202,8 @@ def check_job(
             f"the job asks for LoRA rank {lora_rank}; the site allows at most "
             f"{policy.max_lora_rank}"
         )
+    reasons += head_refusal(policy, head) if head is not None else []
+    reasons += adapter_refusal(policy, adapter) if adapter is not None else []
     if policy.allowed_base_models is not None and model_sha256 not in policy.allowed_base_models:
         reasons.append(f"base model sha256 {model_sha256[:12]}… is not in allowed_base_models")
     if not dp_enabled:
@@ -196,6 +233,75 @@ def check_job(
     return reasons
 
 
+@dataclass(frozen=True)
+class AdapterHead:
+    """The classification head a job trains (and sends) and the model family's default."""
+
+    modules: tuple[str, ...]
+    default: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AdapterSize:
+    """What one training reply carries: ``params`` float32 values (LoRA factors and head), for
+    a base model of ``base_params`` parameters."""
+
+    params: int
+    base_params: int
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of tensor data in a reply (float32)."""
+        return 4 * self.params
+
+    @property
+    def fraction(self) -> float:
+        """The adapter's values as a share of the base model's parameters."""
+        return self.params / self.base_params
+
+
+def max_adapter_params(policy: SitePolicy, base_params: int) -> int:
+    """The most values one reply may carry for a base model of ``base_params`` parameters
+    (``max_trainable_fraction``); what the egress guard enforces on every reply."""
+    return math.floor(policy.max_trainable_fraction * base_params)
+
+
+def head_refusal(policy: SitePolicy, head: AdapterHead) -> list[str]:
+    """Head modules a job trains beyond the family default and the policy's
+    ``allowed_head_modules``: each is sent in full (every weight of every layer it names)."""
+    allowed = set(head.default) | set(policy.allowed_head_modules)
+    beyond = [m for m in head.modules if m not in allowed]
+    if not beyond:
+        return []
+    return [
+        f"the job trains and sends head modules {beyond} beyond the model family's default "
+        f"head {list(head.default)}; the site allows {sorted(policy.allowed_head_modules)} "
+        "beyond it (allowed_head_modules)"
+    ]
+
+
+def adapter_refusal(policy: SitePolicy, adapter: AdapterSize) -> list[str]:
+    """Reasons the adapter a job would send is too large: its share of the base model's
+    parameters (``max_trainable_fraction``) and its bytes per reply (``max_bytes_per_round``)."""
+    reasons = []
+    if adapter.params > max_adapter_params(policy, adapter.base_params):
+        reasons.append(
+            f"the adapter would carry {adapter.params:,} values, {adapter.fraction:.1%} of the "
+            f"base model's {adapter.base_params:,} parameters; the site allows "
+            f"max_trainable_fraction {policy.max_trainable_fraction:g}"
+        )
+    return reasons + _bytes_refusal(policy, adapter.bytes)
+
+
+def _bytes_refusal(policy: SitePolicy, bytes_to_send: int) -> list[str]:
+    if bytes_to_send <= policy.max_bytes_per_round:
+        return []
+    return [
+        f"the reply would send {bytes_to_send:,} bytes; the site allows "
+        f"{policy.max_bytes_per_round:,} per round"
+    ]
+
+
 def check_round(
     policy: SitePolicy,
     *,
@@ -207,13 +313,8 @@ def check_round(
 
     Epsilons are those the data set and the job would have spent once this round is counted.
     """
-    reasons: list[str] = []
+    reasons = _bytes_refusal(policy, bytes_to_send)
     limits = policy.privacy
-    if bytes_to_send > policy.max_bytes_per_round:
-        reasons.append(
-            f"the reply would send {bytes_to_send:,} bytes; the site allows "
-            f"{policy.max_bytes_per_round:,} per round"
-        )
     if lifetime_epsilon_after > limits.lifetime_epsilon * (1 + 1e-9):
         reasons.append(
             f"this round would bring the data set's spend to epsilon "

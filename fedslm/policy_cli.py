@@ -51,6 +51,10 @@ def check_text(
             if policy.allowed_base_models is None
             else f"{len(policy.allowed_base_models)} allowed by sha256"
         ),
+        f"  adapters of at most {policy.max_trainable_fraction:g} of the base model's "
+        f"parameters, LoRA rank <= {policy.max_lora_rank or 'any'}, head modules beyond the "
+        f"family default: {', '.join(policy.allowed_head_modules) or 'none'}; at least "
+        f"{policy.min_train_records} training and {policy.min_eval_records} evaluation records",
     ]
     if policy.data is None:
         raise ConfigError(f"{policy_path}: data: the policy must name the site's data file")
@@ -99,22 +103,40 @@ def _cost_job(
     policy: Any, job_path: Path, data: Path, records: int, spent: list[Segment]
 ) -> tuple[list[str], list[str]]:
     from fedslm.config import load_config
-    from fedslm.data import read_site_file, split_site
+    from fedslm.data import duplicate_warning, read_site_file, split_site
     from fedslm.errors import DataError
     from fedslm.models.registry import resolve_model
     from fedslm.plan import describe_plan, trainable_parameters
-    from fedslm.site import check_delta, check_secagg_weight, job_refusal, plan_privacy
+    from fedslm.site import (
+        check_delta,
+        check_secagg_weight,
+        job_refusal,
+        measure_adapter,
+        plan_privacy,
+        site_lora,
+    )
 
     job = load_config(job_path)
-    misfit, held_out = [], ""
+    name = policy.daemon.name if policy.daemon is not None else "site"
+    misfit, held_out, warnings, seen = [], "", [], []
     if job.data.at_sites:
         # as the site's worker will when the job arrives: read the file with the job's columns
         # and labels, hold out the job's evaluation rows, and train (and spend) on the rest
         try:
             rows, labels = read_site_file(data, job.data, job.task.type)
-            name = policy.daemon.name if policy.daemon is not None else "site"
-            records = len(split_site(len(rows), labels, job.data, job.seed, name)[0])
-            held_out = f" ({len(rows) - records} of {len(rows)} rows held out for evaluation)"
+            train, held = split_site(len(rows), labels, job.data, job.seed, name)
+            records, seen = len(train), sorted(set(labels or []))
+            held_out = f" ({len(held)} of {len(rows)} rows held out for evaluation)"
+            if len(held) < policy.min_eval_records:
+                warnings.append(
+                    f"{len(held)} evaluation rows, fewer than min_eval_records "
+                    f"{policy.min_eval_records}: the site will withhold its evaluation figures"
+                )
+            repeated = duplicate_warning(
+                name, str(data), [rows[i] for i in train], [rows[i] for i in held],
+                job.data, job.task.type,
+            )  # fmt: skip
+            warnings += [repeated] if repeated is not None else []
         except DataError as exc:
             misfit = [f"the site's data does not fit this job: {exc}"]
     check_delta(job, records, str(job_path))
@@ -125,10 +147,12 @@ def _cost_job(
         f"job {job_path}: {job.federation.rounds} rounds, model {model.name}, "
         f"train.mode {job.train.mode} -> {job.train_mode}"
     ]
-    labels = len(job.data.labels or []) or 2  # the job's label set; 2 if it names none
-    plan_lines, warnings = describe_plan(
-        "this site", plan, trainable_parameters(job, model.path, labels)
+    # the job's label set; else the labels of the site's rows, else two (only a size matters)
+    labels = [] if job.task.type != "classification" else job.data.labels or seen or ["0", "1"]
+    plan_lines, noise_warnings = describe_plan(
+        "this site", plan, trainable_parameters(job, model.path, len(labels))
     )
+    warnings = noise_warnings + warnings
     if plan.enabled:
         planned = plan.segments()
         job_eps = epsilon(planned, plan.delta, plan.accountant)  # type: ignore[arg-type]
@@ -142,8 +166,16 @@ def _cost_job(
         ]
     else:
         lines += ["  DP is OFF in this job", *plan_lines[1:]]
+    # built as the site builds it, so the size is what the site would send
+    adapter = measure_adapter(job, model, labels, name, policy)
+    lines.append(
+        f"  each training reply: {adapter.params:,} values ({adapter.bytes:,} bytes), "
+        f"{adapter.fraction:.2%} of the base model's {adapter.base_params:,} parameters; "
+        f"LoRA rank {site_lora(job, name, policy).r} at this site"
+    )
     lines += [f"  warning: {w}" for w in warnings]
-    return misfit + job_refusal(policy, job, plan, model.sha256, spent), lines
+    refusal = job_refusal(policy, job, plan, model, spent, site=name, adapter=adapter)
+    return misfit + refusal, lines
 
 
 def _check_cmd(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -30,9 +31,17 @@ from fedslm.lora_math import to_site_rank
 from fedslm.losses import per_example_loss
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
 from fedslm.models.adapter import freeze_lora_a
+from fedslm.models.families import default_head
 from fedslm.models.loading import classification_head
-from fedslm.models.registry import ResolvedModel
-from fedslm.policy import SitePolicy, check_job, check_round
+from fedslm.models.registry import ResolvedModel, base_parameters
+from fedslm.policy import (
+    AdapterHead,
+    AdapterSize,
+    SitePolicy,
+    check_job,
+    check_round,
+    max_adapter_params,
+)
 from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon
 from fedslm.privacy.anchors import Anchor, anchor_refusal
 from fedslm.privacy.dp_sgd import per_sample_module
@@ -197,28 +206,71 @@ def job_refusal(
     policy: SitePolicy,
     job: JobConfig,
     plan: PrivacyPlan,
-    model_sha256: str,
+    model: ResolvedModel,
     spent: list[Segment],
-    lora_rank: int | None = None,
+    *,
+    site: str,
+    adapter: AdapterSize,
 ) -> list[str]:
     """Reasons ``policy`` refuses the whole job before round 1 (empty: accepted).
 
-    Every step the job plans is costed on top of ``spent``, what the data set has already
-    spent in other jobs (from the ledger).
+    The one decision the site makes (``Site.refusal``), the simulation's preflight makes and
+    ``fedslm policy check --job`` prints: every rule of ``check_job``, with the rank ``site``
+    trains at (``site_lora``), the head the job trains against the family's default, the
+    adapter the site would send (``adapter``: from ``measure_adapter``, or the site's own
+    loaded model), the records it trains on, and every step the job plans costed on top of
+    ``spent``, what the data set has already spent in other jobs (from the ledger).
     """
     return check_job(
         policy,
         task=job.task.type,
         rounds=job.federation.rounds,
-        model_sha256=model_sha256,
+        model_sha256=model.sha256,
         dp_enabled=plan.enabled,
         delta=plan.delta,
         noise_multiplier=plan.min_noise_multiplier,
         planned=plan.segments(),
         spent=spent,
         accountant=plan.accountant,
-        lora_rank=lora_rank,
+        lora_rank=site_lora(job, site, policy).r,
+        head=job_head(job, model),
+        adapter=adapter,
+        train_records=plan.records,
     )
+
+
+def job_head(job: JobConfig, model: ResolvedModel) -> AdapterHead | None:
+    """The classification head ``job`` trains on ``model`` and the family's default (None for
+    a causal LM, which trains no head)."""
+    if job.task.type != "classification":
+        return None
+    config = json.loads((model.path / "config.json").read_text(encoding="utf-8"))
+    default = default_head(str(config.get("model_type", "")), job.model.pooling)
+    return AdapterHead(tuple(job.model.head_modules or default), default)
+
+
+def adapter_size(state: dict[str, torch.Tensor], base_params: int) -> AdapterSize:
+    """The size of a training reply carrying adapter ``state`` (``get_adapter_state``: what
+    ``train_payload`` sends), against the base model's parameters."""
+    return AdapterSize(sum(t.numel() for t in state.values()), base_params)
+
+
+def measure_adapter(
+    job: JobConfig, model: ResolvedModel, labels: list[str], site: str, policy: SitePolicy
+) -> AdapterSize:
+    """The adapter ``site`` would send for ``job``: the model is built on the CPU as the site
+    builds it (its rank, the job's targets and head) and its adapter counted, so a check
+    before the job (preflight, ``policy check --job``) sees what the site will send."""
+    loaded = load_model(
+        model.path,
+        job.task.type,
+        site_lora(job, site, policy),
+        labels,
+        torch.device("cpu"),
+        seed=job.seed,
+        options=job.model,
+    )
+    return adapter_size(get_adapter_state(loaded.model), base_parameters(model.path))
 
 
 def check_delta(job: JobConfig, records: int, source: str) -> None:
@@ -354,6 +406,7 @@ class Site:
         self.job = job
         self.name = name
         self.labels = labels
+        self.model = model
         self.model_sha256 = model.sha256
         self.policy = policy
         self.job_id = job_id
@@ -377,6 +430,11 @@ class Site:
         initial = get_adapter_state(self.loaded.model)
         self.agreed_tensors = {k: tuple(t.shape) for k, t in initial.items()}
         self.adapter_bytes = sum(4 * t.numel() for t in initial.values())
+        self.adapter = adapter_size(initial, base_parameters(model.path))
+        # the egress guard counts what each reply carries, whatever the job said it would be
+        self.max_reply_params = (
+            max_adapter_params(policy, self.adapter.base_params) if policy is not None else None
+        )
         self.train_data = self._encode(train_file)
         self.eval_data = self._encode(eval_file)
         self.plan = plan_privacy(job, len(self.train_data), source)
@@ -409,9 +467,11 @@ class Site:
     def refusal(self, round_num: int) -> list[str]:
         """Reasons the site's policy gives not to train ``round_num`` (empty: go ahead).
 
-        The whole job is checked once per process (every planned step against the per-job and
-        lifetime budgets, model, task, rounds, delta, noise); then this round against what the
-        ledger holds, the lifetime and per-job budgets, and the bytes the reply would carry.
+        The whole job is checked once per process (``job_refusal``: every planned step against
+        the per-job and lifetime budgets, model, task, rounds, delta, noise, rank, head, the
+        size of the adapter this site built, its training records); then this round against
+        what the ledger holds, the lifetime and per-job budgets, and the bytes the reply would
+        carry.
         """
         if self.policy is None:
             return []
@@ -427,8 +487,9 @@ class Site:
         mine = [e.segment for e in prior if e.job_id == self.job_id and e.round != round_num]
         if self._job_refusal is None:
             self._job_refusal = job_refusal(
-                self.policy, self.job, plan, self.model_sha256, spent=others, lora_rank=self.lora.r
-            )
+                self.policy, self.job, plan, self.model, others, site=self.name,
+                adapter=self.adapter,
+            )  # fmt: skip
         if self._job_refusal:
             return self._job_refusal
         job_eps = lifetime_eps = 0.0
@@ -607,7 +668,12 @@ class Site:
         return Payload("secagg-unmask", fields=fields)
 
     def eval_payload(self, r: EvalResult) -> Payload:
-        """An evaluation reply: three numbers and the site's name."""
+        """An evaluation reply: three numbers and the site's name; with fewer evaluation
+        records than the policy's ``min_eval_records``, no numbers at all, only why."""
+        least = self.policy.min_eval_records if self.policy is not None else None
+        if least is not None and r.examples < least:
+            withheld = f"fewer evaluation records than the site's min_eval_records ({least})"
+            return Payload("evaluate", {}, {}, {"site": self.name, "withheld": withheld})
         metrics = {"num-examples": r.examples, "eval-loss": r.loss, "eval-accuracy": r.accuracy}
         return Payload("evaluate", {}, metrics, {"site": self.name})
 
@@ -629,14 +695,24 @@ class Site:
         it holds: tensor names, shapes, dtypes, bytes and sha256, metric keys and values).
         Raises ``EgressBlocked`` (a refusal) when it carries anything the job did not agree:
         an unexpected tensor or shape, a metric off the allow-list or not a number, an
-        unknown field, or more bytes than the policy allows. A secure-aggregation message must
+        unknown field, more bytes or more values (``max_trainable_fraction`` of the base
+        model) than the policy allows, or evaluation figures over fewer records than its
+        ``min_eval_records``. A secure-aggregation message must
         hold exactly its protocol fields, and a masked vector the length and dtype of ``ring``.
         ``replay`` marks a message sent again unchanged (a retried round answered from the
         site's store of released updates): it is logged again, with ``"replay": true``.
         """
         record = describe(payload)
-        max_bytes = self.policy.max_bytes_per_round if self.policy is not None else None
-        problems = check(record, self.agreed_tensors, max_bytes, ring)
+        policy = self.policy
+        max_bytes = policy.max_bytes_per_round if policy is not None else None
+        problems = check(
+            record,
+            self.agreed_tensors,
+            max_bytes,
+            ring,
+            max_params=self.max_reply_params,
+            min_eval_records=policy.min_eval_records if policy is not None else None,
+        )
         if problems:
             record["blocked_because"] = problems
         if replay:

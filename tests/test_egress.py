@@ -119,7 +119,9 @@ def test_a_hostile_job_asking_for_a_huge_adapter_is_refused(
     run_in_process(prepared)
     (rnd,) = read_jsonl(prepared.out / "metrics.jsonl")
     assert rnd["aggregated"] is False
-    assert "the site allows 50,000 per round" in rnd["refusals"]["site-1"][0]
+    reasons = rnd["refusals"]["site-1"]
+    assert any("the site allows 50,000 per round" in r for r in reasons)
+    assert any("max_trainable_fraction 0.1" in r for r in reasons)  # 20% of the base model
     with PrivacyLedger(prepared.sites[0].ledger, create=False) as ledger:
         kinds = [(e.kind, e.status) for e in egress_entries(ledger)]
         assert ledger.entries() == []  # nothing trained, nothing spent

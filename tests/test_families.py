@@ -214,7 +214,10 @@ def test_one_dp_round_and_the_adapter_reloads_in_plain_peft(
             "data": {"synthetic": {"rows_per_site": 16}},
             # a test budget: the policy must not refuse a tiny, noisy site
             "policy": {
-                "default": {"privacy": {"lifetime_epsilon": 1e4, "max_epsilon_per_job": 1e4}}
+                "default": {
+                    "privacy": {"lifetime_epsilon": 1e4, "max_epsilon_per_job": 1e4},
+                    "min_train_records": 1,
+                }
             },
         }
     )

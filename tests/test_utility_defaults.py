@@ -258,7 +258,8 @@ def test_a_default_dp_job_learns_beyond_the_label_prior(
 def test_a_low_noise_phase_cannot_hide_behind_a_noisier_one() -> None:
     """A job could put its low-noise rounds in one phase and show a site's floor only the
     other's: the site's policy checks the smallest noise multiplier of every phase."""
-    from fedslm.policy import SitePolicy
+    from fedslm.models.registry import resolve_model
+    from fedslm.policy import AdapterSize, SitePolicy
     from fedslm.site import job_refusal
 
     job = _job(train={"mode": "lp-lora", "probe": {"epsilon_share": 0.9}})
@@ -269,5 +270,7 @@ def test_a_low_noise_phase_cannot_hide_behind_a_noisier_one() -> None:
     policy = SitePolicy.model_validate(
         {"privacy": {"min_noise_multiplier": floor, "lifetime_epsilon": 100}}
     )
-    reasons = job_refusal(policy, job, plan, "0" * 64, spent=[])
+    model = resolve_model(job.model)
+    adapter = AdapterSize(params=1_000, base_params=1_000_000)
+    reasons = job_refusal(policy, job, plan, model, [], site="site-1", adapter=adapter)
     assert any("noise multiplier" in r and "below the site's minimum" in r for r in reasons)

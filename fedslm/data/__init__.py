@@ -3,6 +3,7 @@
 from fedslm.data.sites import (
     SiteFiles,
     SitePlan,
+    duplicate_warning,
     infer_labels,
     materialize_sites,
     plan_sites,
@@ -35,6 +36,7 @@ __all__ = [
     "Table",
     "check_labels",
     "corpus_for_tokenizer",
+    "duplicate_warning",
     "file_sha256",
     "generate_bank_messages",
     "infer_labels",

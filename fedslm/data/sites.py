@@ -269,6 +269,50 @@ def read_site_file(
     return [_project(row, columns) for row in table.rows], labels
 
 
+# Warn when at least this share of a site's evaluation rows repeat a training row: a few
+# repeated short phrases are common in real text and move an evaluation little.
+DUPLICATE_SHARE = 0.01
+
+
+def text_columns(data: DataConfig, task: str) -> list[str]:
+    """The columns that make a row's text (what a model reads and may memorise): the text
+    for classification (a label is not text), prompt and response for causal LM."""
+    if task == "classification":
+        return [data.text_column]
+    return [data.prompt_column, data.response_column]
+
+
+def _text_key(row: dict[str, str], columns: list[str]) -> bytes:
+    # whitespace-normalised, hashed: the set of training texts is kept small in memory
+    text = "\0".join(" ".join(row[c].split()) for c in columns)
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def duplicate_warning(
+    site: str,
+    source: str,
+    train: list[dict[str, str]],
+    held_out: list[dict[str, str]],
+    data: DataConfig,
+    task: str,
+) -> str | None:
+    """A warning when evaluation rows repeat training rows (same text after collapsing
+    whitespace), else None: such an evaluation partly measures memorised training rows (a
+    file with every row three times gives an evaluation that is mostly training rows)."""
+    columns = text_columns(data, task)
+    seen = {_text_key(r, columns) for r in train}
+    repeated = sum(_text_key(r, columns) in seen for r in held_out)
+    if not held_out or repeated < max(1, DUPLICATE_SHARE * len(held_out)):
+        return None
+    return (
+        f"site {site}: {repeated} of {len(held_out)} evaluation rows "
+        f"({repeated / len(held_out):.0%}) repeat a training row of {source} (the same "
+        f"{' and '.join(columns)}, whitespace aside), so its evaluation figures partly measure "
+        "memorised training rows. Remove the duplicate rows from the data file (keep one of "
+        "each text) before training."
+    )
+
+
 def planned_labels(plans: list[SitePlan]) -> list[str]:
     """The sorted union of the labels in the planned sites' training rows (what
     ``infer_labels`` reads back from the written files)."""

@@ -97,6 +97,20 @@ FAMILIES: dict[str, Family] = {
 # fmt: on
 
 
+# what PEFT trains as the head of a sequence classifier when it is not told (modules_to_save)
+PEFT_HEAD = ("classifier", "score")
+
+
+def default_head(model_type: str, pooling: str) -> tuple[str, ...]:
+    """The classification head a job trains (and sends) unless ``model.head_modules``
+    overrides it: the mean-pooling classifier, the family's head, or PEFT's own for a family
+    without defaults. A site policy allows more only by ``allowed_head_modules``."""
+    if pooling == "mean":
+        return MEAN_POOL_HEAD
+    family = FAMILIES.get(model_type)
+    return family.head if family is not None else PEFT_HEAD
+
+
 @dataclass(frozen=True)
 class ModelDefaults:
     """What ``load_model`` uses for one model and task: the family's defaults with the job's

@@ -8,6 +8,7 @@ Nothing here touches the network. Packaged names map to folders that exist after
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -93,3 +94,26 @@ def weights_sha256(folder: Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def base_parameters(folder: Path) -> int:
+    """Parameters of the base model in ``folder``, counted from its weight files' tensor
+    shapes (safetensors headers; a ``*.bin`` checkpoint is memory-mapped, not copied)."""
+    files = sorted(folder.glob("*.safetensors"))
+    total = 0
+    if files:
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    total += math.prod(fh.get_slice(name).get_shape())
+        return total
+    import torch
+
+    for f in sorted(folder.glob("*.bin")):
+        state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        total += sum(t.numel() for t in state.values())
+    if not total:
+        raise ModelError(f"{folder}: no *.safetensors or *.bin weights file")
+    return total

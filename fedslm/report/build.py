@@ -928,6 +928,32 @@ def _coordinator_trust(config: dict[str, Any] | None) -> str:
     )
 
 
+def _minimums_trust(ctx: RunContext) -> str:
+    """The records each site's policy required before it trained and before it reported
+    evaluation figures, as its policy in force for the job says."""
+    keys = ("min_train_records", "min_eval_records")
+    found = {}
+    for site, loc in ctx.run.sites.items():
+        if loc.policy is not None:
+            found[site] = tuple(loc.policy.get(k) for k in keys)
+    if not found:
+        return "No site policy applied, so no minimum of training or evaluation records did."
+    if any(None in v for v in found.values()):
+        return (
+            "The site policies of this run predate min_train_records and min_eval_records: "
+            "no minimum of training or evaluation records was enforced, and a site may have "
+            "reported the loss of a single record."
+        )
+    per_site = "; ".join(f"{s}: {t} and {e}" for s, (t, e) in sorted(found.items()))
+    return (
+        "Each site trained only with at least min_train_records training records and sent "
+        "evaluation figures only over at least min_eval_records evaluation records (withheld "
+        f"otherwise), as its policy set them ({per_site}). These minimums keep a figure sent in "
+        "the clear from being one record's own value; they are not a privacy guarantee (one "
+        "record still moves a mean of n records by up to 1/n of its range)."
+    )
+
+
 def trust_model(ctx: RunContext, privacy: Privacy) -> list[str]:
     """Who has to be trusted with what for the stated guarantees to hold."""
     items = [
@@ -947,6 +973,7 @@ def trust_model(ctx: RunContext, privacy: Privacy) -> list[str]:
         "only. In a simulation the operator holds every site's key, so there the signatures "
         "show only that the operator made the report.",
         "Noise comes from non-cryptographic random number generators (see the caveats).",
+        _minimums_trust(ctx),
     ]
     if privacy.central:
         items.append(

@@ -335,6 +335,9 @@ class SiteRoundUtility(_Model):
     eval_loss: float | None = None
     eval_accuracy: float | None = None
     eval_examples: int | None = None
+    eval_withheld: str | None = Field(
+        default=None, description="why the site sent no evaluation figures (min_eval_records)"
+    )
 
 
 class RoundUtility(_Model):
