@@ -40,7 +40,11 @@ def test_the_encoder_recipe_writes_out_the_defaults() -> None:
     """configs/recipes/encoder-dp.yaml documents the defaults: it must not drift from them."""
     recipe = load_config(ROOT / "configs" / "recipes" / "encoder-dp.yaml")
     default = JobConfig.model_validate({"data": recipe.data.model_dump()})
-    assert recipe.train == default.train.model_copy(update={"mode": "head"})
+    # the recipe is for DP: it writes the probe's batch that the default resolves to with DP
+    probe = default.train.probe.model_copy(
+        update={"batch_size": default.train.probe.logical_batch(True)}
+    )
+    assert recipe.train == default.train.model_copy(update={"mode": "head", "probe": probe})
     assert recipe.train_mode == default.train_mode == "head"
     assert recipe.privacy == default.privacy and recipe.lora == default.lora
     assert recipe.federation.rounds == default.federation.rounds
