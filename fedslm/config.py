@@ -187,7 +187,12 @@ class TrainConfig(_Section):
         description="Rows per forward/backward pass; a logical batch is processed in "
         "micro-batches of this size, so memory does not grow with batch_size.",
     )
-    learning_rate: PositiveFloat = Field(default=5e-4, description="Peak LoRA learning rate.")
+    learning_rate: PositiveFloat | None = Field(
+        default=None,
+        description="Peak LoRA learning rate. Default: 5e-3 without DP (measured on the public "
+        "data sets, docs/benchmarks.md section 3a), 5e-4 with DP (the literature's; DP LoRA did "
+        "not learn on the benchmark's sites at any rate tried).",
+    )
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     schedule: Literal["linear", "cosine", "constant"] = Field(
@@ -218,6 +223,12 @@ class TrainConfig(_Section):
         if self.batch_size is not None:
             return self.batch_size
         return 512 if dp else 32
+
+    def peak_lr(self, dp: bool) -> float:
+        """The peak learning rate of LoRA steps (``learning_rate``, or its default)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 5e-4 if dp else 5e-3
 
     def steps_per_round(self, sample_rate: float) -> int:
         """Local optimizer steps per round: explicit steps, or epochs of ``1/q`` steps each."""

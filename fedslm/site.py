@@ -555,13 +555,14 @@ class Site:
             result = self._train_probe(phase, dp, seed, first_step, on_step)
         else:
             params = [p for p in self.loaded.model.parameters() if p.requires_grad]
-            optimizer = make_optimizer(params, t.optimizer, t.learning_rate, t.weight_decay)
+            lr = t.peak_lr(plan.enabled)
+            optimizer = make_optimizer(params, t.optimizer, lr, t.weight_decay)
             proximal = None
             server = self.job.federation.server_optimizer
             if server.name == "fedprox":
-                proximal = Proximal(server.mu, t.learning_rate, params)
+                proximal = Proximal(server.mu, lr, params)
             schedule = Schedule(
-                t.learning_rate,
+                lr,
                 phase.total_steps,
                 round(t.warmup_fraction * phase.total_steps),
                 t.schedule,

@@ -116,6 +116,34 @@ def test_batch_defaults_depend_on_dp_and_an_explicit_batch_wins() -> None:
     assert plan_privacy(explicit, 5000, "test").phases[0].batch_size == 300
 
 
+@pytest.mark.parametrize(("dp", "peak"), [(True, 5e-4), (False, 5e-3), (None, 2e-2)])
+def test_a_lora_round_runs_at_the_default_peak_rate_for_its_privacy(
+    tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, dp: bool | None, peak: float
+) -> None:
+    """Without DP LoRA's default rate is 5e-3, with DP 5e-4; an explicit rate wins (None)."""
+    import fedslm.site
+
+    seen: list[float] = []
+    monkeypatch.setattr(
+        fedslm.site, "Schedule", lambda lr, *a, **k: seen.append(lr) or Schedule(lr, *a, **k)
+    )
+    train: dict[str, object] = {"mode": "lora", "local_steps": 1, "batch_size": 8}
+    if dp is None:
+        train["learning_rate"] = peak
+    limits = {"lifetime_epsilon": 1e4, "max_epsilon_per_job": 1e4, "allow_no_dp": True}
+    job = _job(
+        train=train,
+        privacy={"enabled": dp is not False},
+        federation={"sites": 1, "rounds": 1},
+        data={"synthetic": {"rows_per_site": 60}},
+        policy={"default": {"privacy": limits}},
+    )
+    prepared = prepare_job(job, "test", tmp_path / "run")
+    site = build_site(prepared, prepared.sites[0])
+    site.train_round(1, site.initial_state())
+    assert seen == [peak]
+
+
 def test_the_plan_warns_in_plain_words_when_noise_swamps_a_tiny_site() -> None:
     job = _job(train={"mode": "lora"})
     plan = plan_privacy(job, 33, "test")
