@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import OrderedDict
 from dataclasses import fields as dataclass_fields
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from safetensors.torch import save as save_tensors
 from fedslm.coordinator import SiteEval, SiteReport
 from fedslm.egress import Payload
 from fedslm.privacy.accounting import Segment
+from fedslm.privacy.anchors import Anchor
 from fedslm.secagg.messages import KeyAdvert, MaskedInput
 
 T = TypeVar("T")
@@ -30,6 +32,9 @@ ORDER = "fedslm.order"  # safetensors metadata: the tensor names in the sender's
 # that evaluation's records under these names ("eval-metrics", "eval-site")
 EVAL_PREFIX = "eval-"
 _U64 = 2**64
+# a train message's copy of the site's last ledger head the coordinator anchored
+ANCHOR_SEQ, ANCHOR_HASH = "ledger-anchor-seq", "ledger-anchor-hash"
+_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def to_wire(value: Any) -> Any:
@@ -233,3 +238,31 @@ def decode_eval(content: RecordDict, prefix: str = "") -> SiteEval:
         float(m["eval-accuracy"]),
         int(m["num-examples"]),
     )
+
+
+def anchor_config(anchor: Anchor | None) -> dict[str, Any]:
+    """The config entries that tell a site the ledger head its coordinator anchored for it
+    (none while it anchors none)."""
+    if anchor is None or anchor.seq is None:
+        return {}
+    return {ANCHOR_SEQ: int(anchor.seq), ANCHOR_HASH: anchor.hash}
+
+
+def config_anchor(config: ConfigRecord, round_num: int) -> Anchor | None:
+    """The ledger head a train message says the coordinator anchored for this site (None:
+    it sent none). Raises ``ValueError`` naming the key for a malformed one: a site cannot
+    check its ledger against a head it cannot read, and does not train unchecked."""
+    seq, head = config.get(ANCHOR_SEQ), config.get(ANCHOR_HASH)
+    if seq is None and head is None:
+        return None
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise ValueError(
+            f"config {ANCHOR_SEQ!r} must be the seq of a ledger entry (an integer >= 1) sent "
+            f"together with {ANCHOR_HASH!r}, got {seq!r}"
+        )
+    if not isinstance(head, str) or not _HASH.fullmatch(head):
+        raise ValueError(
+            f"config {ANCHOR_HASH!r} must be the hash of ledger entry seq {seq} (64 lowercase "
+            f"hex digits) sent together with {ANCHOR_SEQ!r}, got {head!r}"
+        )
+    return Anchor(seq, head, f"the coordinator's train message for round {round_num}")

@@ -25,6 +25,7 @@ import torch
 from fedslm.clients.codec import (
     EVAL_PREFIX,
     arrays_to_state,
+    config_anchor,
     config_to_message,
     encode_payload,
     from_wire,
@@ -36,6 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedslm.artifacts import write_torch
 from fedslm.egress import Payload, RingSpec
 from fedslm.errors import FedSLMError
+from fedslm.privacy.anchors import Anchor
 from fedslm.progress import Reporter
 from fedslm.secagg import KeyRoster, SecAggParams, SecAggSite, ShareInbox, UnmaskRequest
 from fedslm.secagg.adapter import job_params, session_id, update_vector
@@ -69,20 +71,25 @@ def handle_train(
     Under secure aggregation the reply carries metrics and a key advert, and the update stays
     in ``state`` for the masked-input stage. With ``releases``, a round already released is
     answered from the store (same input) or refused (different input), without training.
+
+    With config ``ledger-anchor-seq`` and ``ledger-anchor-hash`` (the head the coordinator
+    anchored for this site), a ledger that no longer extends that head is refused before
+    anything is spent; a malformed anchor raises ``ValueError`` naming the key.
     """
     config = content["config"]
     round_num = int(config["round"])  # type: ignore[arg-type]
     reporter = Reporter(quiet=bool(config.get("quiet", False)))  # type: ignore[union-attr]
     global_state = arrays_to_state(content["arrays"])  # type: ignore[arg-type]
+    anchor = config_anchor(config, round_num)  # type: ignore[arg-type]
     if "evaluate-round" not in config:
-        return _train(site, round_num, global_state, state, node_id, reporter, releases)
+        return _train(site, round_num, global_state, state, node_id, reporter, releases, anchor)
     evaluated = int(config["evaluate-round"])  # type: ignore[arg-type]
     try:
         payload = site.release(evaluated, site.eval_payload(site.evaluate(global_state)))
     except SiteRefusal as refusal:  # the egress guard blocked it: training goes on
         payload = site.release(evaluated, site.refusal_payload(refusal.reasons))
     evaluation = encode_payload(payload, EVAL_PREFIX)
-    reply = _train(site, round_num, global_state, state, node_id, reporter, releases)
+    reply = _train(site, round_num, global_state, state, node_id, reporter, releases, anchor)
     return join_replies(evaluation, reply)
 
 
@@ -94,6 +101,7 @@ def _train(
     node_id: int,
     reporter: Reporter,
     releases: ReleaseStore | None,
+    anchor: Anchor | None = None,
 ) -> RecordDict:
     def on_step(step: int, steps: int, loss: float) -> None:
         reporter.step(site.name, round_num, step, steps, loss)
@@ -104,7 +112,7 @@ def _train(
             if stored is not None:
                 reporter.info(f"[{site.name}] round {round_num}: sending the stored release again")
                 return encode_payload(site.release(round_num, stored, replay=True))
-        update = site.train_round(round_num, global_state, on_step)
+        update = site.train_round(round_num, global_state, on_step, anchor)
         if site.job.federation.secure_aggregation:
             payload = _start_secure(site, state, node_id, round_num, update, global_state)
         else:

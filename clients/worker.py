@@ -373,6 +373,7 @@ class Worker:
         wrong); a job the site will not run is answered with a refusal, logged in the egress
         log like every message the site sends.
         """
+        from fedslm.clients.codec import config_anchor
         from fedslm.clients.handlers import HANDLERS, SECRET_STATE_KEYS, handle_train
 
         self._last_replay = False
@@ -393,6 +394,11 @@ class Worker:
                 f"config 'evaluate-round' ({evaluated!r}) belongs in a train message only, as "
                 f"an earlier round than 'round' ({round_num})"
             )
+        if kind == "train":
+            try:
+                config_anchor(config, round_num)
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
         if kind == "query" and not isinstance(config.get("stage"), str):
             raise RequestError("a query message needs config 'stage' (secure aggregation)")
         if kind in ("train", "evaluate") and not isinstance(content.get("arrays"), ArrayRecord):

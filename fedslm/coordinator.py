@@ -36,6 +36,7 @@ from fedslm.privacy.accounting import (
     epsilon,
     gaussian_epsilon,
 )
+from fedslm.privacy.anchors import Anchor
 from fedslm.privacy.central import WEIGHTING_TEXT, noised_mean_update, site_weight
 from fedslm.robust import clip_update, coordinate_median, screen_updates, trimmed_mean
 from fedslm.secagg.adapter import mean_state
@@ -452,6 +453,17 @@ class Coordinator:
             f"round {self.record['round']}: {reason}"
         )
         return False
+
+    def site_anchor(self, site: str) -> Anchor | None:
+        """The site's last anchored head, which its next train message carries: the site
+        checks that its ledger still extends it before it trains (``Site.refusal``), which
+        catches a ledger rewritten and then padded past the anchored seq, whose head alone
+        ``head_conflict`` cannot tell from an honest one."""
+        head = self._last_head(site)
+        if head is None:
+            return None
+        where = f"the coordinator's record ({head.get('where')})"
+        return Anchor(int(head["seq"]), str(head["hash"]), where)
 
     def _last_head(self, site: str) -> dict[str, Any] | None:
         """The site's last anchored head: this run's latest, else the one of earlier runs."""

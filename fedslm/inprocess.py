@@ -92,7 +92,8 @@ def run_in_process(
                 reporter.step(name, round_num, step, steps, loss)
 
             try:
-                update = site.train_round(r, coordinator.state, on_step)
+                anchor = coordinator.site_anchor(site.name)
+                update = site.train_round(r, coordinator.state, on_step, anchor)
                 # what would leave the site is checked and logged, as on the network path
                 site.release(r, site.train_payload(update))
             except SiteRefusal as refusal:

@@ -464,8 +464,11 @@ class Site:
         """The adapter as initialised from the job seed (identical at every site)."""
         return get_adapter_state(self.loaded.model)
 
-    def refusal(self, round_num: int) -> list[str]:
+    def refusal(self, round_num: int, anchor: Anchor | None = None) -> list[str]:
         """Reasons the site's policy gives not to train ``round_num`` (empty: go ahead).
+
+        ``anchor`` is the head the coordinator anchored for this site (its train message
+        carries it): a ledger that no longer extends it is refused, policy or none.
 
         The whole job is checked once per process (``job_refusal``: every planned step against
         the per-job and lifetime budgets, model, task, rounds, delta, noise, rank, head, the
@@ -473,6 +476,11 @@ class Site:
         what the ledger holds, the lifetime and per-job budgets, and the bytes the reply would
         carry.
         """
+        if anchor is not None:
+            # checked every round: each round's message anchors the head released last
+            broken = anchor_refusal(self.ledger_path, [anchor])
+            if broken:
+                return [broken]
         if self.policy is None:
             return []
         plan = self.plan
@@ -509,15 +517,17 @@ class Site:
         round_num: int,
         global_state: dict[str, torch.Tensor],
         on_step: StepCallback | None = None,
+        anchor: Anchor | None = None,
     ) -> SiteUpdate:
-        """Check the policy, record the round in the ledger, train, return the new adapter.
+        """Check the policy (and the coordinator's ``anchor``, see ``refusal``), record the
+        round in the ledger, train, return the new adapter.
 
         Raises ``SiteRefusal`` (having trained nothing) when the policy forbids the round.
         The ledger entry is written before training: a crash afterwards can over-count one
         round, never under-count, and a retried round is not counted twice.
         """
         checked = time.perf_counter()
-        reasons = self.refusal(round_num)
+        reasons = self.refusal(round_num, anchor)
         if reasons:
             raise SiteRefusal(reasons)
         plan, t = self.plan, self.job.train

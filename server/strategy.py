@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from fedslm.clients.codec import (
     EVAL_PREFIX,
+    anchor_config,
     decode_eval,
     decode_protocol_reply,
     decode_refusal,
@@ -140,6 +141,8 @@ class FedSLMStrategy(Strategy):
         # deployment: Flower node id -> the site name registered with that node's key. Only
         # these nodes are asked, and a reply must speak for the site its key belongs to.
         self.roster = dict(roster) if roster is not None else None
+        # simulation (no roster): the site each node spoke for, learned from its replies
+        self._seen: dict[int, str] = {}
         self._waited = False
         # secure aggregation runs its later stages from aggregate_train; Flower's loop hands
         # the grid and config to configure_train only, so they are kept from there
@@ -201,6 +204,7 @@ class FedSLMStrategy(Strategy):
         """Why a reply from ``node`` claiming to be site ``claimed`` is not accepted (None:
         it is). Without a roster (simulation) every node speaks for itself."""
         if self.roster is None:
+            self._seen[node] = claimed
             return None
         registered = self.roster.get(node)
         if registered is None:
@@ -212,20 +216,27 @@ class FedSLMStrategy(Strategy):
     def _messages(
         self, kind: str, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
-        return [
-            Message(
-                content=RecordDict({"arrays": arrays, "config": config}),
-                message_type=kind,
-                dst_node_id=node,
-            )
-            for node in self._nodes(grid)
-        ]
+        messages = []
+        for node in self._nodes(grid):
+            node_config = self._train_config(config, node) if kind == MessageType.TRAIN else config
+            content = RecordDict({"arrays": arrays, "config": node_config})
+            messages.append(Message(content=content, message_type=kind, dst_node_id=node))
+        return messages
+
+    def _train_config(self, config: ConfigRecord, node: int) -> ConfigRecord:
+        """``config`` with the ledger head the coordinator anchored for the node's site, when
+        it knows the site and holds one: the site refuses to train on a ledger that does not
+        extend it (a rewrite padded past the anchored seq shows no conflict in its head)."""
+        site = self.roster.get(node) if self.roster is not None else self._seen.get(node)
+        extra = anchor_config(self.coordinator.site_anchor(site)) if site else {}
+        return ConfigRecord({**config, **extra}) if extra else config
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Every site trains on the current global adapter (and, when ``config`` has
         ``evaluate-round``, first evaluates it: ``aggregate_evaluate`` takes those replies).
+        Each site's message also carries its last anchored ledger head (``_train_config``).
         The round loop starts the coordinator's round (``Coordinator.start_round``) once the
         previous round is recorded, which with an evaluation riding along is after the
         replies to these messages."""

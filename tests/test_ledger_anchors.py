@@ -379,3 +379,150 @@ def test_simulate_preflight_refuses_the_rewritten_ledger(tmp_path: Path, tiny_be
     delete_job_and_rehash(ledger, "job-a")
     with pytest.raises(FederationError, match="rewritten from entry seq 1 on"):
         preflight(plan, ledgers)
+
+
+# --------------------------------------------------------------------------------------------
+# The coordinator's anchor, sent with each train message (the site checks the chain)
+
+NODE = 7
+
+
+class _Grid:
+    """The one node the strategy asks: the deployed site's, registered on its roster."""
+
+    def get_node_ids(self) -> list[int]:
+        return [NODE]
+
+
+def _anchored_round(site: Path, tiny_bert: Path, pad: bool) -> tuple[object, object, Path]:
+    """The deployed message path of round 1 for ``site``, whose coordinator anchored the head
+    of job B (seq 5) in an earlier run (``runs/ledger_anchors.json``): the real strategy
+    builds the train message, the real site handler answers it, the strategy records the
+    reply. With ``pad`` the site's ledger is first rewritten without job A, padded with
+    dummy entries past seq 5, and its journal deleted: a head the coordinator cannot fault.
+    Returns (the coordinator, the site's reply content, the ledger)."""
+    from fedslm.clients.codec import ANCHOR_HASH, ANCHOR_SEQ, state_to_arrays
+    from fedslm.clients.handlers import handle_train
+    from fedslm.server.strategy import FedSLMStrategy
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedslm.config import validate_config
+    from fedslm.models.registry import resolve_model
+    from fedslm.policy import load_policy
+    from fedslm.progress import Reporter
+    from fedslm.site import Site
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    ledger, train = site / "privacy" / "ledger.db", site / "train.jsonl"
+    with PrivacyLedger(ledger, create=False) as led:
+        head = led.entries()[-1]
+    assert head.seq == 5 and head.job_id == "job-b"
+    runs = site.parent / "runs"
+    (runs / "now").mkdir(parents=True)
+    store = runs / "ledger_anchors.json"
+    where = "run b round 2"
+    store.write_text(json.dumps({"hospital": {"seq": 5, "hash": head.hash, "where": where}}))
+    if pad:
+        delete_job_and_rehash(ledger, "job-a")
+        fp = DatasetFingerprint.of_file(train)
+        with PrivacyLedger(ledger, fp) as led:  # seqs 3-6, each spending next to nothing
+            for r in range(1, 5):
+                led.record(fp, "job-pad", r, Segment(Q, 50.0, STEPS), DELTA)
+        journal_path(ledger).unlink()
+
+    job = validate_config(
+        {
+            "model": {"path": str(tiny_bert)},
+            "federation": {"sites": ["hospital"], "rounds": 2, "min_sites": 1},
+            "privacy": {"target_epsilon": 1.0},
+            "train": {"mode": "lora", "batch_size": 30, "local_steps": 2, "max_length": 16},
+        }
+    )
+    eval_file = site / "eval.jsonl"
+    write_rows(generate_bank_messages(["a"], 40, seed=2, skew=1.0), eval_file)
+    labels = sorted({json.loads(x)["label"] for x in train.read_text().splitlines()})
+    policy = {"data": "train.jsonl", "ledger": "privacy/ledger.db"}
+    policy["privacy"] = {"lifetime_epsilon": 100, "max_epsilon_per_job": 50}  # type: ignore[assignment]
+    (site / "site.yaml").write_text(yaml.safe_dump(policy))
+    the_site = Site(
+        job, "hospital", resolve_model(job.model), labels, train, eval_file, ledger=ledger,
+        job_id="job-c", policy=load_policy(site / "site.yaml"),
+    )  # fmt: skip
+    state = the_site.initial_state()
+    coordinator = Coordinator(job, runs / "now", torch.nn.Module(), state, {}, store)
+    strategy = FedSLMStrategy(coordinator, 1, Reporter(quiet=True), 0, roster={NODE: "hospital"})
+
+    (message,) = strategy.configure_train(
+        1, state_to_arrays(state), ConfigRecord({"round": 1}), _Grid()
+    )
+    config = message.content["config"]
+    assert (config[ANCHOR_SEQ], config[ANCHOR_HASH]) == (5, head.hash)
+    reply = handle_train(the_site, message.content, RecordDict(), NODE)
+    coordinator.start_round(1)
+    strategy.aggregate_train(1, [Message(content=reply, reply_to=message)])
+    return coordinator, reply, ledger
+
+
+def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
+    site: Path, tiny_bert: Path
+) -> None:
+    from fedslm.clients.codec import decode_refusal
+
+    coordinator, reply, ledger = _anchored_round(site, tiny_bert, pad=True)
+    with PrivacyLedger(ledger, create=False) as led:
+        padded = led.entries()
+        assert led.verify() == [] and [e.seq for e in padded][-1] == 6
+    # the premise: the padded head is past the anchored one, so the head alone passes
+    assert head_conflict({"seq": 5, "hash": "x", "where": "w"}, 6, padded[-1].hash) is None
+    refused = decode_refusal(reply)  # type: ignore[arg-type]
+    assert refused is not None and refused[0] == "hospital", reply
+    (reason,) = refused[1]
+    assert "the coordinator's train message for round 1 (entry seq 5" in reason, reason
+    assert "the ledger's entry seq 5 has hash" in reason and "between seq 1 and 5" in reason
+    with PrivacyLedger(ledger, create=False) as led:
+        assert led.entries() == padded  # refused before anything was spent
+    assert coordinator.record["refusals"] == {"hospital": [reason]}  # type: ignore[attr-defined]
+    privacy = coordinator.privacy_summary()["sites"]["hospital"]  # type: ignore[attr-defined]
+    assert privacy["refusals"] == [f"round 1: {reason}"]
+
+
+def test_an_honest_site_extends_the_coordinators_anchor_and_trains(
+    site: Path, tiny_bert: Path
+) -> None:
+    from fedslm.clients.codec import decode_refusal
+
+    coordinator, reply, ledger = _anchored_round(site, tiny_bert, pad=False)
+    assert decode_refusal(reply) is None  # type: ignore[arg-type]
+    with PrivacyLedger(ledger, create=False) as led:
+        last = led.entries()[-1]
+    assert (last.seq, last.job_id) == (6, "job-c")
+    sites = coordinator.record["sites"]  # type: ignore[attr-defined]
+    assert sites["hospital"]["ledger_seq"] == 6 and not coordinator.record["failures"]  # type: ignore[attr-defined]
+    # the next round's message carries the head this round released
+    anchor = coordinator.site_anchor("hospital")  # type: ignore[attr-defined]
+    assert anchor is not None and (anchor.seq, anchor.hash) == (6, last.hash)
+
+
+def test_a_malformed_anchor_in_a_train_message_is_a_clear_error() -> None:
+    from fedslm.clients.codec import ANCHOR_HASH, ANCHOR_SEQ, anchor_config, config_anchor
+    from flwr.app import ConfigRecord
+
+    good = anchor_config(Anchor(5, "a" * 64, "coordinator"))
+    assert config_anchor(ConfigRecord({"round": 2, **good}), 2) == Anchor(
+        5, "a" * 64, "the coordinator's train message for round 2"
+    )
+    assert config_anchor(ConfigRecord({"round": 2}), 2) is None
+    assert anchor_config(None) == {} and anchor_config(Anchor(None, "a" * 64, "x")) == {}
+    for wrong, says in (
+        ({ANCHOR_SEQ: "5"}, f"config '{ANCHOR_SEQ}' must be the seq of a ledger entry"),
+        ({ANCHOR_SEQ: 0}, "an integer >= 1"),
+        ({ANCHOR_SEQ: True}, "got True"),
+        ({ANCHOR_HASH: "A" * 64}, f"config '{ANCHOR_HASH}' must be the hash of ledger entry"),
+        ({ANCHOR_HASH: "ab"}, "64 lowercase hex digits"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            config_anchor(ConfigRecord({"round": 2, **{**good, **wrong}}), 2)
+    for half in good:  # one of the pair alone
+        with pytest.raises(ValueError, match="sent together with"):
+            config_anchor(ConfigRecord({"round": 2, half: good[half]}), 2)

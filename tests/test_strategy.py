@@ -46,8 +46,9 @@ def _request(node: int) -> Message:
     return Message(content=content, dst_node_id=node, message_type="train")
 
 
-def _ok(node: int, site: str, value: float) -> Message:
-    """A training reply as ``Site.train_payload`` builds it."""
+def _ok(node: int, site: str, value: float, head: str = "ab" * 32, seq: int = 0) -> Message:
+    """A training reply as ``Site.train_payload`` builds it (``seq`` 0: a site that sends
+    its ledger head without the seq)."""
     payload = Payload(
         "train",
         {"w": torch.full((2,), value)},
@@ -69,7 +70,8 @@ def _ok(node: int, site: str, value: float) -> Message:
             "accountant": "prv",
             "max_grad_norm": 1.0,
             "lifetime_epsilon": 0.7,
-            "ledger_head": "ab" * 32,
+            "ledger_head": head,
+            **({"ledger_seq": seq} if seq else {}),
         },
     )
     return Message(content=encode_payload(payload), reply_to=_request(node))
@@ -115,6 +117,32 @@ def test_enough_replies_are_averaged(tmp_path: Path) -> None:
     )
     assert arrays is not None and metrics is not None
     torch.testing.assert_close(arrays_to_state(arrays)["w"], torch.full((2,), 3.0))
+
+
+class _Nodes:
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3]
+
+
+def test_each_train_message_carries_the_sites_anchored_ledger_head(tmp_path: Path) -> None:
+    """The coordinator tells each site the last head it anchored for it (here learned from
+    round 1's replies, as in simulation), so the site can check its ledger still extends it."""
+    from fedslm.clients.codec import ANCHOR_HASH, ANCHOR_SEQ
+
+    strategy = _strategy(tmp_path, min_sites=1)
+    arrays, _ = strategy.aggregate_train(
+        1, [_ok(1, "site-1", 2.0, "1" * 64, 4), _ok(2, "site-2", 2.0, "2" * 64, 9)]
+    )
+    assert arrays is not None
+    common = ConfigRecord({"round": 2})
+    messages = strategy.configure_train(2, arrays, common, _Nodes())  # type: ignore[arg-type]
+    configs = {m.metadata.dst_node_id: m.content["config"] for m in messages}
+    assert (configs[1][ANCHOR_SEQ], configs[1][ANCHOR_HASH]) == (4, "1" * 64)
+    assert (configs[2][ANCHOR_SEQ], configs[2][ANCHOR_HASH]) == (9, "2" * 64)
+    assert ANCHOR_SEQ not in configs[3]  # no head of node 3's site is anchored yet
+    assert ANCHOR_SEQ not in common and configs[1]["round"] == 2  # per site, not shared
+    evaluate = strategy.configure_evaluate(2, arrays, ConfigRecord({}), _Nodes())  # type: ignore[arg-type]
+    assert all(ANCHOR_SEQ not in m.content["config"] for m in evaluate)
 
 
 def _eval_payload(site: str, loss: float) -> Payload:

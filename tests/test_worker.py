@@ -319,6 +319,13 @@ def test_malformed_requests_get_clear_errors_and_the_worker_keeps_serving(
         d.call("train", content(cfg, d.adapter))
     with pytest.raises(WorkerError, match="must be 1-128 letters"):
         d.call("train", content(message_config(d.job, 1, "../../etc"), d.adapter))
+    # the coordinator's anchor of the site's ledger head: checked before anything is built
+    cfg = message_config(d.job, 2, **{"ledger-anchor-seq": "5", "ledger-anchor-hash": "a" * 64})
+    with pytest.raises(WorkerError, match=r"config 'ledger-anchor-seq' must be the seq of a"):
+        d.call("train", content(cfg, d.adapter))
+    cfg = message_config(d.job, 2, **{"ledger-anchor-seq": 5, "ledger-anchor-hash": "nope"})
+    with pytest.raises(WorkerError, match=r"'ledger-anchor-hash' must be the hash of ledger entry"):
+        d.call("train", content(cfg, d.adapter))
     simulated = ConfigRecord({"round": 1, "manifest": "/x/job.json"})
     with pytest.raises(WorkerError, match="simulation message"):
         d.call("evaluate", content(simulated, d.adapter))
