@@ -14,9 +14,10 @@ table per study:
 - ``federation``: records vs uniform weighting, server momentum;
 - ``head-init``: label-name, zero and random head;
 - ``nodp``: without DP, batch and learning rate, centralized against federated;
-- ``lr``: under DP, the learning rate at epsilon 8 and 3.
+- ``lr``: under DP, the learning rate at epsilon 8 and 3;
+- ``rounds``: under DP, job shapes at learning rates 2 and 1, epsilon 8 and 3.
 
-    python -m bench.probe_study [--study pooling shape federation head-init nodp lr] [--seeds 0 1]
+    python -m bench.probe_study [--study STUDY ...] [--seeds 0 1]
 
 Features are cached in ``runs/bench-probe/features.pt`` (about 3 minutes on 2 cores to build).
 It is a simulation of the probe's arithmetic, not a fedslm run: the fedslm rows of the same
@@ -287,6 +288,26 @@ def study_lr(feats: dict, seeds: list[int]) -> str:
     return table(["lr", *heads], rows)
 
 
+ROUND_SHAPES = [(5, 6, 512), (10, 3, 512), (5, 6, 1024), (3, 10, 1024), (10, 6, 1024)]
+
+
+def study_rounds(feats: dict, seeds: list[int]) -> str:
+    """Under DP (label-name head): rounds x local epochs x batch at learning rates 2 and 1,
+    epsilon 8 and 3."""
+    rows = []
+    for rounds, epochs, batch in ROUND_SHAPES:
+        for lr in (2.0, 1.0):
+            shape = {"rounds": rounds, "epochs": epochs, "batch": batch, "lr": lr}
+            cells = [
+                _mean([federated(d, eps=eps, init="label-names", seed=s, **shape) for s in seeds])
+                for d in feats.values()
+                for eps in (8.0, 3.0)
+            ]
+            rows.append([rounds, epochs, batch, lr, *cells])
+    heads = [f"{n} eps {e:g}" for n in feats for e in (8, 3)]
+    return table(["rounds", "local epochs", "batch", "lr", *heads], rows)
+
+
 STUDIES = {
     "pooling": study_pooling,
     "shape": study_shape,
@@ -294,6 +315,7 @@ STUDIES = {
     "head-init": study_head_init,
     "nodp": study_nodp,
     "lr": study_lr,
+    "rounds": study_rounds,
 }
 
 
