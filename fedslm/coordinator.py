@@ -437,9 +437,12 @@ class Coordinator:
             return
         merged = read_site_anchors(self.anchors_file)
         for site, head in self.anchors.items():
-            if site not in merged or head["seq"] >= merged[site]["seq"]:
+            if site not in merged or (head.seq or 0) >= (merged[site].seq or 0):
                 merged[site] = head
-        write_json(self.anchors_file, merged)
+        write_json(
+            self.anchors_file,
+            {s: {"seq": a.seq, "hash": a.hash, "where": a.source} for s, a in merged.items()},
+        )
 
     def _anchored(self, r: SiteReport, consequence: str = "") -> bool:
         """Whether ``r``'s ledger head can extend the site's last anchored head; if not, the
@@ -462,15 +465,13 @@ class Coordinator:
         head = self._last_head(site)
         if head is None:
             return None
-        where = f"the coordinator's record ({head.get('where')})"
-        return Anchor(int(head["seq"]), str(head["hash"]), where)
+        return Anchor(head.seq, head.hash, f"the coordinator's record ({head.source})")
 
-    def _last_head(self, site: str) -> dict[str, Any] | None:
+    def _last_head(self, site: str) -> Anchor | None:
         """The site's last anchored head: this run's latest, else the one of earlier runs."""
         p = self.privacy.get(site)
         if p is not None and p.ledger_head and p.ledger_seq is not None:
-            return {"seq": p.ledger_seq, "hash": p.ledger_head, "where": "an earlier round of "
-                    "this run"}  # fmt: skip
+            return Anchor(p.ledger_seq, p.ledger_head, "an earlier round of this run")
         return self.anchors.get(site)
 
     def _resume_state(self) -> dict[str, Any]:
@@ -690,11 +691,8 @@ class Coordinator:
             if anchor:
                 p.ledger_head, p.ledger_seq = r.ledger_head, r.ledger_seq
             if anchor and r.ledger_head and r.ledger_seq is not None:
-                self.anchors[r.site] = {
-                    "seq": r.ledger_seq,
-                    "hash": r.ledger_head,
-                    "where": f"run {self.out.name} round {round_num}",
-                }
+                where = f"run {self.out.name} round {round_num}"
+                self.anchors[r.site] = Anchor(r.ledger_seq, r.ledger_head, where)
 
 
 def _complete_lines(path: Path) -> list[dict[str, Any]]:
@@ -737,14 +735,16 @@ def _site_record(r: SiteReport) -> dict[str, Any]:
     }
 
 
-def read_site_anchors(path: Path | None) -> dict[str, dict[str, Any]]:
+def read_site_anchors(path: Path | None) -> dict[str, Anchor]:
     """The coordinator's record of each site's last ledger head (``{}`` if none yet)."""
     if path is None or not path.exists():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return {str(s): {"seq": int(a["seq"]), "hash": str(a["hash"]),
-                         "where": str(a.get("where", path))} for s, a in data.items()}  # fmt: skip
+        return {
+            str(s): Anchor(int(a["seq"]), str(a["hash"]), str(a.get("where", path)))
+            for s, a in data.items()
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FederationError(
             f"{path}: the coordinator's record of site ledger heads is unreadable ({exc}); "
@@ -752,9 +752,7 @@ def read_site_anchors(path: Path | None) -> dict[str, dict[str, Any]]:
         ) from None
 
 
-def head_conflict(
-    anchored: Mapping[str, Any] | None, seq: int | None, head: str | None
-) -> str | None:
+def head_conflict(anchored: Anchor | None, seq: int | None, head: str | None) -> str | None:
     """Why a site's new ledger head ``(seq, head)`` cannot extend its ``anchored`` head (None:
     it can). Pure.
 
@@ -762,9 +760,9 @@ def head_conflict(
     the same seq and hash (a round replayed). Without the entries in between the coordinator
     cannot check the hashes that link them; the site checks that (``fedslm.privacy.anchors``).
     """
-    if anchored is None or head is None or seq is None:
+    if anchored is None or anchored.seq is None or head is None or seq is None:
         return None
-    a_seq, a_hash, where = int(anchored["seq"]), str(anchored["hash"]), anchored.get("where")
+    a_seq, a_hash, where = anchored.seq, anchored.hash, anchored.source
     if seq > a_seq or (seq == a_seq and head == a_hash):
         return None
     return (

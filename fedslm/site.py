@@ -429,7 +429,6 @@ class Site:
         # a training reply carries every adapter tensor as float32, and nothing else
         initial = get_adapter_state(self.loaded.model)
         self.agreed_tensors = {k: tuple(t.shape) for k, t in initial.items()}
-        self.adapter_bytes = sum(4 * t.numel() for t in initial.values())
         self.adapter = adapter_size(initial, base_parameters(model.path))
         # the egress guard counts what each reply carries, whatever the job said it would be
         self.max_reply_params = (
@@ -459,6 +458,11 @@ class Site:
             )
         ins = read_instructions(path, d.prompt_column, d.response_column)
         return encode_instructions(tok, ins.prompts, ins.responses, n, self.loaded.prompt_template)
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes of tensor data in a training reply (float32)."""
+        return self.adapter.bytes
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The adapter as initialised from the job seed (identical at every site)."""

@@ -247,7 +247,7 @@ def test_coordinator_refuses_a_head_behind_the_one_it_anchored(tmp_path: Path) -
     assert json.loads(store.read_text())["bank"]["seq"] == 5
     # another run that anchored a later head meanwhile keeps it
     third = _coordinator(tmp_path / "runs" / "three", store)
-    third.anchors["bank"] = {"seq": 7, "hash": "7" * 64, "where": "run three round 1"}
+    third.anchors["bank"] = Anchor(7, "7" * 64, "run three round 1")
     third.keep_anchors()
     first.keep_anchors()
     assert json.loads(store.read_text())["bank"]["seq"] == 7
@@ -271,7 +271,7 @@ def test_coordinator_refuses_a_head_behind_the_one_it_anchored(tmp_path: Path) -
 
 
 def test_head_conflict_rules() -> None:
-    anchored = {"seq": 5, "hash": "h5", "where": "run x round 2"}
+    anchored = Anchor(5, "h5", "run x round 2")
     assert head_conflict(anchored, 6, "h6") is None  # appended after it
     assert head_conflict(anchored, 5, "h5") is None  # the same round replayed
     assert head_conflict(None, 1, "h1") is None
@@ -474,7 +474,7 @@ def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
         padded = led.entries()
         assert led.verify() == [] and [e.seq for e in padded][-1] == 6
     # the premise: the padded head is past the anchored one, so the head alone passes
-    assert head_conflict({"seq": 5, "hash": "x", "where": "w"}, 6, padded[-1].hash) is None
+    assert head_conflict(Anchor(5, "x", "w"), 6, padded[-1].hash) is None
     refused = decode_refusal(reply)  # type: ignore[arg-type]
     assert refused is not None and refused[0] == "hospital", reply
     (reason,) = refused[1]
