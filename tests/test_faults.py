@@ -366,7 +366,12 @@ def _still_running(procs: list[tuple[int, float]]) -> list[str]:
 def test_a_run_killed_in_round_2_keeps_round_1_and_leaves_no_ray_process(
     tmp_path: Path, tiny_bert: Path
 ) -> None:
-    cfg = tiny_job(tmp_path / "job")
+    cfg = tmp_path / "job" / "job.yaml"
+    cfg.parent.mkdir()
+    # rounds long enough (a few seconds) that round 2 is still training when the test, which
+    # polls the log, sees its first step and kills the run; 3 steps a round finished round 2
+    # before the kill on a fast machine
+    cfg.write_text(TINY.replace("local_epochs: 1", "local_steps: 200"))
     out = tmp_path / "run"
     log = tmp_path / "simulate.log"
     with log.open("w") as fh:
@@ -374,7 +379,7 @@ def test_a_run_killed_in_round_2_keeps_round_1_and_leaves_no_ray_process(
             [sys.executable, "-m", "fedslm.cli", "simulate", str(cfg), "--out", str(out)],
             stdout=fh,
             stderr=subprocess.STDOUT,
-            env=os.environ.copy(),
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},  # each progress line as it happens
         )
     seen: list[tuple[int, float]] = []
     names: dict[int, str] = {}
