@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedslm.report_cli import add_cli as add_report_cli
 
     add_report_cli(sub)
+    from fedslm.audit.cli import add_cli as add_audit_cli
+
+    add_audit_cli(sub)
     from fedslm.deployment.cli import add_cli as add_coordinator_cli
 
     add_coordinator_cli(sub)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fedslm.coordinator import SiteEval, SiteReport
+from fedslm.coordinator import Coordinator, SiteEval, SiteReport
 from fedslm.job import PreparedJob, SiteSetup, make_coordinator
 from fedslm.progress import Reporter
 from fedslm.site import Site, SiteRefusal, SiteUpdate, simulated_noise_secret
@@ -70,15 +70,18 @@ def run_in_process(
     reporter: Reporter | None = None,
     *,
     sites: list[Site] | None = None,
+    coordinator: Coordinator | None = None,
 ) -> dict[str, Any]:
     """Run every round of ``prepared``; write the usual outputs; return the privacy summary.
 
     ``sites`` reuses already built sites (each loads a model); by default they are built here
-    with their policies. A refusal is recorded like Flower's path records it.
+    with their policies. ``coordinator`` (default: ``make_coordinator``) is for callers that
+    read its final state afterwards (the privacy audit). A refusal is recorded like Flower's
+    path records it.
     """
     reporter = reporter or Reporter(quiet=True)
     sites = sites if sites is not None else [build_site(prepared, s) for s in prepared.sites]
-    coordinator = make_coordinator(prepared)
+    coordinator = coordinator or make_coordinator(prepared)
     rounds = prepared.job.federation.rounds
     for r in range(1, rounds + 1):
         coordinator.start_round(r)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedslm import __version__
+from fedslm.audit.report import empirical_check
 from fedslm.data.tables import file_sha256
 from fedslm.errors import DataError
 from fedslm.privacy.accounting import ACCOUNTANT_NAMES, Segment, epsilon, gaussian_epsilon
@@ -164,6 +165,7 @@ def _report(
         utility=utility(ctx, sites, [load_baseline(n, p, ctx.run, sites) for n, p in baselines]),
         checks=checks,
         notes=notes(ctx),
+        empirical_check=empirical_check(ctx.run.root, ctx.run.config),
     )
 
 

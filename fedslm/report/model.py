@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedslm.audit.report import EmpiricalCheck
+
 SCHEMA_VERSION = 1
 
 AccountantName = Literal["prv", "pld", "rdp", "analytic"]
@@ -400,6 +402,9 @@ class Report(_Model):
     utility: Utility
     checks: list[CheckResult]
     notes: list[str] = Field(description="figures the run's files do not allow to check")
+    empirical_check: EmpiricalCheck | None = Field(
+        default=None, description="fedslm audit's lower bound (audit.json in the run folder)"
+    )
 
 
 # Fields that legitimately differ between two builds of the same run's report.
