@@ -207,7 +207,8 @@ def run_audit(
     control_plan = _audit_plan(plan, site, drawn, dp=False)
     _prepare_out(out, [config, *plan.inputs()], overwrite)
     ledgers = out / "ledgers"
-    refused = [r for r in preflight(audited_plan, ledgers / "audited") if f"site {site} " in r]
+    refusals = preflight(audited_plan, ledgers / "audited")  # one line per site, named first
+    refused = [r for r in refusals if r.startswith((f"site {site} ", f"site {site}:"))]
     if refused:
         raise FederationError(f"{config}: the audited site refuses the job: {refused[0]}")
     write_marker(out, COMMAND, str(config))
