@@ -319,6 +319,7 @@ def _train_arm(
     if name != "audited":
         write_marker(out, COMMAND, plan.source)
     prepared = plan.write(out, ledgers)
+    prepared.save()  # job.json, as a simulated run has it (the report reads the config there)
     write_marker(out, COMMAND, plan.source, {s.name: s.ledger for s in prepared.sites})
     dp = plan.job.privacy.enabled
     reporter.info(f"audit: {name} run (DP {'on' if dp else 'off'}) -> {out}")
