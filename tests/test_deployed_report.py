@@ -23,6 +23,7 @@ import yaml
 
 from fedslm.cli import main
 from fedslm.egress import Payload, describe
+from fedslm.errors import FedSLMError
 from fedslm.keys import fingerprint, generate_key, load_public_key
 from fedslm.privacy.accounting import Segment, epsilon
 from fedslm.privacy.egress_log import record_egress
@@ -37,7 +38,6 @@ from fedslm.report.federation import (
 from fedslm.report.signing import load_trusted_keys, sign_site_report
 from fedslm.report.site_report import read_site_report
 from fedslm.report_cli import verify_cmd
-from fedslm.errors import FedSLMError
 
 SITES = ("site-a", "site-b", "site-c")
 JOB = "job-0123456789ab"
@@ -67,21 +67,31 @@ def make_site(root: Path, name: str) -> tuple[Path, list[str]]:
     policy = {
         "ledger": "ledger.db",
         "privacy": {"lifetime_epsilon": 50.0, "max_epsilon_per_job": 20.0},
-        "daemon": {"name": name, "coordinator": "127.0.0.1:9", "ca_cert": "ca.crt",
-                   "key": "site.key", "state_dir": "state", "runtime_port": 40001},
-    }  # fmt: skip
+        "daemon": {
+            "name": name,
+            "coordinator": "127.0.0.1:9",
+            "ca_cert": "ca.crt",
+            "key": "site.key",
+            "state_dir": "state",
+            "runtime_port": 40001,
+        },
+    }
     (folder / "site.yaml").write_text(yaml.safe_dump(policy))
     hashes = []
     with PrivacyLedger(folder / "ledger.db") as ledger:
-        refusal = Payload("refusal", fields={"site": name, "refused": True,
-                                             "reasons": ["task not allowed"]})  # fmt: skip
+        refusal = Payload(
+            "refusal", fields={"site": name, "refused": True, "reasons": ["task not allowed"]}
+        )
         record_egress(ledger, "job-earlier", 0, "sent", describe(refusal))
         for rnd in (1, 2):
             entry = ledger.record(DATASET, JOB, rnd, SEG, DELTA, "pld")
             hashes.append(entry.hash)
-            update = Payload("train", tensors={"lora_A": torch.ones(2, 3)},
-                             metrics={"steps": 4, "train-loss": 1.5},
-                             fields={"site": name, "ledger_head": entry.hash})  # fmt: skip
+            update = Payload(
+                "train",
+                tensors={"lora_A": torch.ones(2, 3)},
+                metrics={"steps": 4, "train-loss": 1.5},
+                fields={"site": name, "ledger_head": entry.hash},
+            )
             record_egress(ledger, JOB, rnd, "sent", describe(update))
     return folder, hashes
 
@@ -92,29 +102,60 @@ def make_run(state: Path, name: str, heads: dict[str, list[str]]) -> Path:
     run.mkdir(parents=True)
     pubs = {s: (state.parent.parent / s / "site.pub").read_text().strip() for s in SITES}
     manifest = {
-        "config": CONFIG, "source": "job.yaml", "job_id": JOB, "labels": ["a", "b"],
+        "config": CONFIG,
+        "source": "job.yaml",
+        "job_id": JOB,
+        "labels": ["a", "b"],
         "model": {"path": "/models/tiny", "name": "tiny", "sha256": "0" * 64},
         "deployment": True,
-        "sites": [{"name": s, "node_id": i + 1, "public_key": pubs[s]} for i, s in enumerate(SITES)],
-    }  # fmt: skip
+        "sites": [
+            {"name": s, "node_id": i + 1, "public_key": pubs[s]} for i, s in enumerate(SITES)
+        ],
+    }
     (run / "job.json").write_text(json.dumps(manifest))
     eps = epsilon([SEG, SEG], DELTA, "pld")
     sites = {
-        s: {"records": 120, "rounds": 2, "dp_enabled": True, "refusals": [], "epsilon": eps,
-            "accountant": "pld", "epsilon_recomputed_pld": eps, "delta": DELTA, "dp_steps": 8,
-            "segments": [SEG.to_dict(), SEG.to_dict()], "ledger_head": heads[s][-1],
-            "ledger_head_seq": 2}
+        s: {
+            "records": 120,
+            "rounds": 2,
+            "dp_enabled": True,
+            "refusals": [],
+            "epsilon": eps,
+            "accountant": "pld",
+            "epsilon_recomputed_pld": eps,
+            "delta": DELTA,
+            "dp_steps": 8,
+            "segments": [SEG.to_dict(), SEG.to_dict()],
+            "ledger_head": heads[s][-1],
+            "ledger_head_seq": 2,
+        }
         for s in SITES
-    }  # fmt: skip
-    privacy = {"sites": sites, "job_fingerprint": job_config_sha256(CONFIG),
-               "run": {"status": "complete"}}  # fmt: skip
+    }
+    privacy = {
+        "sites": sites,
+        "job_fingerprint": job_config_sha256(CONFIG),
+        "run": {"status": "complete"},
+    }
     (run / "privacy.json").write_text(json.dumps(privacy))
     rounds = [
-        {"round": r, "aggregated": True, "train_loss": 1.2, "eval_loss": 1.1, "eval_accuracy": 0.5,
-         "sites": {s: {"steps": 4, "train_loss": 1.2, "eval_loss": 1.0 + i / 10,
-                       "eval_accuracy": 0.4 + i / 10} for i, s in enumerate(SITES)}}
+        {
+            "round": r,
+            "aggregated": True,
+            "train_loss": 1.2,
+            "eval_loss": 1.1,
+            "eval_accuracy": 0.5,
+            "sites": {
+                s: {
+                    "steps": 4,
+                    "train_loss": 1.2,
+                    "eval_loss": 1.0 + i / 10,
+                    "eval_accuracy": 0.4 + i / 10,
+                }
+                for i, s in enumerate(SITES)
+            },
+        }
         for r in (1, 2)
-    ]  # fmt: skip
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     return run
 
@@ -130,12 +171,20 @@ def fed(tmp_path: Path) -> dict[str, Any]:
     registry = {}
     for i, s in enumerate(SITES):
         line = (tmp_path / s / "site.pub").read_text().strip()
-        registry[s] = {"public_key": line, "fingerprint": fingerprint(load_public_key(line)),
-                       "node_id": i + 1}  # fmt: skip
+        registry[s] = {
+            "public_key": line,
+            "fingerprint": fingerprint(load_public_key(line)),
+            "node_id": i + 1,
+        }
     (state / "sites.json").write_text(json.dumps(registry))
     run = make_run(state, "run-1", heads)
-    return {"root": tmp_path, "state": state, "run": run, "registry": state / "sites.json",
-            "heads": heads}  # fmt: skip
+    return {
+        "root": tmp_path,
+        "state": state,
+        "run": run,
+        "registry": state / "sites.json",
+        "heads": heads,
+    }
 
 
 def site_report(fed: dict[str, Any], site: str, *extra: str) -> Path:
@@ -235,7 +284,7 @@ def test_federation_report_from_the_run_and_the_signed_site_reports(
     fed: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     hand_over(fed)
-    full, summary = coordinator_report(fed)
+    full, _summary = coordinator_report(fed)
     assert [o.site for o in full.sites] == list(SITES)
     assert all(o.report_received and o.signature_verified and o.agrees for o in full.sites)
     assert all(c.passed for c in full.checks)
@@ -347,7 +396,7 @@ def test_governance_summary_hides_names_and_per_site_metrics_and_verifies(
     fed: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     hand_over(fed)
-    full, summary = coordinator_report(fed)
+    _full, summary = coordinator_report(fed)
     folder = fed["run"] / "governance"
     text = (folder / "report.json").read_text() + (folder / "report.html").read_text()
     for s in SITES:
@@ -398,3 +447,24 @@ def test_an_edited_governance_summary_fails(
     generate_key(other / "site.key", other / "site.pub", "")
     sign_site_report("coordinator", path, other / "site.key")
     assert verify(path, coordinator_key=pub) == 1
+
+
+def test_a_released_site_report_anchors_the_sites_ledger(fed: dict[str, Any]) -> None:
+    """The head a site's report names is anchored outside the ledger: a ledger whose every
+    hash was rewritten after the report left the site no longer extends it."""
+    from fedslm.privacy.anchors import read_anchors
+    from fedslm.privacy.ledger_cli import verify_file
+
+    out = site_report(fed, "site-a", "--job", JOB)
+    anchors = read_anchors(out / "report.json")
+    assert [(a.seq, a.hash) for a in anchors] == [(2, fed["heads"]["site-a"][-1])]
+    ledger = fed["root"] / "site-a" / "ledger.db"
+    assert verify_file(ledger, [out / "report.json"]) == 0
+    # rewrite the ledger consistently (new data set, same shape): chain intact, anchor broken
+    ledger.unlink()
+    for suffix in ("-wal", "-shm", ".heads"):
+        Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+    with PrivacyLedger(ledger) as rewritten:
+        for rnd in (1, 2):
+            rewritten.record(DATASET, JOB, rnd, Segment(0.1, 5.0, 4), DELTA, "pld")
+    assert verify_file(ledger, [out / "report.json"]) == 1

@@ -41,8 +41,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
 from fedslm import __version__
 from fedslm.artifacts import write_text
 from fedslm.errors import FedSLMError
@@ -67,7 +65,7 @@ from fedslm.report.runfiles import (
     read_metrics,
 )
 from fedslm.report.signing import SIGNATURE_FILE, TrustedKey, check_site_signature
-from fedslm.report.site_report import SiteReport, read_site_report
+from fedslm.report.site_report import SiteReport, read_model, read_site_report
 
 DEPLOYED_FORMAT = "fedslm-deployed-report"
 SITE_REPORTS_DIR = "site-reports"
@@ -575,16 +573,7 @@ def write_deployed_reports(
 
 def read_deployed_report(path: Path) -> DeployedReport:
     """Parse a deployed run's ``report.json``; ``ReportInputError`` naming the file otherwise."""
-    try:
-        return DeployedReport.model_validate_json(path.read_bytes())
-    except OSError as exc:
-        raise ReportInputError(f"{path}: cannot read: {exc}") from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ReportInputError(
-            f"{path}: not a deployed run's report: {where}: {err['msg']}"
-        ) from None
+    return read_model(DeployedReport, path, "a deployed run's report")
 
 
 def add_site_report(

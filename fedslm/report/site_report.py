@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
@@ -46,6 +46,7 @@ from fedslm.report.model import (
 from fedslm.report.runfiles import ReportInputError, read_ledger
 
 SITE_FORMAT = "fedslm-site-report"
+M = TypeVar("M", bound=_Model)
 _SLACK = 1 + 1e-9  # as the policy compares a spend with its limit
 
 
@@ -476,16 +477,22 @@ def write_site_report(
     return report, folder
 
 
-def read_site_report(path: Path) -> SiteReport:
-    """Parse a site's ``report.json``; ``ReportInputError`` naming the file otherwise."""
+def read_model(model: type[M], path: Path, what: str) -> M:
+    """Parse ``path`` as ``model``; ``ReportInputError`` naming the file and the first bad
+    field otherwise."""
     try:
-        return SiteReport.model_validate_json(path.read_bytes())
+        return model.model_validate_json(path.read_bytes())
     except OSError as exc:
         raise ReportInputError(f"{path}: cannot read: {exc}") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ReportInputError(f"{path}: not a fedslm site report: {where}: {err['msg']}") from None
+        raise ReportInputError(f"{path}: not {what}: {where}: {err['msg']}") from None
+
+
+def read_site_report(path: Path) -> SiteReport:
+    """Parse a site's ``report.json``; ``ReportInputError`` naming the file otherwise."""
+    return read_model(SiteReport, path, "a fedslm site report")
 
 
 def site_report_discrepancy(
