@@ -330,8 +330,8 @@ def _message(site: str, e: EgressEntry) -> EgressMessage:
         metrics=dict(rec.get("metrics", {})),
         fields={
             "job_id": e.job_id,
-            "seq": e.seq,
-            "time": format_time(e.time),
+            "log_seq": e.seq,
+            "logged_at": format_time(e.time),
             **dict(rec.get("fields", {})),
         },
         blocked_because=list(rec.get("blocked_because", [])),
