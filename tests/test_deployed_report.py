@@ -276,6 +276,22 @@ def test_site_report_signed_with_another_key_fails_at_the_site(fed: dict[str, An
     assert verify(out / "report.json", policy=fed["root"] / "site-a" / "site.yaml") == 1
 
 
+def test_a_spend_over_the_sites_budget_fails_the_report_and_verify(
+    fed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = fed["root"] / "site-a" / "site.yaml"
+    data = yaml.safe_load(policy.read_text())
+    data["privacy"] = {"lifetime_epsilon": 2.0, "max_epsilon_per_job": 1.0}
+    policy.write_text(yaml.safe_dump(data))
+    out = fed["root"] / "site-a" / "out"
+    assert main(["site", "report", "--policy", str(policy), "--out", str(out)]) == 1
+    r = read_site_report(out / "report.json")
+    assert r.spend.within_budget is False and r.job(JOB).within_per_job_limit is False
+    capsys.readouterr()
+    assert verify(out / "report.json", policy=policy) == 1
+    assert "verify FAILED (budgets)" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------
 # At the coordinator
 
@@ -365,7 +381,9 @@ def test_a_report_claiming_a_site_report_it_never_received_fails(
     assert "site-c" in capsys.readouterr().err
 
 
-def test_a_site_report_that_disagrees_with_the_run_is_flagged(fed: dict[str, Any]) -> None:
+def test_a_site_report_that_disagrees_with_the_run_is_flagged(
+    fed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     hand_over(fed)
     privacy = json.loads((fed["run"] / "privacy.json").read_text())
     privacy["sites"]["site-a"]["dp_steps"] = 4  # the coordinator under-counts site-a's spend
@@ -374,6 +392,10 @@ def test_a_site_report_that_disagrees_with_the_run_is_flagged(fed: dict[str, Any
     a = next(o for o in full.sites if o.site == "site-a")
     assert a.agrees is False and "DISAGREES" in a.status
     assert not next(ch for ch in full.checks if ch.name == "site_agreement").passed
+    # the report says so truthfully, and verify fails on what it says, naming the site
+    assert verify(fed["run"], [fed["registry"]]) == 1
+    err = capsys.readouterr().err
+    assert "verify FAILED (site_agreement)" in err and "site-a" in err
 
 
 def test_add_report_refuses_another_job_and_an_unregistered_site(fed: dict[str, Any]) -> None:

@@ -162,6 +162,9 @@ def _verify_site(
     found = site_report_discrepancy(path, stored, policy)
     if found is not None:
         return Outcome(1, f"verify FAILED (site report): {found}")
+    failed = _failed_check(stored.checks, f"{path}, site {stored.site}")
+    if failed is not None:
+        return failed
     key = trusted.get(stored.site)
     if key is None:
         # at the site, the site's own key is the one it holds: its public half is the truth
@@ -198,6 +201,9 @@ def _verify_federation(
     found, checked, unchecked = full_report_discrepancy(path, stored, trusted)
     if found is not None:
         return Outcome(1, f"verify FAILED (deployed run): {found}")
+    failed = _failed_check(stored.checks, str(path))
+    if failed is not None:
+        return failed
     what = (
         f"verify OK: {path}: the federation report of deployed run {stored.run.run} "
         "recomputes from the run folder and the site reports; "
@@ -217,6 +223,15 @@ def _verify_federation(
     )
 
 
+def _failed_check(checks: list[Any], where: str) -> Outcome | None:
+    """A report that recomputes exactly but states a failed check still fails: the figures
+    are right, and what they show is wrong."""
+    failed = next((c for c in checks if not c.passed), None)
+    if failed is None:
+        return None
+    return Outcome(1, f"verify FAILED ({failed.name}): {where}: {failed.detail}")
+
+
 def _verify_governance(
     path: Path, stored: Any, allow_unsigned: bool, coordinator_key: Path | None
 ) -> Outcome:
@@ -226,6 +241,9 @@ def _verify_governance(
     found = governance_discrepancy(path, stored)
     if found is not None:
         return Outcome(1, f"verify FAILED (governance summary): {found}")
+    failed = _failed_check(stored.checks, str(path))
+    if failed is not None:
+        return failed
     what = (
         f"verify OK: {path}: governance summary of run {stored.run.run}: every epsilon, "
         "remaining budget, count and check recomputes from its own figures"
