@@ -11,8 +11,16 @@ from typing import Any
 def report_cmd(args: argparse.Namespace) -> int:
     """Write the reports; exit 0 when every check passed, 1 when one failed (the reports are
     written either way and say which). Unreadable input raises ``ReportInputError`` (exit 2)."""
-    from fedslm.report import write_reports
+    from fedslm.report import ReportInputError, write_reports
+    from fedslm.report.federation import is_deployed_run
 
+    if is_deployed_run(Path(args.run)):
+        raise ReportInputError(
+            f"{args.run}: a deployed run: its sites' ledgers are at the sites. Each site writes "
+            "its signed report (`fedslm site report --policy site.yaml --job JOB_ID`); the "
+            "coordinator files them (`fedslm coordinator add-report`) and writes the federation "
+            "report with `fedslm coordinator report RUN --config coordinator.yaml`"
+        )
     written = write_reports(args.run, args.out, args.baseline)
     for w in written:
         print(f"{w.scope}: {w.html_path} and {w.json_path.name}")

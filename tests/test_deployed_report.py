@@ -313,6 +313,13 @@ def test_federation_report_from_the_run_and_the_signed_site_reports(
     assert verify(fed["run"]) == 3
 
 
+def test_fedslm_report_on_a_deployed_run_says_what_to_run(
+    fed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", str(fed["run"])]) == 2
+    assert "fedslm coordinator report" in capsys.readouterr().err
+
+
 def test_a_site_report_not_handed_over_is_said_not_received(fed: dict[str, Any]) -> None:
     hand_over(fed, ("site-a", "site-b"))
     full, _ = coordinator_report(fed)

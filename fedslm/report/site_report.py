@@ -43,7 +43,7 @@ from fedslm.report.model import (
     _Model,
     epsilon_text,
 )
-from fedslm.report.runfiles import ReportInputError, read_ledger
+from fedslm.report.runfiles import LedgerView, ReportInputError, read_ledger
 
 SITE_FORMAT = "fedslm-site-report"
 M = TypeVar("M", bound=_Model)
@@ -140,7 +140,7 @@ def site_policy(path: Path) -> tuple[SitePolicy, str, Path]:
     return policy, policy.daemon.name, ledger
 
 
-def _read(ledger_path: Path) -> tuple[Any, list[EgressEntry], list[str]]:
+def _read(ledger_path: Path) -> tuple[LedgerView, list[EgressEntry], list[str]]:
     """The ledger (as ``read_ledger`` sees it), its egress records and the egress chain's
     problems. Raises ``ReportInputError`` when the file cannot be opened."""
     from fedslm.privacy.egress_log import egress_entries, verify_egress
@@ -353,7 +353,7 @@ def _refusals(site: str, messages: Sequence[EgressEntry]) -> list[Refusal]:
 
 
 def _checks(
-    view: Any,
+    view: LedgerView,
     egress_problems: list[str],
     mine: Sequence[LedgerEntry],
     messages: Sequence[EgressEntry],
