@@ -292,6 +292,21 @@ def test_a_spend_over_the_sites_budget_fails_the_report_and_verify(
     assert "verify FAILED (budgets)" in capsys.readouterr().err
 
 
+def test_an_update_that_left_without_a_ledger_entry_fails_the_report(
+    fed: dict[str, Any],
+) -> None:
+    """A site whose code released an update it never charged (a round trained outside the
+    ledger) is caught by its own report."""
+    with PrivacyLedger(fed["root"] / "site-b" / "ledger.db") as ledger:
+        update = Payload("train", tensors={"lora_A": torch.ones(2, 3)}, fields={"site": "site-b"})
+        record_egress(ledger, JOB, 3, "sent", describe(update))
+    policy = fed["root"] / "site-b" / "site.yaml"
+    out = fed["root"] / "site-b" / "out"
+    assert main(["site", "report", "--policy", str(policy), "--out", str(out)]) == 1
+    check = next(c for c in read_site_report(out / "report.json").checks if not c.passed)
+    assert check.name == "spend_before_release" and "round 3" in check.detail
+
+
 # --------------------------------------------------------------------------------------------
 # At the coordinator
 

@@ -48,6 +48,9 @@ from fedslm.report.runfiles import LedgerView, ReportInputError, read_ledger
 SITE_FORMAT = "fedslm-site-report"
 M = TypeVar("M", bound=_Model)
 _SLACK = 1 + 1e-9  # as the policy compares a spend with its limit
+# messages that carry a training update: the adapter, or its masked vector under secure
+# aggregation (fedslm.egress)
+_UPDATE_KINDS = ("train", "secagg-masked")
 
 
 class LedgerPosition(_Model):
@@ -364,9 +367,9 @@ def _checks(
     unrecorded = [
         m
         for m in messages
-        if m.kind == "train"
+        if m.kind in _UPDATE_KINDS
         and m.status == "sent"
-        and m.record.get("tensors")
+        and (m.record.get("tensors") or m.record.get("vectors"))
         and (m.job_id, m.round) not in recorded
     ]
     over = [j.job_id for j in jobs if j.within_per_job_limit is False]
