@@ -382,6 +382,20 @@ def test_a_coordinator_cannot_forge_a_site_report(
     assert "site site-c" in capsys.readouterr().err
 
 
+def test_another_sites_genuine_report_in_a_sites_place_fails(
+    fed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """site-a's report, validly signed by site-a, filed as site-b's: the signature covers the
+    site's name, so it is not site-b's."""
+    hand_over(fed, ("site-a",))
+    theirs = fed["run"] / "site-reports" / "site-a"
+    shutil.copytree(theirs, fed["run"] / "site-reports" / "site-b")
+    full, _ = coordinator_report(fed)
+    assert not next(o for o in full.sites if o.site == "site-b").signature_verified
+    assert verify(fed["run"], [fed["registry"]]) == 1
+    assert "site site-b" in capsys.readouterr().err
+
+
 def test_a_report_claiming_a_site_report_it_never_received_fails(
     fed: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
