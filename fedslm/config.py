@@ -108,10 +108,59 @@ class ModelConfig(_Section):
         return "label-names" if self.pooling == "mean" else "random"
 
 
+LABEL_PROMPT = (
+    "{text}\n\nWhich of these labels fits the text above: {labels}? Answer with the label only."
+)
+
+
 class TaskConfig(_Section):
     """What the model learns: labels from text, or responses from prompts."""
 
     type: Literal["classification", "causal-lm"] = "classification"
+    classifier: Literal["head", "label-words"] = Field(
+        default="head",
+        description="Classification only. head: a classification head on the model (the "
+        "family's, or mean pooling). label-words: a generative model is asked "
+        "task.label_prompt and answers with the label's name; trained as instruction tuning, "
+        "a text's class is the label whose name the model scores highest (fedslm/labelwords.py).",
+    )
+    label_prompt: str = Field(
+        default=LABEL_PROMPT,
+        description="label-words: the question, with '{text}' (the row's text, cut at its end "
+        "to fit train.max_length) once and optionally '{labels}' (the label names, "
+        "comma-separated), laid out by the model's prompt template.",
+    )
+
+    @model_validator(mode="after")
+    def _label_words(self) -> TaskConfig:
+        if self.classifier == "label-words" and self.type != "classification":
+            raise ValueError(
+                "task.classifier 'label-words' classifies texts; set task.type to "
+                "'classification' (a causal-lm job already trains on prompt/response pairs)"
+            )
+        if self.label_prompt != LABEL_PROMPT:
+            if self.classifier != "label-words":
+                raise ValueError(
+                    "task.label_prompt is the question of task.classifier 'label-words'; set "
+                    "task.classifier: label-words, or remove task.label_prompt"
+                )
+            p = self.label_prompt
+            if p.count("{text}") != 1 or p.count("{labels}") > 1:
+                raise ValueError(
+                    "task.label_prompt must contain '{text}' exactly once and '{labels}' at "
+                    f"most once, got {p!r}"
+                )
+        return self
+
+    @property
+    def label_words(self) -> bool:
+        """Whether texts are classified by a generative model writing the label."""
+        return self.classifier == "label-words"
+
+    @property
+    def model_task(self) -> Literal["classification", "causal-lm"]:
+        """How the model is built: a label-words classifier is a causal LM."""
+        return "causal-lm" if self.label_words else self.type
 
 
 class LoraConfig(_Section):
@@ -647,6 +696,7 @@ class JobConfig(_Section):
                 f"{sorted(sites)} must match federation.sites {self.federation.site_names}"
             )
         self._central_dp_fits()
+        self._label_words_fit()
         self._mode_fits()
         if self.privacy.central.enabled and self.federation.secure_aggregation:
             raise ValueError(
@@ -657,7 +707,28 @@ class JobConfig(_Section):
             )
         return self
 
+    def _label_words_fit(self) -> None:
+        if not self.task.label_words:
+            return
+        if self.train.mode not in ("auto", "lora"):
+            raise ValueError(
+                f"train.mode {self.train.mode!r} trains a classification head, and "
+                "task.classifier 'label-words' has none (the model writes the label): set "
+                "train.mode to 'lora' (or 'auto')"
+            )
+        # values, not "was it set": a saved config (defaults written out) validates again
+        head_keys = ("head_modules", "pooling", "head_init", "logit_scale")
+        defaults = ModelConfig.model_fields
+        given = [k for k in head_keys if getattr(self.model, k) != defaults[k].default]
+        if given:
+            raise ValueError(
+                f"model.{given[0]} configures a classification head, which task.classifier "
+                "'label-words' does not have; remove it (or use task.classifier 'head')"
+            )
+
     def _mode_fits(self) -> None:
+        if self.task.label_words:
+            return
         mode = self.train.mode
         if mode in ("auto", "lora"):
             return
@@ -708,7 +779,11 @@ class JobConfig(_Section):
         LoRA otherwise (causal LMs, the family's own head)."""
         if self.train.mode != "auto":
             return self.train.mode
-        probe = self.task.type == "classification" and self.model.pooling == "mean"
+        probe = (
+            self.task.type == "classification"
+            and not self.task.label_words
+            and self.model.pooling == "mean"
+        )
         return "head" if probe else "lora"
 
     def fingerprint(self) -> str:
