@@ -32,7 +32,9 @@ class ModelConfig(_Section):
 
     name: str | None = Field(
         default="minilm",
-        description="A packaged model: 'minilm' (pretrained, from PyPI), or a small random "
+        description="A packaged model: 'minilm' (pretrained, from PyPI), 'gemma3-270m' "
+        "(pretrained Gemma 3 270M, the optional extra fedslm[gemma]; built once on first use), "
+        "or a small random "
         "model built offline for tests and smoke runs: 'tiny-bert', 'tiny-llama', or "
         "'tiny-<model_type>' for any family in docs/models.md (e.g. 'tiny-qwen2').",
     )
