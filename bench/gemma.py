@@ -9,7 +9,8 @@ label's name (``task.classifier: label-words``), on two public data sets read in
     twitter    financial tweets -> bearish / bullish / neutral, sent_train / sent_valid
 
 The machine has 2 shared cores and the model has 268M parameters, so the rows are small and
-say so: ``TRAIN_ROWS`` evenly spaced training rows (3 sites, Dirichlet(0.5) label split),
+say so: ``TRAIN_ROWS`` evenly spaced training rows (3 sites, an iid split: 40 training and 10
+held-out rows each),
 ``TEST_ROWS`` evenly spaced test rows, ``train.max_length`` ``MAX_LENGTH`` (a medical abstract
 is cut at its end to fit; the question and the labels always fit). Rows:
 
@@ -79,7 +80,7 @@ RUNS = (
     "centralized-nodp",
     "federated-dp-eps8",
 )
-# LoRA r 8 on q/v, AdamW, 2 rounds of 1 local epoch; non-DP: batch 16 at lr 1e-3; DP: Poisson
+# LoRA r 8 on q/v, AdamW, 2 rounds of 1 local epoch; non-DP: batch 16 at lr 2e-3; DP: Poisson
 # batches of 25 expected rows (q = 0.5 of a 50-row site) at lr 2e-3, clip 1, epsilon 8
 GEMMA = {
     "model": {"name": "gemma3-270m"},
@@ -91,7 +92,7 @@ GEMMA = {
 SETTINGS = {
     "centralized-nodp": (
         "centralized",
-        ["privacy.enabled=false", "train.batch_size=16", "train.learning_rate=1e-3"],
+        ["privacy.enabled=false", "train.batch_size=16", "train.learning_rate=2e-3"],
     ),
     "federated-dp-eps8": (
         "simulate",
@@ -131,6 +132,9 @@ def job_config(data: Dataset, run: str) -> dict[str, Any]:
         "federation": {**base.get("federation", {}), "sites": SITES},
         "data": {
             "path": str(data.train),
+            # iid: a Dirichlet(0.5) split of 150 rows leaves a site below the default policy's
+            # 20 training records (measured: 17 on the tweets)
+            "split": {"method": "iid"},
             "text_column": data.text_column,
             "label_column": data.label_column,
             "labels": data.labels,
