@@ -166,7 +166,6 @@ def score_label_words(
     words = LabelWords(tokenizer, labels, template, prompt, MAX_LENGTH)
     ex = read_examples(test, data.text_column, data.label_column, labels=labels)
     encoded = words.encode(ex.texts, ex.labels)
-    torch.set_num_threads(2)
     r = evaluate_label_words(model, words, encoded, torch.device("cpu"))
     counts = [r.predictions.count(k) for k in range(len(labels))]
     return {
@@ -217,7 +216,6 @@ def step_time(data: Dataset, test: Path) -> dict[str, Any]:
     from fedslm.privacy.dp_sgd import per_sample_module
     from fedslm.training import DPSettings, make_optimizer, train_steps
 
-    torch.set_num_threads(2)
     loaded = load_model(
         gemma_path(), "causal-lm", LoraConfig(), data.labels, torch.device("cpu"), seed=0
     )
