@@ -672,6 +672,11 @@ class SimulatedPolicies(_Section):
     )
 
 
+# (section, key) of every key added to the job config after fingerprints were first recorded;
+# see JobConfig.fingerprint
+ADDED_KEYS: tuple[tuple[str, str], ...] = (("task", "classifier"), ("task", "label_prompt"))
+
+
 class JobConfig(_Section):
     """A whole federated job. This is the single source of truth the CLI, sites and coordinator
     share; ``fingerprint`` identifies it in outputs."""
@@ -789,8 +794,19 @@ class JobConfig(_Section):
         return "head" if probe else "lora"
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of the validated config (defaults included)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """sha256 of the canonical JSON of the validated config (defaults included).
+
+        Keys added after fingerprints were first recorded (``ADDED_KEYS``) count only when
+        set to something other than their default: a job that does not use them keeps the
+        fingerprint it had, and with it its job id, its sites' noise seeds and its stored
+        releases (a retried round replays the same update instead of drawing new noise).
+        """
+        data = self.model_dump(mode="json")
+        for section, key in ADDED_KEYS:
+            field = type(getattr(self, section)).model_fields[key]
+            if data[section].get(key) == field.default:
+                del data[section][key]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

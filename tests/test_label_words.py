@@ -259,3 +259,25 @@ def test_the_config_refuses_what_label_words_cannot_do(change: dict, message: st
 
     with pytest.raises(ConfigError, match=message):
         validate_config(change, source="job.yaml")
+
+
+def test_jobs_without_label_words_keep_their_fingerprint() -> None:
+    """The new task keys enter the fingerprint only when used: a job that does not use them
+    keeps its job id, its sites' noise seeds and its stored releases across the upgrade."""
+    import hashlib
+
+    job = JobConfig.model_validate({"model": {"name": "tiny-llama"}})
+    before = job.model_dump(mode="json")
+    del before["task"]["classifier"], before["task"]["label_prompt"]  # as fedslm wrote it
+    old = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert job.fingerprint() == old
+    words = JobConfig.model_validate(
+        {"model": {"name": "tiny-llama"}, "task": {"classifier": "label-words"}}
+    )
+    asked = JobConfig.model_validate(
+        {
+            "model": {"name": "tiny-llama"},
+            "task": {"classifier": "label-words", "label_prompt": "Topic of {text}?"},
+        }
+    )
+    assert len({job.fingerprint(), words.fingerprint(), asked.fingerprint()}) == 3
