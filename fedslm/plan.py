@@ -90,7 +90,8 @@ def describe_plan(
     lines = [f"  {site}: {plan.records} training records"]
     warnings: list[str] = []
     for ph in plan.phases:
-        what = "linear probe (head)" if ph.trains == "head" else "LoRA + head"
+        lora = "LoRA + head" if trainable.get("head") else "LoRA"  # causal LM, label words
+        what = "linear probe (head)" if ph.trains == "head" else lora
         rounds = f"round {ph.first_round}" if ph.rounds == 1 else (
             f"rounds {ph.first_round}-{ph.first_round + ph.rounds - 1}"
         )

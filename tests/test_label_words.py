@@ -281,3 +281,14 @@ def test_jobs_without_label_words_keep_their_fingerprint() -> None:
         }
     )
     assert len({job.fingerprint(), words.fingerprint(), asked.fingerprint()}) == 3
+
+
+def test_the_plan_counts_no_head_for_label_words(models: dict[str, Path]) -> None:
+    from fedslm.plan import describe_plan, trainable_parameters
+    from fedslm.site import plan_privacy
+
+    job = JobConfig.model_validate(_job(models["gemma3_text"]))
+    trainable = trainable_parameters(job, models["gemma3_text"], len(LABELS))
+    assert trainable["head"] == 0 and trainable["lora"] > 0
+    lines, _ = describe_plan("clinic", plan_privacy(job, 32, "test"), trainable)
+    assert ", LoRA: q = " in lines[1]  # not "LoRA + head": there is no head to train
