@@ -57,7 +57,8 @@ def trainable_parameters(job: JobConfig, model_dir: Path, num_labels: int) -> di
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     arch = architecture_from_config(config, 0.0)
-    head = arch.hidden * num_labels + num_labels if job.task.type == "classification" else 0
+    has_head = job.task.type == "classification" and not job.task.label_words
+    head = arch.hidden * num_labels + num_labels if has_head else 0
     r = job.lora.r
     if job.federation.aggregation == "ffa":
         lora = arch.layers * r * (arch.hidden + arch.kv_dim)  # B only: r x out per projection
@@ -97,7 +98,8 @@ def describe_plan(
     lines = [f"  {site}: {plan.records} training records"]
     warnings: list[str] = []
     for ph in plan.phases:
-        what = "linear probe (head)" if ph.trains == "head" else "LoRA + head"
+        lora = "LoRA + head" if trainable.get("head") else "LoRA"  # causal LM, label words
+        what = "linear probe (head)" if ph.trains == "head" else lora
         rounds = f"round {ph.first_round}" if ph.rounds == 1 else (
             f"rounds {ph.first_round}-{ph.first_round + ph.rounds - 1}"
         )
