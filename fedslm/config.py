@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -822,13 +823,18 @@ class JobConfig(_Section):
         fingerprint it had, and with it its job id, its sites' noise seeds and its stored
         releases (a retried round replays the same update instead of drawing new noise).
         """
-        data = self.model_dump(mode="json")
-        for section, key in ADDED_KEYS:
-            field = type(getattr(self, section)).model_fields[key]
-            if data[section].get(key) == field.default:
-                del data[section][key]
-        blob = json.dumps(data, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return config_fingerprint(self.model_dump(mode="json"))
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """``JobConfig.fingerprint`` of a config in its JSON form (``model_dump(mode="json")``, as
+    job.json keeps it): what the report's checks recompute, so both sides hash alike."""
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    for section, key in ADDED_KEYS:
+        default = type(JobConfig.model_fields[section].default).model_fields[key].default
+        if isinstance(data.get(section), dict) and data[section].get(key, default) == default:
+            data[section].pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
