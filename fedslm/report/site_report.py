@@ -31,13 +31,12 @@ from fedslm.policy import SitePolicy, load_policy
 from fedslm.privacy.accounting import epsilon
 from fedslm.privacy.egress_log import EgressEntry
 from fedslm.privacy.ledger import LedgerEntry, format_time
-from fedslm.report.build import figure, now_utc
+from fedslm.report.build import egress_message, figure, now_utc
 from fedslm.report.checks import Discrepancy
 from fedslm.report.model import (
     Budget,
     CheckResult,
     EgressMessage,
-    EgressTensor,
     EpsilonFigure,
     Refusal,
     _Model,
@@ -321,24 +320,8 @@ def _spend(mine: Sequence[LedgerEntry], policy: SitePolicy) -> SiteSpend:
 
 
 def _message(site: str, e: EgressEntry) -> EgressMessage:
-    rec = e.record
-    return EgressMessage(
-        round=e.round,
-        site=site,
-        kind=e.kind,
-        status=e.status,
-        bytes=int(rec.get("tensor_bytes", 0)),
-        sha256=e.hash,
-        tensors=[EgressTensor(**t) for t in rec.get("tensors", [])],
-        metrics=dict(rec.get("metrics", {})),
-        fields={
-            "job_id": e.job_id,
-            "log_seq": e.seq,
-            "logged_at": format_time(e.time),
-            **dict(rec.get("fields", {})),
-        },
-        blocked_because=list(rec.get("blocked_because", [])),
-    )
+    position = {"job_id": e.job_id, "log_seq": e.seq, "logged_at": format_time(e.time)}
+    return egress_message(site, e, position)
 
 
 def _refusals(site: str, messages: Sequence[EgressEntry]) -> list[Refusal]:
