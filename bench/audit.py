@@ -1,4 +1,4 @@
-"""The empirical privacy audit's power and cost on the shipped jobs (docs/benchmarks.md 12).
+"""The empirical privacy audit's power and cost on the shipped jobs (docs/benchmarks.md 13).
 
 For each config: ``fedslm audit`` (the library call behind it) with ``--canaries M``: the
 DP-off control's lower bound (the audit's power: how far a run with no protection can be

@@ -10,7 +10,6 @@ the macro-F1, which is computed here with numpy.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 
 from fedslm.batching import encode_classification
 from fedslm.data import read_examples
+from fedslm.metrics import f1_per_label
 from fedslm.models.adapter import METADATA_FILE, load_exported
 from fedslm.training import evaluate
 
@@ -87,24 +87,6 @@ def score_adapter(
         "top_prediction_share": float(counts.max() / max(len(pred), 1)),
         "max_length": meta["max_length"],
     }
-
-
-def f1_per_label(
-    gold: Sequence[int] | np.ndarray, pred: Sequence[int] | np.ndarray
-) -> dict[int, float]:
-    """F1 of each label present in ``gold`` (0.0 where it is never predicted right).
-
-    The mean of these values is the macro-F1 over the labels present (what scikit-learn's
-    ``f1_score(gold, pred, labels=present, average="macro")`` gives).
-    """
-    g, p = np.asarray(gold), np.asarray(pred)
-    out: dict[int, float] = {}
-    for label in np.unique(g):
-        tp = int(np.sum((g == label) & (p == label)))
-        fp = int(np.sum((g != label) & (p == label)))
-        fn = int(np.sum((g == label) & (p != label)))
-        out[int(label)] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return out
 
 
 def spaced(n: int, k: int | None) -> list[int]:

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy", type=Path, required=True, help="the site's policy file, with a daemon section"
     )
     site_start.set_defaults(handler=_site_start)
+    from fedslm.report.deployed_cli import add_site_report_cli
+
+    add_site_report_cli(site_sub)
     certs = sub.add_parser(
         "certs", help="make the consortium's CA and the coordinator's TLS server certificate"
     )

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,7 +33,9 @@ class ModelConfig(_Section):
 
     name: str | None = Field(
         default="minilm",
-        description="A packaged model: 'minilm' (pretrained, from PyPI), or a small random "
+        description="A packaged model: 'minilm' (pretrained, from PyPI), 'gemma3-270m' "
+        "(pretrained Gemma 3 270M, the optional extra fedslm[gemma]; built once on first use), "
+        "or a small random "
         "model built offline for tests and smoke runs: 'tiny-bert', 'tiny-llama', or "
         "'tiny-<model_type>' for any family in docs/models.md (e.g. 'tiny-qwen2').",
     )
@@ -108,10 +111,59 @@ class ModelConfig(_Section):
         return "label-names" if self.pooling == "mean" else "random"
 
 
+LABEL_PROMPT = (
+    "{text}\n\nWhich of these labels fits the text above: {labels}? Answer with the label only."
+)
+
+
 class TaskConfig(_Section):
     """What the model learns: labels from text, or responses from prompts."""
 
     type: Literal["classification", "causal-lm"] = "classification"
+    classifier: Literal["head", "label-words"] = Field(
+        default="head",
+        description="Classification only. head: a classification head on the model (the "
+        "family's, or mean pooling). label-words: a generative model is asked "
+        "task.label_prompt and answers with the label's name; trained as instruction tuning, "
+        "a text's class is the label whose name the model scores highest (fedslm/labelwords.py).",
+    )
+    label_prompt: str = Field(
+        default=LABEL_PROMPT,
+        description="label-words: the question, with '{text}' (the row's text, cut at its end "
+        "to fit train.max_length) once and optionally '{labels}' (the label names, "
+        "comma-separated), laid out by the model's prompt template.",
+    )
+
+    @model_validator(mode="after")
+    def _label_words(self) -> TaskConfig:
+        if self.classifier == "label-words" and self.type != "classification":
+            raise ValueError(
+                "task.classifier 'label-words' classifies texts; set task.type to "
+                "'classification' (a causal-lm job already trains on prompt/response pairs)"
+            )
+        if self.label_prompt != LABEL_PROMPT:
+            if self.classifier != "label-words":
+                raise ValueError(
+                    "task.label_prompt is the question of task.classifier 'label-words'; set "
+                    "task.classifier: label-words, or remove task.label_prompt"
+                )
+            p = self.label_prompt
+            if p.count("{text}") != 1 or p.count("{labels}") > 1:
+                raise ValueError(
+                    "task.label_prompt must contain '{text}' exactly once and '{labels}' at "
+                    f"most once, got {p!r}"
+                )
+        return self
+
+    @property
+    def label_words(self) -> bool:
+        """Whether texts are classified by a generative model writing the label."""
+        return self.classifier == "label-words"
+
+    @property
+    def model_task(self) -> Literal["classification", "causal-lm"]:
+        """How the model is built: a label-words classifier is a causal LM."""
+        return "causal-lm" if self.label_words else self.type
 
 
 class LoraConfig(_Section):
@@ -129,7 +181,10 @@ class ProbeConfig(_Section):
     on unit-length features, the DP linear-probe recipe (Tramer & Boneh 2021); chosen on the
     public benchmark data sets (docs/benchmarks.md, section 3)."""
 
-    local_epochs: PositiveFloat = Field(default=6.0, description="Passes per round.")
+    local_epochs: PositiveFloat = Field(
+        default=3.0,
+        description="Passes per round; with the probe's 10 default rounds, 30 in the job.",
+    )
     batch_size: PositiveInt | None = Field(
         default=None,
         description="Expected (Poisson) batch; q = min(1, batch_size / records). Default: 512 "
@@ -158,6 +213,9 @@ class ProbeConfig(_Section):
 
 
 TrainMode = Literal["lora", "head", "lp-lora"]
+
+# federation.rounds when the job trains the probe alone (FederationConfig.rounds says why)
+PROBE_ROUNDS = 10
 
 
 class TrainConfig(_Section):
@@ -427,7 +485,13 @@ class FederationConfig(_Section):
     sites: PositiveInt | list[str] = Field(
         default=3, description="A number of simulated sites, or their names."
     )
-    rounds: PositiveInt = 5
+    rounds: PositiveInt = Field(
+        default=5,
+        description="Rounds of the job. Default: 10 when the job trains the probe alone "
+        "(train mode head: averaging the sites' heads twice as often as in 5 rounds of twice "
+        "the epochs cuts the drift between label-skewed sites at the same noise, "
+        "docs/benchmarks.md section 3b), 5 otherwise (LoRA's rounds cost minutes each).",
+    )
     min_sites: PositiveInt | None = Field(
         default=None, description="Fewest successful replies to aggregate a round (default: all)."
     )
@@ -621,6 +685,11 @@ class SimulatedPolicies(_Section):
     )
 
 
+# (section, key) of every key added to the job config after fingerprints were first recorded;
+# see JobConfig.fingerprint
+ADDED_KEYS: tuple[tuple[str, str], ...] = (("task", "classifier"), ("task", "label_prompt"))
+
+
 class JobConfig(_Section):
     """A whole federated job. This is the single source of truth the CLI, sites and coordinator
     share; ``fingerprint`` identifies it in outputs."""
@@ -646,7 +715,9 @@ class JobConfig(_Section):
                 "data.sites names "
                 f"{sorted(sites)} must match federation.sites {self.federation.site_names}"
             )
+        self._default_rounds()
         self._central_dp_fits()
+        self._label_words_fit()
         self._mode_fits()
         if self.privacy.central.enabled and self.federation.secure_aggregation:
             raise ValueError(
@@ -657,7 +728,36 @@ class JobConfig(_Section):
             )
         return self
 
+    def _default_rounds(self) -> None:
+        if "rounds" in self.federation.model_fields_set:
+            return
+        if self.train_mode == "head":
+            # written into the config (and so its fingerprint) like every other default
+            federation = self.federation.model_copy(update={"rounds": PROBE_ROUNDS})
+            object.__setattr__(self, "federation", federation)
+
+    def _label_words_fit(self) -> None:
+        if not self.task.label_words:
+            return
+        if self.train.mode not in ("auto", "lora"):
+            raise ValueError(
+                f"train.mode {self.train.mode!r} trains a classification head, and "
+                "task.classifier 'label-words' has none (the model writes the label): set "
+                "train.mode to 'lora' (or 'auto')"
+            )
+        # values, not "was it set": a saved config (defaults written out) validates again
+        head_keys = ("head_modules", "pooling", "head_init", "logit_scale")
+        defaults = ModelConfig.model_fields
+        given = [k for k in head_keys if getattr(self.model, k) != defaults[k].default]
+        if given:
+            raise ValueError(
+                f"model.{given[0]} configures a classification head, which task.classifier "
+                "'label-words' does not have; remove it (or use task.classifier 'head')"
+            )
+
     def _mode_fits(self) -> None:
+        if self.task.label_words:
+            return
         mode = self.train.mode
         if mode in ("auto", "lora"):
             return
@@ -708,13 +808,33 @@ class JobConfig(_Section):
         LoRA otherwise (causal LMs, the family's own head)."""
         if self.train.mode != "auto":
             return self.train.mode
-        probe = self.task.type == "classification" and self.model.pooling == "mean"
+        probe = (
+            self.task.type == "classification"
+            and not self.task.label_words
+            and self.model.pooling == "mean"
+        )
         return "head" if probe else "lora"
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of the validated config (defaults included)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        """sha256 of the canonical JSON of the validated config (defaults included).
+
+        Keys added after fingerprints were first recorded (``ADDED_KEYS``) count only when
+        set to something other than their default: a job that does not use them keeps the
+        fingerprint it had, and with it its job id, its sites' noise seeds and its stored
+        releases (a retried round replays the same update instead of drawing new noise).
+        """
+        return config_fingerprint(self.model_dump(mode="json"))
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """``JobConfig.fingerprint`` of a config in its JSON form (``model_dump(mode="json")``, as
+    job.json keeps it): what the report's checks recompute, so both sides hash alike."""
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    for section, key in ADDED_KEYS:
+        default = type(JobConfig.model_fields[section].default).model_fields[key].default
+        if isinstance(data.get(section), dict) and data[section].get(key, default) == default:
+            data[section].pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

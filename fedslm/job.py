@@ -25,6 +25,7 @@ from fedslm.coordinator import Coordinator
 from fedslm.data import SiteFiles, SitePlan, plan_sites, planned_labels, write_rows, write_sites
 from fedslm.errors import ConfigError, FederationError
 from fedslm.keys import generate_key
+from fedslm.labelwords import check_decoder
 from fedslm.models import get_adapter_state, load_model, resolve_model, select_device
 from fedslm.models.registry import ResolvedModel
 from fedslm.policy import AdapterSize, SitePolicy, merge_mappings, policy_from_mapping
@@ -298,6 +299,8 @@ def plan_job(job: JobConfig, source: str) -> JobPlan:
     """Validate policies, resolve the model and read every site's data; write nothing."""
     policies = site_policies(job, source)
     model = resolve_model(job.model)
+    if job.task.label_words:
+        check_decoder(model.path)
     plans = plan_sites(job.data, job.federation.site_names, job.task.type, job.seed)
     labels: list[str] = []
     if job.task.type == "classification":
@@ -318,13 +321,18 @@ def adapter_metadata(p: PreparedJob) -> dict[str, Any]:
     return {
         "fedslm_version": __version__,
         "task": p.job.task.type,
+        # label words: a causal LM that writes the label (load_exported builds it as one)
+        "classifier": p.job.task.classifier if p.job.task.type == "classification" else None,
+        "label_prompt": p.job.task.label_prompt if p.job.task.label_words else None,
         "num_labels": len(p.labels) if p.labels else None,
         "id2label": {str(i): label for i, label in enumerate(p.labels)} if p.labels else None,
         "base_model": {"name": p.model.name, "sha256": p.model.sha256},
         "lora": p.job.lora.model_dump(mode="json"),
         "max_length": p.job.train.max_length,
         # how the classifier reads the base model (docs/models.md: reloading a mean-pool head)
-        "pooling": p.job.model.pooling if p.job.task.type == "classification" else None,
+        "pooling": p.job.model.pooling
+        if p.job.task.type == "classification" and not p.job.task.label_words
+        else None,
         "logit_scale": p.job.model.logit_scale,
         "job_fingerprint": p.job.fingerprint(),
         "job_id": p.job_id,
@@ -337,7 +345,7 @@ def make_coordinator(p: PreparedJob, anchors_file: Path | None = None) -> Coordi
     site names are not identities from one simulation to the next)."""
     loaded = load_model(
         p.model.path,
-        p.job.task.type,
+        p.job.task.model_task,
         p.job.lora,
         p.labels,
         select_device("cpu"),

@@ -11,8 +11,16 @@ from typing import Any
 def report_cmd(args: argparse.Namespace) -> int:
     """Write the reports; exit 0 when every check passed, 1 when one failed (the reports are
     written either way and say which). Unreadable input raises ``ReportInputError`` (exit 2)."""
-    from fedslm.report import write_reports
+    from fedslm.report import ReportInputError, write_reports
+    from fedslm.report.federation import is_deployed_run
 
+    if is_deployed_run(Path(args.run)):
+        raise ReportInputError(
+            f"{args.run}: a deployed run: its sites' ledgers are at the sites. Each site writes "
+            "its signed report (`fedslm site report --policy site.yaml --job JOB_ID`); the "
+            "coordinator files them (`fedslm coordinator add-report`) and writes the federation "
+            "report with `fedslm coordinator report RUN --config coordinator.yaml`"
+        )
     written = write_reports(args.run, args.out, args.baseline)
     for w in written:
         print(f"{w.scope}: {w.html_path} and {w.json_path.name}")
@@ -45,7 +53,13 @@ def verify_cmd(args: argparse.Namespace) -> int:
         print("keys: " + "; ".join(str(k) for k in trusted.values()))
     else:
         print("keys: none given (--keys): site signatures cannot be checked")
-    outcome = verify_path(args.path, trusted, getattr(args, "allow_unsigned", False))
+    from fedslm.report.deployed_cli import verify_deployed
+
+    allow = getattr(args, "allow_unsigned", False)
+    outcome = verify_deployed(
+        args.path, trusted, allow, getattr(args, "policy", None),
+        getattr(args, "coordinator_key", None),
+    ) or verify_path(args.path, trusted, allow)  # fmt: skip
     print(outcome.message, file=sys.stdout if outcome.code == 0 else sys.stderr)
     return outcome.code
 
@@ -82,7 +96,9 @@ def add_cli(subparsers: Any) -> None:
         "signature against your keys (exit 1 at the first discrepancy, 2 for unreadable "
         "input, 3 when a site's report is not signed by a key you gave)",
     )
-    verify.add_argument("path", type=Path, help="a run folder or a report.json")
+    verify.add_argument(
+        "path", type=Path, help="a run folder (simulated or deployed) or a report.json"
+    )
     verify.add_argument(
         "--keys",
         type=Path,
@@ -96,5 +112,16 @@ def add_cli(subparsers: Any) -> None:
         "--allow-unsigned",
         action="store_true",
         help="exit 0 even when a site's report carries no signature checked against --keys",
+    )
+    verify.add_argument(
+        "--policy",
+        type=Path,
+        help="at a deployed site: the site's policy, to recompute its report from its ledger",
+    )
+    verify.add_argument(
+        "--coordinator-key",
+        type=Path,
+        metavar="REPORT_PUB",
+        help="the coordinator's report.pub, to check a governance summary's signature",
     )
     verify.set_defaults(handler=verify_cmd)

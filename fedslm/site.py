@@ -27,6 +27,7 @@ from fedslm.config import JobConfig, LoraConfig
 from fedslm.data import read_examples, read_instructions
 from fedslm.egress import MASKED_VECTOR, SECURE_TRAIN, Payload, RingSpec, check, describe
 from fedslm.errors import ConfigError, FedSLMError
+from fedslm.labelwords import LabelWordData, LabelWords, check_decoder, evaluate_label_words
 from fedslm.lora_math import to_site_rank
 from fedslm.losses import per_example_loss
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
@@ -242,11 +243,26 @@ def job_refusal(
 def job_head(job: JobConfig, model: ResolvedModel) -> AdapterHead | None:
     """The classification head ``job`` trains on ``model`` and the family's default (None for
     a causal LM, which trains no head)."""
-    if job.task.type != "classification":
+    if job.task.type != "classification" or job.task.label_words:
         return None
     config = json.loads((model.path / "config.json").read_text(encoding="utf-8"))
     default = default_head(str(config.get("model_type", "")), job.model.pooling)
     return AdapterHead(tuple(job.model.head_modules or default), default)
+
+
+def label_words(job: JobConfig, loaded: LoadedModel, labels: list[str]) -> LabelWords | None:
+    """The label set as responses of ``loaded`` (None unless ``task.classifier`` is
+    'label-words')."""
+    if not job.task.label_words:
+        return None
+    assert loaded.prompt_template is not None  # a causal LM always has one
+    return LabelWords(
+        loaded.tokenizer,
+        labels,
+        loaded.prompt_template,
+        job.task.label_prompt,
+        job.train.max_length,
+    )
 
 
 def adapter_size(state: dict[str, torch.Tensor], base_params: int) -> AdapterSize:
@@ -263,7 +279,7 @@ def measure_adapter(
     before the job (preflight, ``policy check --job``) sees what the site will send."""
     loaded = load_model(
         model.path,
-        job.task.type,
+        job.task.model_task,
         site_lora(job, site, policy),
         labels,
         torch.device("cpu"),
@@ -420,9 +436,18 @@ class Site:
         self._job_refusal: list[str] | None = None
         device = _device(job)
         self.lora = site_lora(job, name, policy)
+        if job.task.label_words:
+            check_decoder(model.path)
         self.loaded: LoadedModel = load_model(
-            model.path, job.task.type, self.lora, labels, device, seed=job.seed, options=job.model
+            model.path,
+            job.task.model_task,
+            self.lora,
+            labels,
+            device,
+            seed=job.seed,
+            options=job.model,
         )
+        self.words = label_words(job, self.loaded, labels)
         if job.federation.aggregation == "ffa":
             # before Opacus is attached: frozen A gets no per-sample hooks and never moves
             freeze_lora_a(self.loaded.model)
@@ -435,7 +460,9 @@ class Site:
             max_adapter_params(policy, self.adapter.base_params) if policy is not None else None
         )
         self.train_data = self._encode(train_file)
-        self.eval_data = self._encode(eval_file)
+        # label words score the held-out rows by the label the model writes
+        self.eval_words = self._encode_words(eval_file) if self.words is not None else None
+        self.eval_data = self.eval_words.encoded if self.eval_words else self._encode(eval_file)
         self.plan = plan_privacy(job, len(self.train_data), source)
         check_secagg_weight(job, len(self.train_data), source)
         self._features: torch.Tensor | None = None  # the frozen model's, for probe rounds
@@ -451,6 +478,8 @@ class Site:
 
     def _encode(self, path: Path) -> Encoded:
         d, tok, n = self.job.data, self.loaded.tokenizer, self.job.train.max_length
+        if self.words is not None:
+            return self._encode_words(path).encoded
         if self.job.task.type == "classification":
             ex = read_examples(path, d.text_column, d.label_column, labels=self.labels)
             return encode_classification(
@@ -458,6 +487,12 @@ class Site:
             )
         ins = read_instructions(path, d.prompt_column, d.response_column)
         return encode_instructions(tok, ins.prompts, ins.responses, n, self.loaded.prompt_template)
+
+    def _encode_words(self, path: Path) -> LabelWordData:
+        assert self.words is not None
+        d = self.job.data
+        ex = read_examples(path, d.text_column, d.label_column, labels=self.labels)
+        return self.words.encode(ex.texts, ex.labels)
 
     @property
     def adapter_bytes(self) -> int:
@@ -815,6 +850,11 @@ class Site:
         """Loss and accuracy of the global adapter on this site's held-out split (with
         ``exact`` aggregation, at this site's rank: its view of the global adapter)."""
         set_adapter_state(self.loaded.model, self._at_own_rank(global_state))
+        if self.words is not None and self.eval_words is not None:
+            r = evaluate_label_words(
+                self.loaded.model, self.words, self.eval_words, self.loaded.device
+            )
+            return EvalResult(r.loss, r.accuracy, r.examples)
         return evaluate(
             self.loaded.model, self.eval_data, self.job.train.eval_batch_size, self.loaded.device
         )

@@ -14,8 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from fedslm.batching import Encoded, collate, poisson_batches, sequential_batches
-from fedslm.losses import correct_predictions, per_example_loss
+from fedslm.batching import IGNORE, Encoded, collate, poisson_batches, sequential_batches
+from fedslm.losses import (
+    correct_predictions,
+    lm_logits_at_labels,
+    lm_loss_at_labels,
+    masked_token_mean,
+    per_example_loss,
+)
 from fedslm.privacy.dp_sgd import dp_optimizer, fill_empty_grad_samples
 from fedslm.schedule import Schedule
 
@@ -96,6 +102,8 @@ def encoded_loss(model: torch.nn.Module, data: Encoded, device: torch.device) ->
     def loss(index: list[int]) -> torch.Tensor:
         batch = collate(data, index, device)
         labels = batch.pop("labels")
+        if labels.dim() == 2:  # causal LM: logits only where a label follows
+            return lm_loss_at_labels(model, batch, labels)
         return per_example_loss(model(**batch).logits, labels)
 
     return loss
@@ -269,9 +277,15 @@ def evaluate(
     for index in sequential_batches(len(data), batch_size):
         batch = collate(data, index, device)
         labels = batch.pop("labels")
-        logits = model(**batch).logits
-        total_loss += float(per_example_loss(logits, labels).sum())
-        c, n = correct_predictions(logits, labels)
+        if labels.dim() == 2:  # causal LM: next-token loss and accuracy on labelled tokens
+            logits, targets = lm_logits_at_labels(model, batch, labels)
+            total_loss += float(masked_token_mean(logits, targets).sum())
+            mask = targets != IGNORE
+            c, n = int(((logits.argmax(-1) == targets) & mask).sum()), int(mask.sum())
+        else:
+            logits = model(**batch).logits
+            total_loss += float(per_example_loss(logits, labels).sum())
+            c, n = correct_predictions(logits, labels)
         correct += c
         counted += n
     n = len(data)

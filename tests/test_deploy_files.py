@@ -55,6 +55,9 @@ CONTRACT = {
     ("coordinator", "logs"),
     ("coordinator", "stop"),
     ("coordinator", "resume"),
+    ("coordinator", "add-report"),
+    ("coordinator", "report"),
+    ("site", "report"),
 }
 
 

@@ -13,6 +13,7 @@ Every process started here is stopped by PID at the end, pass or fail.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +130,45 @@ def test_run_and_resume_after_coordinator_crash(cluster: LoopbackDeployment) -> 
         assert pb[site]["dp_steps"] == pa[site]["dp_steps"], site
         assert abs(pb[site]["epsilon"] - pa[site]["epsilon"]) < 1e-9, site
         assert _ledger_rounds(cluster.site_dir(site) / "ledger.db", job_b) == [1, 2], site
+
+
+def test_site_and_federation_reports_of_the_deployed_run(
+    cluster: LoopbackDeployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each site reports from its own ledger and signs; the operators hand the reports over;
+    the coordinator writes the federation report and the governance summary; verify passes at
+    each site and at the coordinator, and fails on a site report edited after signing."""
+    from fedslm.cli import main
+
+    name = "uninterrupted"
+    run = cluster.run_dir(name)
+    if not (run / "privacy.json").exists():  # this test alone: make the run first
+        cluster.run(cluster.write_job("job-report"), name)
+        cluster.wait_finished(name, 300)
+    job_id = json.loads((run / "job.json").read_text())["job_id"]
+    config = ["--config", str(cluster.config)]
+    for site in SITES:
+        policy = str(cluster.site_dir(site) / "site.yaml")
+        out = cluster.site_dir(site) / "report-out"
+        assert main(["site", "report", "--policy", policy, "--job", job_id,
+                     "--out", str(out)]) == 0  # fmt: skip
+        assert main(["verify", str(out / "report.json"), "--policy", policy]) == 0
+        assert main(["coordinator", "add-report", name, str(out), *config]) == 0
+    assert main(["coordinator", "report", name, *config]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert [(s["site"], s["signature_verified"], s["agrees"]) for s in report["sites"]] == [
+        (s, True, True) for s in SITES
+    ]
+    registry = str(cluster.root / "coordinator" / "state" / "sites.json")
+    assert main(["verify", str(run), "--keys", registry]) == 0
+    pub = str(cluster.root / "coordinator" / "state" / "report.pub")
+    governance = str(run / "governance" / "report.json")
+    assert main(["verify", governance, "--coordinator-key", pub]) == 0
+    # a site report edited after signing (on a copy of the run) fails, naming the site
+    copy = tmp_path / name
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "adapter"))
+    edited = copy / "site-reports" / "site-b" / "report.json"
+    edited.write_text(edited.read_text().replace('"remaining": ', '"remaining": 1', 1))
+    capsys.readouterr()
+    assert main(["verify", str(copy), "--keys", registry]) == 1
+    assert "site site-b" in capsys.readouterr().err

@@ -38,7 +38,8 @@ CPU = torch.device("cpu")
 LABELS = ["card", "pin", "transfer"]
 ENCODERS = ("bert", "distilbert", "mobilebert")
 DECODERS = tuple(t for t in FAMILIES if t not in ENCODERS)
-CHAT = {"qwen2", "phi3", "gemma", "gemma2"}  # tiny tokenizers that ship a chat template
+# tiny tokenizers that ship a chat template
+CHAT = {"qwen2", "phi3", "gemma", "gemma2", "gemma3_text"}
 
 # (model_type, task): encoders classify; decoders are causal LMs and classifiers. The family
 # table's classification head is pooling 'model'; MEAN_CASES run the same checks on fedslm's

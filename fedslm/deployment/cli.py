@@ -96,6 +96,18 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fedslm.report.deployed_cli import coordinator_report
+
+    return coordinator_report(_settings(args), args.run)
+
+
+def _add_report(args: argparse.Namespace) -> int:
+    from fedslm.report.deployed_cli import coordinator_add_report
+
+    return coordinator_add_report(_settings(args), args.run, args.folder)
+
+
 def add_cli(subparsers: Any) -> None:
     """Register ``fedslm coordinator ...``."""
     coord = subparsers.add_parser("coordinator", help="the coordinator service (deployment)")
@@ -126,4 +138,20 @@ def add_cli(subparsers: Any) -> None:
     p = command("stop", _stop, "stop a run (it can be resumed)")
     p.add_argument("run")
     p = command("resume", _resume, "continue a stopped or interrupted run")
+    p.add_argument("run")
+    p = command(
+        "add-report",
+        _add_report,
+        "accept a site's signed report of a run (checked against its registered key)",
+    )
+    p.add_argument("run")
+    p.add_argument(
+        "folder",
+        type=Path,
+        help="the folder `fedslm site report` wrote (or its "
+        "report.json), as the site's operator handed it over",
+    )
+    p = command(
+        "report", _report, "write a run's federation report and its governance summary (pseudonyms)"
+    )
     p.add_argument("run")

@@ -128,7 +128,7 @@ def load_exported(adapter_dir: Path, base_dir: Path) -> torch.nn.Module:
         encoder = AutoModel.from_pretrained(base_dir, local_files_only=True)
         encoder.config.pad_token_id = meta.get("pad_token_id", encoder.config.pad_token_id)
         base = MeanPoolClassifier(encoder, meta["num_labels"], meta["logit_scale"])
-    elif meta["task"] == "classification":
+    elif meta["task"] == "classification" and meta.get("classifier") != "label-words":
         id2label = {int(k): v for k, v in meta["id2label"].items()}
         base = AutoModelForSequenceClassification.from_pretrained(
             base_dir, num_labels=meta["num_labels"], id2label=id2label, local_files_only=True

@@ -86,6 +86,10 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("Gemma 2", "decoder", ("q_proj", "v_proj"), _DECODER_HEAD,
                      plain_template=_GEMMA_TURNS,
                      notes="as Gemma; soft-capping and sliding-window layers change nothing"),
+    "gemma3_text": Family("Gemma 3 (text: 270M, 1B)", "decoder", ("q_proj", "v_proj"),
+                          _DECODER_HEAD, plain_template=_GEMMA_TURNS,
+                          notes="as Gemma 2; its q/k RMSNorms stay frozen; the tokenizer's own "
+                                "<pad> pads"),
     "mistral": Family("Mistral", "decoder", ("q_proj", "v_proj"), _DECODER_HEAD,
                       plain_template="[INST] {prompt} [/INST]"),
     "gpt2": Family("GPT-2", "decoder", ("c_attn",), _DECODER_HEAD, conv1d=True,

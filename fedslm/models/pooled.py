@@ -72,7 +72,9 @@ def label_name_rows(
     0, scores a text by its cosine similarity to each label name: a zero-shot classifier that
     training then refines. Only the public label set is used, so this costs no privacy.
     """
-    names = [label.replace("_", " ").replace("-", " ").strip() or label for label in labels]
+    from fedslm.labelwords import label_word
+
+    names = [label_word(label) for label in labels]
     batch = tokenizer(names, padding=True, return_tensors="pt")
     was_training = model.training
     model.eval()

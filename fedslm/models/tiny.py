@@ -8,7 +8,8 @@ folder, atomically, and deterministic by seed.
 
 Each tiny decoder mimics what its family's real checkpoints ship, because that is what the
 family defaults have to cope with: GPT-2, GPT-Neo, GPT-J, Mistral and Phi tokenizers have no
-pad token; Qwen2, Phi-3 and Gemma tokenizers ship a chat template (with its special tokens).
+pad token; Qwen2, Phi-3 and Gemma (1, 2 and 3) tokenizers ship a chat template (with its special
+tokens).
 """
 
 from __future__ import annotations
@@ -224,6 +225,29 @@ def _tiny_gemma2(corpus: list[str]):
     return transformers.Gemma2ForCausalLM(config), tok
 
 
+def _tiny_gemma3_text(corpus: list[str]):
+    import transformers
+
+    tok = _chat_bpe(corpus, "gemma")
+    # Gemma 3: q/k RMSNorm, local (sliding) and global layers with their own rotary bases, tied
+    # embeddings scaled by sqrt(hidden); a window below the tests' lengths keeps the local
+    # layers' masking in play
+    config = transformers.Gemma3TextConfig(
+        hidden_size=_HIDDEN,
+        num_hidden_layers=_LAYERS,
+        num_attention_heads=_HEADS,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        intermediate_size=_FFN,
+        max_position_embeddings=_POSITIONS,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        **_decoder_config_ids(tok),
+    )
+    return transformers.Gemma3ForCausalLM(config), tok
+
+
 def _tiny_gpt2(corpus: list[str]):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -279,6 +303,7 @@ _FAMILY_BUILDERS = {
     "tiny-phi3": _tiny_phi3,
     "tiny-gemma": _tiny_gemma,
     "tiny-gemma2": _tiny_gemma2,
+    "tiny-gemma3_text": _tiny_gemma3_text,
     "tiny-gpt2": _tiny_gpt2,
     "tiny-gpt_neo": _tiny_gpt_neo,
     "tiny-gptj": _tiny_gptj,

@@ -181,6 +181,8 @@ def read_anchors(path: str | Path, site: str | None = None) -> list[Anchor]:
         raise LedgerError(f"{path}: cannot read ledger heads: {exc}") from None
     if isinstance(data, dict) and isinstance(data.get("sites"), dict):
         return _privacy_anchors(path, data["sites"], site)
+    if isinstance(data, dict) and data.get("format") == "fedslm-site-report":
+        return _site_report_anchors(path, data, site)
     heads = _report_heads(data)
     return [Anchor(None, h, f"{path} ({s})") for s in _pick(path, heads, site) for h in heads[s]]
 
@@ -206,6 +208,15 @@ def _privacy_anchors(path: Path, sites: dict[str, Any], site: str | None) -> lis
             Anchor(int(seq) if seq is not None else None, str(p["ledger_head"]), f"{path} ({s})")
         )
     return out
+
+
+def _site_report_anchors(path: Path, data: dict[str, Any], site: str | None) -> list[Anchor]:
+    """The head a deployed site's own report covers (``fedslm site report``)."""
+    head = data.get("ledger") if isinstance(data.get("ledger"), dict) else {}
+    name, digest, seq = data.get("site"), head.get("entries_hash"), head.get("entries_seq")
+    if not isinstance(digest, str) or (site is not None and name != site):
+        return []
+    return [Anchor(int(seq) if isinstance(seq, int) else None, digest, f"{path} ({name})")]
 
 
 def _metrics_anchors(path: Path, rounds: list[dict[str, Any]], site: str | None) -> list[Anchor]:

@@ -23,6 +23,7 @@ from fedslm.audit.report import empirical_check
 from fedslm.data.tables import file_sha256
 from fedslm.errors import DataError
 from fedslm.privacy.accounting import ACCOUNTANT_NAMES, Segment, epsilon, gaussian_epsilon
+from fedslm.privacy.egress_log import EgressEntry
 from fedslm.privacy.ledger import format_time
 from fedslm.report.checks import job_config_sha256, run_checks
 from fedslm.report.model import (
@@ -599,23 +600,28 @@ def egress_messages(ctx: RunContext, sites: Sequence[str]) -> list[EgressMessage
                 entries = egress_entries(ledger, ctx.run.job_id)
         except LedgerError:
             continue
-        for e in entries:
-            rec = e.record
-            out.append(
-                EgressMessage(
-                    round=e.round,
-                    site=site,
-                    kind=e.kind,
-                    status=e.status,
-                    bytes=int(rec.get("tensor_bytes", 0)),
-                    sha256=e.hash,
-                    tensors=[EgressTensor(**t) for t in rec.get("tensors", [])],
-                    metrics=dict(rec.get("metrics", {})),
-                    fields=dict(rec.get("fields", {})),
-                    blocked_because=list(rec.get("blocked_because", [])),
-                )
-            )
+        out.extend(egress_message(site, e) for e in entries)
     return out
+
+
+def egress_message(
+    site: str, e: EgressEntry, extra_fields: dict[str, Any] | None = None
+) -> EgressMessage:
+    """One egress-log record as the report shows it; ``extra_fields`` go before the record's
+    own fields (a site's report adds the job and the log position)."""
+    rec = e.record
+    return EgressMessage(
+        round=e.round,
+        site=site,
+        kind=e.kind,
+        status=e.status,
+        bytes=int(rec.get("tensor_bytes", 0)),
+        sha256=e.hash,
+        tensors=[EgressTensor(**t) for t in rec.get("tensors", [])],
+        metrics=dict(rec.get("metrics", {})),
+        fields={**(extra_fields or {}), **dict(rec.get("fields", {}))},
+        blocked_because=list(rec.get("blocked_because", [])),
+    )
 
 
 def egress(ctx: RunContext, sites: Sequence[str]) -> Egress:

@@ -13,13 +13,12 @@ coordinator allows); every other figure must agree exactly.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedslm.config import config_fingerprint
 from fedslm.errors import DataError
 from fedslm.privacy.accounting import Segment, epsilon, gaussian_epsilon
 from fedslm.report.model import CheckResult
@@ -436,7 +435,7 @@ def check_central(ctx: RunContext, sites: Sequence[str]) -> Discrepancy | None:
 
 def job_config_sha256(config: dict[str, Any]) -> str:
     """sha256 of a job config as ``JobConfig.fingerprint`` computes it, from job.json's copy."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return config_fingerprint(config)
 
 
 def check_job_identity(ctx: RunContext, sites: Sequence[str]) -> Discrepancy | None:

@@ -80,3 +80,9 @@ def render_html(report: Report) -> str:
     template = _environment().get_template("report.html.j2")
     plots = {k: Markup(v) for k, v in all_plots(report).items()}
     return template.render(r=report, plots=plots, labels=ACCOUNTANT_LABELS)
+
+
+def render_page(template: str, **context: Any) -> str:
+    """Another report page (a deployed site's report, a federation's, a governance summary)
+    from ``templates/TEMPLATE``, with the same filters and style as the run report."""
+    return _environment().get_template(template).render(labels=ACCOUNTANT_LABELS, **context)
