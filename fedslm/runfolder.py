@@ -59,7 +59,8 @@ def read_marker(out: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("fedslm_run") == 1 else None
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (or is it), symlinks resolved on both sides."""
     try:
         path.resolve().relative_to(folder.resolve())
     except ValueError:
@@ -79,7 +80,7 @@ def check_output_folder(out: Path, inputs: Iterable[Path], overwrite: bool) -> b
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder; choose another --out")
     for p in inputs:
-        if _inside(Path(p), out):
+        if is_inside(Path(p), out):
             raise ConfigError(
                 f"--out {out}: holds this job's input {p}; a run folder is replaced as a "
                 "whole, so choose an --out that holds none of the job's files"

@@ -30,7 +30,7 @@ bound is reported; the overall confidence stays ``1 - level``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 LEVEL = 0.05  # 95% confidence
@@ -127,6 +127,15 @@ def best_bound(m: int, counts: Mapping[int, int], delta: float, level: float = L
     r_best = max(per_r, key=lambda r: (per_r[r][1], -r))
     v_best, eps = per_r[r_best]
     return Bound(eps, r_best, v_best, level, per_r)
+
+
+def count_correct(
+    scores: Sequence[float], included: Sequence[bool], r_values: Sequence[int]
+) -> dict[int, int]:
+    """For each r: how many of the r highest-scoring canaries are members (the guesses; the
+    rest abstain). Ties keep canary order (the order is random: canaries are drawn so)."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return {r: sum(1 for i in order[:r] if included[i]) for r in r_values}
 
 
 def _check_counts(m: int, r: int, v: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from fedslm.config import JobConfig
 from fedslm.data import SitePlan
 from fedslm.errors import ConfigError
+from fedslm.runfolder import is_inside
 
 WORDS_PER_TEXT = (8, 16)  # classification text; causal-LM response
 PROMPT_WORDS = 4
@@ -112,7 +113,7 @@ def data_refusal(job: JobConfig, config: Path) -> str | None:
     files = [Path(d.path)] if d.path else []
     files += [Path(p) for p in (d.sites or {}).values()]
     allowed = [Path(config).resolve().parent, Path(tempfile.gettempdir()).resolve()]
-    outside = [f for f in files if not any(_inside(f, a) for a in allowed)]
+    outside = [f for f in files if not any(is_inside(f, a) for a in allowed)]
     if not outside:
         return None
     return (
@@ -121,11 +122,3 @@ def data_refusal(job: JobConfig, config: Path) -> str | None:
         "a real site's data set; canaries never go into real data. Copy a public or synthetic "
         "data set next to the config, or pass --allow-site-data if this is not a real data set"
     )
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder)
-    except ValueError:
-        return False
-    return True

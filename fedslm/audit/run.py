@@ -39,7 +39,7 @@ from fedslm.audit import (
     EXIT_VIOLATION,
     MIN_CONTROL_EPSILON,
 )
-from fedslm.audit.bound import LEVEL, Bound, best_bound
+from fedslm.audit.bound import LEVEL, Bound, best_bound, count_correct
 from fedslm.audit.canaries import Canaries, data_refusal, make_canaries, with_canaries, word_pool
 from fedslm.batching import Encoded, encode_classification, encode_instructions, sequential_batches
 from fedslm.config import JobConfig, load_config
@@ -49,7 +49,7 @@ from fedslm.job import JobPlan, make_coordinator, plan_job, preflight
 from fedslm.lora_math import to_site_rank
 from fedslm.models import set_adapter_state
 from fedslm.progress import Reporter
-from fedslm.runfolder import read_marker, write_marker
+from fedslm.runfolder import is_inside, read_marker, write_marker
 from fedslm.site import Site, check_delta
 
 CONTROL_DIR = Path("baselines") / "control"
@@ -283,8 +283,7 @@ def _prepare_out(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder; choose another --out")
     for p in inputs:
-        with contextlib.suppress(ValueError):
-            Path(p).resolve().relative_to(out.resolve())
+        if is_inside(Path(p), out):
             raise ConfigError(f"--out {out}: holds this job's input {p}; choose another --out")
     if not out.exists() or not any(out.iterdir()):
         return
@@ -376,15 +375,6 @@ def score_losses(site: Site, state: dict[str, torch.Tensor], data: Encoded) -> l
     for index in sequential_batches(len(data), job.train.eval_batch_size):
         out.extend(float(x) for x in loss(index))
     return out
-
-
-def count_correct(
-    scores: Sequence[float], included: Sequence[bool], r_values: Sequence[int]
-) -> dict[int, int]:
-    """For each r: how many of the r highest-scoring canaries are members (the guesses; the
-    rest abstain). Ties keep canary order (the order is random: canaries are drawn so)."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    return {r: sum(1 for i in order[:r] if included[i]) for r in r_values}
 
 
 @contextlib.contextmanager

@@ -877,9 +877,12 @@ def summary(
             f"Each site as a whole is protected by (ε, δ)-DP with {_eps_text(c.epsilon)} in "
             "the adapters the coordinator releases (not against the coordinator itself)."
         )
-    failed = [c for c in checks if not c.passed]
+    failed = [c for c in checks if not c.passed and not c.inconclusive]
+    open_ = [c for c in checks if c.inconclusive]
     line = (
         f"All {len(checks)} checks passed."
+        if not failed and not open_
+        else f"{len(checks) - len(open_)} of {len(checks)} checks passed; {open_[0].detail}"
         if not failed
         else f"{len(failed)} of {len(checks)} checks FAILED; first: {failed[0].name}: "
         f"{failed[0].detail}"
@@ -889,7 +892,7 @@ def summary(
         data=data,
         who_saw_what=saw,
         guarantees=guarantees,
-        checks_passed=not failed,
+        checks_passed=not failed and not open_,
         checks_line=line,
     )
 

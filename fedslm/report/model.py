@@ -380,6 +380,9 @@ class CheckResult(_Model):
     description: str
     passed: bool
     detail: str
+    inconclusive: bool = Field(
+        default=False, description="not passed, but no wrong figure: the check could not conclude"
+    )
 
 
 class Report(_Model):

@@ -99,11 +99,12 @@ def verify_path(
 def _verify_run(root: Path, sigs: Signatures, allow_unsigned: bool) -> Outcome:
     ctx = RunContext(load_run(root))
     sites = ctx.site_names()
-    failed = first_failure(ctx, sites)
+    skipped: list[str] = []  # notes: inconclusive checks, steps not taken
+    failed = first_failure(ctx, sites, skipped)
     if failed is not None:
         return _fail(failed[0], failed[1])
     reports = [root / REPORT_JSON, *sorted((root / "sites").glob(f"*/{REPORT_JSON}"))]
-    checked, skipped = [], []
+    checked: list[str] = []
     for report_path in [p for p in reports if p.is_file()]:
         expected = report_path.parent.name if report_path.parent != root else None
         found, note = _verify_report(ctx, report_path, expected, root, sigs=sigs)
@@ -145,13 +146,14 @@ def _verify_report_file(report_path: Path, sigs: Signatures, allow_unsigned: boo
             expected_label="the run's sites are",
         )
         return _fail("report", found)
-    failed = first_failure(ctx, sites)
+    notes: list[str] = []  # inconclusive checks, steps not taken
+    failed = first_failure(ctx, sites, notes)
     if failed is not None:
         return _fail(failed[0], failed[1])
     found, note = _verify_report(ctx, report_path, expected, root, stored, sigs)
     if found is not None:
         return _fail("report", found)
-    notes = [note] if note else []
+    notes += [note] if note else []
     if stored.scope.site is None:
         # the federation's report is the coordinator's and carries no site's signature: the
         # sites vouch for it through their own reports beside it, verified here as well
