@@ -185,13 +185,14 @@ def test_report_checks_the_empirical_check(audit, tmp_path: Path) -> None:
     empirical = {c.name: c for c in results if c.name.startswith("empirical-")}
     assert set(empirical) == {"empirical-bounds", "empirical-claim", "empirical-power"}
     assert all(c.passed for c in results), [c.detail for c in results if not c.passed]
-    assert _verified(run).code == 0
+    outcome = _verified(run)
+    assert outcome.code == 0 and f": {len(results)} checks passed" in outcome.message
     (run / "audit.json").unlink()
     (run / "canaries.json").unlink()
-    assert not any(
-        c.name.startswith("empirical-")
-        for c in checks.run_checks(RunContext(load_run(run)), ["site-1"])
-    )
+    without = checks.run_checks(RunContext(load_run(run)), ["site-1"])
+    assert len(without) == len(results) - 3
+    assert not any(c.name.startswith("empirical-") for c in without)
+    assert f": {len(without)} checks passed" in _verified(run).message
 
 
 @pytest.mark.parametrize("canaries", [True, False])

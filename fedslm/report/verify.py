@@ -99,12 +99,12 @@ def verify_path(
 def _verify_run(root: Path, sigs: Signatures, allow_unsigned: bool) -> Outcome:
     ctx = RunContext(load_run(root))
     sites = ctx.site_names()
-    skipped: list[str] = []  # notes: inconclusive checks, steps not taken
-    failed = first_failure(ctx, sites, skipped)
+    inconclusive: list[str] = []
+    failed = first_failure(ctx, sites, inconclusive)
     if failed is not None:
         return _fail(failed[0], failed[1])
     reports = [root / REPORT_JSON, *sorted((root / "sites").glob(f"*/{REPORT_JSON}"))]
-    checked: list[str] = []
+    checked, skipped = [], list(inconclusive)
     for report_path in [p for p in reports if p.is_file()]:
         expected = report_path.parent.name if report_path.parent != root else None
         found, note = _verify_report(ctx, report_path, expected, root, sigs=sigs)
@@ -121,7 +121,8 @@ def _verify_run(root: Path, sigs: Signatures, allow_unsigned: bool) -> Outcome:
         if checked
         else "no report.json in the folder (run `fedslm report` to write one)"
     )
-    return _ok(root, sites, what, skipped, sigs, allow_unsigned)
+    passed = _passed(ctx, inconclusive)
+    return _ok(root, sites, what, skipped, sigs, allow_unsigned, passed)
 
 
 def _verify_report_file(report_path: Path, sigs: Signatures, allow_unsigned: bool) -> Outcome:
@@ -146,14 +147,14 @@ def _verify_report_file(report_path: Path, sigs: Signatures, allow_unsigned: boo
             expected_label="the run's sites are",
         )
         return _fail("report", found)
-    notes: list[str] = []  # inconclusive checks, steps not taken
-    failed = first_failure(ctx, sites, notes)
+    inconclusive: list[str] = []
+    failed = first_failure(ctx, sites, inconclusive)
     if failed is not None:
         return _fail(failed[0], failed[1])
     found, note = _verify_report(ctx, report_path, expected, root, stored, sigs)
     if found is not None:
         return _fail("report", found)
-    notes += [note] if note else []
+    notes = [*inconclusive, *([note] if note else [])]
     if stored.scope.site is None:
         # the federation's report is the coordinator's and carries no site's signature: the
         # sites vouch for it through their own reports beside it, verified here as well
@@ -166,7 +167,8 @@ def _verify_report_file(report_path: Path, sigs: Signatures, allow_unsigned: boo
             if found is not None:
                 return _fail("report", found)
             notes += [note] if note else []
-    return _ok(root, sites, f"{report_path} matches the run", notes, sigs, allow_unsigned)
+    passed = _passed(ctx, inconclusive)
+    return _ok(root, sites, f"{report_path} matches the run", notes, sigs, allow_unsigned, passed)
 
 
 def _read_report(path: Path) -> Report:
@@ -343,6 +345,11 @@ def _fail(check: str, found: Discrepancy) -> Outcome:
     return Outcome(1, f"verify FAILED ({check}): {found}")
 
 
+def _passed(ctx: RunContext, inconclusive: list[str]) -> int:
+    """How many checks ran on the run and passed (not those that do not apply to it)."""
+    return sum(c.applicable(ctx) for c in checks.CHECKS) - len(inconclusive)
+
+
 def _ok(
     root: Path,
     sites: list[str],
@@ -350,10 +357,11 @@ def _ok(
     notes: list[str],
     sigs: Signatures,
     allow_unsigned: bool,
+    passed: int,
 ) -> Outcome:
     extra = f"; {'; '.join(notes)}" if notes else ""
     figures = (
-        f"{root}: {len(checks.CHECKS)} checks passed for {len(sites)} site(s) "
+        f"{root}: {passed} checks passed for {len(sites)} site(s) "
         f"({', '.join(sites)}), epsilons recomputed (PLD, exact closed form); {what}{extra}"
     )
     signed = ", ".join(sigs.signed)
