@@ -28,10 +28,8 @@ from fedslm.data import read_examples, read_instructions
 from fedslm.egress import MASKED_VECTOR, SECURE_TRAIN, Payload, RingSpec, check, describe
 from fedslm.errors import ConfigError, FedSLMError
 from fedslm.labelwords import LabelWordData, LabelWords, check_decoder, evaluate_label_words
-from fedslm.lora_math import to_site_rank
 from fedslm.losses import per_example_loss
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
-from fedslm.models.adapter import freeze_lora_a
 from fedslm.models.families import default_head
 from fedslm.models.loading import classification_head
 from fedslm.models.registry import ResolvedModel, base_parameters
@@ -192,15 +190,14 @@ def plan_privacy(job: JobConfig, records: int, source: str) -> PrivacyPlan:
 def site_lora(job: JobConfig, site: str, policy: SitePolicy | None) -> LoraConfig:
     """The LoRA shape ``site`` trains: the job's, at the site's rank.
 
-    With aggregation ``exact`` each site may have its own rank (``federation.site_ranks``) and
-    its policy's ``max_lora_rank`` lowers it; the other rules need the job's rank everywhere,
-    and a policy that caps it below refuses the job instead (``job_refusal``).
+    Under a rule with per-site ranks (``exact``) each site may have its own rank
+    (``federation.site_ranks``) and its policy's ``max_lora_rank`` lowers it; the other rules
+    need the job's rank everywhere, and a policy that caps it below refuses the job instead
+    (``job_refusal``). The rule decides (``AggregationRule.site_rank``).
     """
     rank = job.federation.site_ranks.get(site, job.lora.r)
     cap = policy.max_lora_rank if policy is not None else None
-    if job.federation.aggregation == "exact" and cap is not None:
-        rank = min(rank, cap)
-    return job.lora.model_copy(update={"r": rank})
+    return job.lora.model_copy(update={"r": job.federation.rule.site_rank(rank, cap)})
 
 
 def job_refusal(
@@ -448,9 +445,8 @@ class Site:
             options=job.model,
         )
         self.words = label_words(job, self.loaded, labels)
-        if job.federation.aggregation == "ffa":
-            # before Opacus is attached: frozen A gets no per-sample hooks and never moves
-            freeze_lora_a(self.loaded.model)
+        # before Opacus is attached: ffa's frozen A gets no per-sample hooks and never moves
+        job.federation.rule.prepare_model(self.loaded.model)
         # a training reply carries every adapter tensor as float32, and nothing else
         initial = get_adapter_state(self.loaded.model)
         self.agreed_tensors = {k: tuple(t.shape) for k, t in initial.items()}
@@ -831,10 +827,8 @@ class Site:
 
     def _at_own_rank(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # exact aggregation sends factors of the global rank; each site takes the best
-        # approximation at its own rank (a no-op re-basis when the ranks are equal)
-        if self.job.federation.aggregation != "exact":
-            return state
-        return to_site_rank(state, self.job.lora.alpha, self.lora.r).state
+        # approximation at its own rank (the other rules send the state as the site trains it)
+        return self.job.federation.rule.to_site(state, self.job.lora.alpha, self.lora.r)
 
     def _segment(self, round_num: int) -> Segment:
         phase = self.plan.phase(round_num)
