@@ -30,7 +30,7 @@ from fedslm.errors import ConfigError, FedSLMError
 from fedslm.labelwords import LabelWordData, LabelWords, check_decoder, evaluate_label_words
 from fedslm.losses import per_example_loss
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
-from fedslm.models.families import default_head
+from fedslm.models.families import MEAN_POOL_HEAD, default_head
 from fedslm.models.loading import classification_head
 from fedslm.models.registry import ResolvedModel, base_parameters
 from fedslm.policy import (
@@ -57,6 +57,7 @@ from fedslm.training import (
     TrainResult,
     encode_features,
     evaluate,
+    evaluate_head,
     make_optimizer,
     train_steps,
 )
@@ -462,6 +463,8 @@ class Site:
         self.plan = plan_privacy(job, len(self.train_data), source)
         check_secagg_weight(job, len(self.train_data), source)
         self._features: torch.Tensor | None = None  # the frozen model's, for probe rounds
+        # the held-out features and the encoder tensors they were computed under
+        self._eval_cache: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
         self.module: torch.nn.Module = self.loaded.model
         if all(ph.trains == "head" for ph in self.plan.phases):
             # a pure probe: LoRA stays at its (no-op) initialisation and is never trained
@@ -843,15 +846,39 @@ class Site:
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> EvalResult:
         """Loss and accuracy of the global adapter on this site's held-out split (with
         ``exact`` aggregation, at this site's rank: its view of the global adapter)."""
-        set_adapter_state(self.loaded.model, self._at_own_rank(global_state))
+        state = self._at_own_rank(global_state)
+        set_adapter_state(self.loaded.model, state)
         if self.words is not None and self.eval_words is not None:
             r = evaluate_label_words(
                 self.loaded.model, self.words, self.eval_words, self.loaded.device
             )
             return EvalResult(r.loss, r.accuracy, r.examples)
+        features = self._eval_features(state)
+        if features is not None:
+            return evaluate_head(
+                self.loaded.model, features, self.eval_data, self.job.train.eval_batch_size
+            )
         return evaluate(
             self.loaded.model, self.eval_data, self.job.train.eval_batch_size, self.loaded.device
         )
+
+    def _eval_features(self, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The held-out rows' features under the adapter just set, reused while its encoder
+        tensors are unchanged: a probe round moves the head alone, so evaluating it is a
+        matrix product instead of a pass through the model. None without a separate head."""
+        inner = self.loaded.model.get_base_model()
+        if not hasattr(inner, "features"):
+            return None
+        encoder = {k: v for k, v in state.items() if not _is_head(k)}
+        cached = self._eval_cache
+        if cached is None or not _same_tensors(cached[0], encoder):
+            features = encode_features(
+                self.loaded.model, self.eval_data, self.job.train.eval_batch_size,
+                self.loaded.device,
+            )  # fmt: skip
+            cached = ({k: v.detach().clone() for k, v in encoder.items()}, features)
+            self._eval_cache = cached
+        return cached[1]
 
     def _seed(self, round_num: int, input_sha256: str) -> int:
         # The site's secret first: a seed the coordinator could compute (from job.seed, which
@@ -863,6 +890,15 @@ class Site:
         h = hashlib.sha256(self._noise_secret)
         h.update(f"\0{self._noise_fingerprint}\0{self.name}\0{round_num}\0{input_sha256}".encode())
         return int.from_bytes(h.digest()[:6], "big")
+
+
+def _is_head(key: str) -> bool:
+    # the mean-pooling classifier's linear layer, the only tensor a probe round moves
+    return any(f".{h}." in f".{key}." for h in MEAN_POOL_HEAD)
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _finite(x: float | None) -> float:
