@@ -18,6 +18,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedslm.aggregation_rules import (
+    AGGREGATION_RULES,
+    AggregationRule,
+    quoted,
+    rule_for,
+    rules_where,
+)
 from fedslm.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -549,37 +556,51 @@ class FederationConfig(_Section):
         unknown = sorted(set(self.site_ranks) - set(names))
         if unknown:
             raise ValueError(f"federation.site_ranks names unknown sites {unknown}")
-        exact = self.aggregation == "exact"
-        if self.site_ranks and not exact:
-            raise ValueError(
-                "federation.site_ranks needs aggregation 'exact'; fedavg-factors and ffa "
-                "average factors, which must have the same rank everywhere"
-            )
-        if exact and self.server_optimizer.name in ("fedavgm", "fedadam", "fedyogi"):
-            raise ValueError(
-                f"server_optimizer {self.server_optimizer.name!r} keeps state on the LoRA "
-                "factors, which 'exact' re-bases by SVD every round; use fedavg or fedprox "
-                "with exact, or aggregation ffa / fedavg-factors"
-            )
-        if exact and (self.robust.rule != "mean" or self.robust.max_update_norm is not None):
-            raise ValueError(
-                "federation.robust.rule median/trimmed-mean and max_update_norm act on "
-                "factors coordinate by coordinate; they work with ffa and fedavg-factors, "
-                "not with exact"
-            )
+        self._rule_allows()
         if self.secure_aggregation:
             self._secure_aggregation_fits()
         return self
 
+    def _rule_allows(self) -> None:
+        # what the aggregation rule declares it allows (fedslm.aggregation_rules)
+        rule, agg = self.rule, self.aggregation
+        if self.site_ranks and not rule.per_site_ranks:
+            ranked = quoted(rules_where("per_site_ranks"))
+            raise ValueError(
+                f"federation.site_ranks needs aggregation {ranked}: aggregation '{agg}' "
+                f"{rule.summary}, so every site trains at lora.r; remove federation.site_ranks "
+                f"or set federation.aggregation to {ranked}"
+            )
+        name = self.server_optimizer.name
+        if not rule.allows_server_optimizer(name):
+            allowed = " or ".join(sorted(rule.server_optimizers or ()))
+            others = [n for n in AGGREGATION_RULES if rule_for(n).allows_server_optimizer(name)]
+            raise ValueError(
+                f"federation.server_optimizer {name!r} keeps state on the LoRA factors, and "
+                f"aggregation '{agg}' {rule.summary} every round; use {allowed} with {agg}, or "
+                f"aggregation {quoted(others)}"
+            )
+        robust = self.robust.rule != "mean" or self.robust.max_update_norm is not None
+        if robust and not rule.coordinatewise_robust:
+            raise ValueError(
+                "federation.robust.rule median/trimmed-mean and max_update_norm act on "
+                "factors coordinate by coordinate; they work with aggregation "
+                f"{quoted(rules_where('coordinatewise_robust'))}, not with {agg}"
+            )
+
+    @property
+    def rule(self) -> AggregationRule:
+        """The rule object of ``aggregation`` (``fedslm.aggregation_rules``)."""
+        return rule_for(self.aggregation)
+
     def _secure_aggregation_fits(self) -> None:
         # The coordinator sees only the masked sum, so only linear rules over the sum can work.
         n = len(self.site_names)
-        if self.aggregation == "exact":
+        if not self.rule.linear:
             raise ValueError(
                 "federation.secure_aggregation needs a linear aggregation: the coordinator "
-                "learns only the sum of the updates, and 'exact' multiplies each site's factors "
-                "(B_i·A_i) before summing; use federation.aggregation 'ffa' (exact and linear) "
-                "or 'fedavg-factors'"
+                f"learns only the sum of the updates, and '{self.aggregation}' "
+                f"{self.rule.summary}; use federation.aggregation {quoted(rules_where('linear'))}"
             )
         if self.robust.rule != "mean" or self.robust.max_update_norm is not None:
             raise ValueError(
@@ -777,22 +798,23 @@ class JobConfig(_Section):
                     f"train.probe.rounds={self.train.probe.rounds} leaves no LoRA round of the "
                     f"{self.federation.rounds}; lower it or use train.mode 'head'"
                 )
-            if self.federation.aggregation == "exact":
+            if self.federation.rule.refactors:
                 raise ValueError(
-                    "train.mode 'lp-lora' with aggregation 'exact': the probe rounds leave every "
-                    "LoRA B factor at 0, and refactoring a zero product by SVD would zero A as "
-                    "well, so LoRA could never start; use aggregation 'ffa' or 'fedavg-factors'"
+                    f"train.mode 'lp-lora' with aggregation '{self.federation.aggregation}': the "
+                    "probe rounds leave every LoRA B factor at 0, and refactoring a zero product "
+                    "by SVD would zero A as well, so LoRA could never start; use aggregation "
+                    f"{quoted(rules_where('refactors', False))}"
                 )
 
     def _central_dp_fits(self) -> None:
         if not self.privacy.central.enabled:
             return
         f = self.federation
-        if f.aggregation == "exact":
+        if not f.rule.linear:
             raise ValueError(
                 "privacy.central needs a linear aggregation: use federation.aggregation "
-                "ffa or fedavg-factors (exact refactors by SVD, so one site's clipped "
-                "update would not bound its effect on the released adapter)"
+                f"{quoted(rules_where('linear'))} ('{f.aggregation}' {f.rule.summary}, so one "
+                "site's clipped update would not bound its effect on the released adapter)"
             )
         if f.robust.rule != "mean":
             raise ValueError(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fedslm.aggregation import exact, fedavg, ffa, weighted_mean
+from fedslm.aggregation import weighted_mean
 from fedslm.artifacts import (
     append_jsonl,
     jsonl_line,
@@ -38,7 +38,7 @@ from fedslm.privacy.accounting import (
 )
 from fedslm.privacy.anchors import Anchor
 from fedslm.privacy.central import WEIGHTING_TEXT, noised_mean_update, site_weight
-from fedslm.robust import clip_update, coordinate_median, screen_updates, trimmed_mean
+from fedslm.robust import clip_update, coordinate_median, trimmed_mean
 from fedslm.secagg.adapter import mean_state
 from fedslm.secagg.messages import SecAggResult
 from fedslm.server_opt import make_server_optimizer
@@ -191,11 +191,9 @@ class Coordinator:
         # round's noise seeds on the adapter's bytes, so a rerun must sum the same way
         reports = [r for r in sorted(reports, key=lambda r: r.site) if self._anchored(r)]
         fed = self.job.federation
-        screening = screen_updates(
+        screening = fed.rule.screen(
             self.state,
             [(r.site, r.state) for r in reports],
-            allow_rank_change=fed.aggregation == "exact",
-            frozen=[k for k in self.state if ".lora_A." in k] if fed.aggregation == "ffa" else (),
             factor=fed.robust.outlier_factor or math.inf,
         )
         rec["failures"].extend(f"update rejected: {reason}" for _, reason in screening.rejected)
@@ -313,18 +311,10 @@ class Coordinator:
             return coordinate_median(states)
         if fed.robust.rule == "trimmed-mean":
             return trimmed_mean(states, fed.robust.trim_fraction)
-        if fed.aggregation == "ffa":
-            return ffa(zip(states, weights, strict=True))
-        if fed.aggregation == "exact":
-            alpha = self.job.lora.alpha
-            result = exact(
-                ((s, w, alpha) for s, w in zip(states, weights, strict=True)),
-                rank=self.job.lora.r,
-                alpha=alpha,
-            )
-            self.record["exact_energy_lost"] = max(result.energy_lost.values(), default=0.0)
-            return result.state
-        return fedavg(zip(states, weights, strict=True))
+        lora = self.job.lora
+        combined = fed.rule.combine(states, weights, rank=lora.r, alpha=lora.alpha)
+        self.record.update(combined.record)
+        return combined.state
 
     def _bounded(self, state: AdapterState, bound: float) -> AdapterState:
         delta = {k: v - self.state[k] for k, v in state.items()}

@@ -60,7 +60,7 @@ def trainable_parameters(job: JobConfig, model_dir: Path, num_labels: int) -> di
     has_head = job.task.type == "classification" and not job.task.label_words
     head = arch.hidden * num_labels + num_labels if has_head else 0
     r = job.lora.r
-    if job.federation.aggregation == "ffa":
+    if job.federation.rule.freezes_lora_a:
         lora = arch.layers * r * (arch.hidden + arch.kv_dim)  # B only: r x out per projection
     else:
         lora = lora_params(arch, r)

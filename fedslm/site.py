@@ -28,11 +28,9 @@ from fedslm.data import read_examples, read_instructions
 from fedslm.egress import MASKED_VECTOR, SECURE_TRAIN, Payload, RingSpec, check, describe
 from fedslm.errors import ConfigError, FedSLMError
 from fedslm.labelwords import LabelWordData, LabelWords, check_decoder, evaluate_label_words
-from fedslm.lora_math import to_site_rank
 from fedslm.losses import per_example_loss
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
-from fedslm.models.adapter import freeze_lora_a
-from fedslm.models.families import default_head
+from fedslm.models.families import MEAN_POOL_HEAD, default_head
 from fedslm.models.loading import classification_head
 from fedslm.models.registry import ResolvedModel, base_parameters
 from fedslm.policy import (
@@ -59,6 +57,7 @@ from fedslm.training import (
     TrainResult,
     encode_features,
     evaluate,
+    evaluate_head,
     make_optimizer,
     train_steps,
 )
@@ -192,15 +191,14 @@ def plan_privacy(job: JobConfig, records: int, source: str) -> PrivacyPlan:
 def site_lora(job: JobConfig, site: str, policy: SitePolicy | None) -> LoraConfig:
     """The LoRA shape ``site`` trains: the job's, at the site's rank.
 
-    With aggregation ``exact`` each site may have its own rank (``federation.site_ranks``) and
-    its policy's ``max_lora_rank`` lowers it; the other rules need the job's rank everywhere,
-    and a policy that caps it below refuses the job instead (``job_refusal``).
+    Under a rule with per-site ranks (``exact``) each site may have its own rank
+    (``federation.site_ranks``) and its policy's ``max_lora_rank`` lowers it; the other rules
+    need the job's rank everywhere, and a policy that caps it below refuses the job instead
+    (``job_refusal``). The rule decides (``AggregationRule.site_rank``).
     """
     rank = job.federation.site_ranks.get(site, job.lora.r)
     cap = policy.max_lora_rank if policy is not None else None
-    if job.federation.aggregation == "exact" and cap is not None:
-        rank = min(rank, cap)
-    return job.lora.model_copy(update={"r": rank})
+    return job.lora.model_copy(update={"r": job.federation.rule.site_rank(rank, cap)})
 
 
 def job_refusal(
@@ -448,9 +446,8 @@ class Site:
             options=job.model,
         )
         self.words = label_words(job, self.loaded, labels)
-        if job.federation.aggregation == "ffa":
-            # before Opacus is attached: frozen A gets no per-sample hooks and never moves
-            freeze_lora_a(self.loaded.model)
+        # before Opacus is attached: ffa's frozen A gets no per-sample hooks and never moves
+        job.federation.rule.prepare_model(self.loaded.model)
         # a training reply carries every adapter tensor as float32, and nothing else
         initial = get_adapter_state(self.loaded.model)
         self.agreed_tensors = {k: tuple(t.shape) for k, t in initial.items()}
@@ -466,6 +463,8 @@ class Site:
         self.plan = plan_privacy(job, len(self.train_data), source)
         check_secagg_weight(job, len(self.train_data), source)
         self._features: torch.Tensor | None = None  # the frozen model's, for probe rounds
+        # the held-out features and the encoder tensors they were computed under
+        self._eval_cache: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
         self.module: torch.nn.Module = self.loaded.model
         if all(ph.trains == "head" for ph in self.plan.phases):
             # a pure probe: LoRA stays at its (no-op) initialisation and is never trained
@@ -831,10 +830,8 @@ class Site:
 
     def _at_own_rank(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # exact aggregation sends factors of the global rank; each site takes the best
-        # approximation at its own rank (a no-op re-basis when the ranks are equal)
-        if self.job.federation.aggregation != "exact":
-            return state
-        return to_site_rank(state, self.job.lora.alpha, self.lora.r).state
+        # approximation at its own rank (the other rules send the state as the site trains it)
+        return self.job.federation.rule.to_site(state, self.job.lora.alpha, self.lora.r)
 
     def _segment(self, round_num: int) -> Segment:
         phase = self.plan.phase(round_num)
@@ -849,15 +846,39 @@ class Site:
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> EvalResult:
         """Loss and accuracy of the global adapter on this site's held-out split (with
         ``exact`` aggregation, at this site's rank: its view of the global adapter)."""
-        set_adapter_state(self.loaded.model, self._at_own_rank(global_state))
+        state = self._at_own_rank(global_state)
+        set_adapter_state(self.loaded.model, state)
         if self.words is not None and self.eval_words is not None:
             r = evaluate_label_words(
                 self.loaded.model, self.words, self.eval_words, self.loaded.device
             )
             return EvalResult(r.loss, r.accuracy, r.examples)
+        features = self._eval_features(state)
+        if features is not None:
+            return evaluate_head(
+                self.loaded.model, features, self.eval_data, self.job.train.eval_batch_size
+            )
         return evaluate(
             self.loaded.model, self.eval_data, self.job.train.eval_batch_size, self.loaded.device
         )
+
+    def _eval_features(self, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The held-out rows' features under the adapter just set, reused while its encoder
+        tensors are unchanged: a probe round moves the head alone, so evaluating it is a
+        matrix product instead of a pass through the model. None without a separate head."""
+        inner = self.loaded.model.get_base_model()
+        if not hasattr(inner, "features"):
+            return None
+        encoder = {k: v for k, v in state.items() if not _is_head(k)}
+        cached = self._eval_cache
+        if cached is None or not _same_tensors(cached[0], encoder):
+            features = encode_features(
+                self.loaded.model, self.eval_data, self.job.train.eval_batch_size,
+                self.loaded.device,
+            )  # fmt: skip
+            cached = ({k: v.detach().clone() for k, v in encoder.items()}, features)
+            self._eval_cache = cached
+        return cached[1]
 
     def _seed(self, round_num: int, input_sha256: str) -> int:
         # The site's secret first: a seed the coordinator could compute (from job.seed, which
@@ -869,6 +890,15 @@ class Site:
         h = hashlib.sha256(self._noise_secret)
         h.update(f"\0{self._noise_fingerprint}\0{self.name}\0{round_num}\0{input_sha256}".encode())
         return int.from_bytes(h.digest()[:6], "big")
+
+
+def _is_head(key: str) -> bool:
+    # the mean-pooling classifier's linear layer, the only tensor a probe round moves
+    return any(f".{h}." in f".{key}." for h in MEAN_POOL_HEAD)
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _finite(x: float | None) -> float:

@@ -253,6 +253,30 @@ def encode_features(
     return torch.cat(out) if out else torch.zeros(0, 1, device=device)
 
 
+@torch.no_grad()
+def evaluate_head(
+    model: torch.nn.Module, features: torch.Tensor, data: Encoded, batch_size: int
+) -> EvalResult:
+    """``evaluate`` of a mean-pooling classifier from its encoder's ``features`` of ``data``
+    (``encode_features``): the same batches and sums, the head alone. Equal to ``evaluate``
+    bit for bit while the encoder is the one that computed the features."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.eval()
+    labels = torch.tensor(data.targets, device=features.device)
+    total_loss = 0.0
+    correct = counted = 0
+    for index in sequential_batches(len(data), batch_size):
+        logits = inner.head(features[index])
+        total_loss += float(per_example_loss(logits, labels[index]).sum())
+        c, n = correct_predictions(logits, labels[index])
+        correct += c
+        counted += n
+    n = len(data)
+    return EvalResult(
+        total_loss / n if n else math.nan, correct / counted if counted else math.nan, n
+    )
+
+
 def _assert_updated(params: list[torch.nn.Parameter], before: list[torch.Tensor]) -> None:
     """Fail loudly if DP-SGD did not reach the weights (field notes: LoRA tensors that never
     change while epsilon grows, when Opacus is attached before parameters move)."""

@@ -81,3 +81,43 @@ def test_a_round_without_dp_is_recorded_as_unbounded_spend(tmp_path: Path, tiny_
     later = _site(dp_job, "dp-job", ledger)
     with pytest.raises(SiteRefusal, match="lifetime budget is 5"):
         later.train_round(1, later.initial_state())
+
+
+def test_evaluation_reuses_the_encoders_features_only_while_it_is_unchanged(
+    tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe round moves the head alone, so the site evaluates it from cached features; the
+    figures equal a full pass through the model bit for bit, and any change to a LoRA tensor
+    computes the features again."""
+    import torch
+
+    from fedslm import site as site_module
+    from fedslm.training import evaluate
+
+    p = _prepare(tmp_path / "run", tiny_bert)
+    s = _site(p, "job-1", p.sites[0].ledger)
+    passes: list[int] = []
+    real = site_module.encode_features
+    monkeypatch.setattr(
+        site_module, "encode_features", lambda *a, **k: passes.append(1) or real(*a, **k)
+    )
+
+    def full_pass() -> tuple[float, float]:
+        r = evaluate(s.loaded.model, s.eval_data, 7, s.loaded.device)  # other batches, same sums
+        return r.loss, r.accuracy
+
+    state = s.initial_state()
+    heads = [k for k in state if ".classifier." in k]
+    loras = [k for k in state if ".lora_B." in k]
+    assert heads and loras
+    first = s.evaluate(state)
+    moved_head = dict(state) | {heads[0]: state[heads[0]] + 0.5}
+    second = s.evaluate(moved_head)
+    assert len(passes) == 1 and second.loss != first.loss  # the head moved: the cache was used
+    exact = evaluate(s.loaded.model, s.eval_data, p.job.train.eval_batch_size, s.loaded.device)
+    assert (second.loss, second.accuracy) == (exact.loss, exact.accuracy)  # bit for bit
+    assert second.loss == pytest.approx(full_pass()[0], rel=1e-5)
+    moved_lora = dict(moved_head) | {loras[0]: torch.full_like(state[loras[0]], 0.3)}
+    third = s.evaluate(moved_lora)
+    assert len(passes) == 2 and third.loss != second.loss  # the encoder changed: a new pass
+    assert third.loss == pytest.approx(full_pass()[0], rel=1e-5)
