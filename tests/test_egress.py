@@ -40,6 +40,7 @@ def site(tmp_path: Path, tiny_bert: Path) -> Site:
     return build_site(prepared, prepared.sites[0])
 
 
+@pytest.mark.integration
 def test_a_training_reply_is_logged_with_what_it_holds(site: Site) -> None:
     update = site.train_round(1, site.initial_state())
     payload = site.release(1, site.train_payload(update))
@@ -85,6 +86,7 @@ def test_a_training_reply_is_logged_with_what_it_holds(site: Site) -> None:
         (lambda p: replace(p, fields=p.fields | {"site": 3}), "field 'site' has type int"),
     ],
 )
+@pytest.mark.integration
 def test_anything_beyond_the_agreed_reply_is_blocked_and_logged(
     site: Site, tamper: Any, reason: str
 ) -> None:
@@ -105,6 +107,7 @@ def test_refusals_and_evaluations_carry_no_tensors(site: Site) -> None:
     assert "is not part of the agreed adapter" in check(describe(ev), site.agreed_tensors, None)[0]
 
 
+@pytest.mark.integration
 def test_a_hostile_job_asking_for_a_huge_adapter_is_refused(
     tmp_path: Path, tiny_bert: Path
 ) -> None:
@@ -128,6 +131,7 @@ def test_a_hostile_job_asking_for_a_huge_adapter_is_refused(
     assert ("refusal", "sent") in kinds and ("train", "sent") not in kinds
 
 
+@pytest.mark.integration
 def test_ledger_verify_catches_an_edited_egress_record(
     site: Site, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import fedslm
 
 LIBRARY = Path(fedslm.__file__).parent
 
 
+@pytest.mark.integration
 def test_library_runs_without_flower() -> None:
     """Nothing in fedslm/ (the library) imports Flower; only clients/ and server/ do."""
     modules = [

@@ -249,7 +249,8 @@ def _rdp_epsilon(segs: Sequence[Segment], delta: float) -> float:
 # Opacus' PRV accountant spends ~90% of a call bounding its discretisation domain with an RDP
 # computation in pure Python (about 0.35 s per (q, sigma)), and a site asks again every round
 # for the same (q, sigma). The subclass below computes exactly the same domain from RDP values
-# cached per (q, sigma); tests/test_accounting.py checks it is bit-identical to stock Opacus.
+# cached per (q, sigma); tests/privacy/test_accounting.py checks it is bit-identical to stock
+# Opacus.
 
 
 @functools.lru_cache(maxsize=256)

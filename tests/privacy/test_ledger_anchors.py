@@ -140,6 +140,7 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     return code, out.out + out.err
 
 
+@pytest.mark.integration
 def test_the_rewrite_passes_the_chain_check_and_hides_job_a(site: Path) -> None:
     """The premise: on its own, the rewritten ledger is a valid ledger with only B's spend."""
     ledger = site / "privacy" / "ledger.db"
@@ -154,6 +155,7 @@ def test_the_rewrite_passes_the_chain_check_and_hides_job_a(site: Path) -> None:
     assert before == pytest.approx(8.1, abs=0.05) and after == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.integration
 def test_policy_check_refuses_a_ledger_that_dropped_released_heads(
     site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -182,6 +184,7 @@ def test_policy_check_refuses_a_ledger_that_dropped_released_heads(
     assert code == 1 and "entry seq 5" in out and "between seq 1 and 5" in out
 
 
+@pytest.mark.integration
 def test_ledger_verify_checks_the_journal_and_anchors(
     site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -197,6 +200,7 @@ def test_ledger_verify_checks_the_journal_and_anchors(
     assert code == 1 and "verification FAILED" in out and "entry seq 5" in out
 
 
+@pytest.mark.integration
 def test_the_site_refuses_the_job_before_round_one(site: Path, tiny_bert: Path) -> None:
     from fedslm.config import load_config
     from fedslm.models.registry import resolve_model
@@ -352,6 +356,7 @@ def test_anchors_are_read_per_site(tmp_path: Path) -> None:
         read_anchors(tmp_path / "missing.json")
 
 
+@pytest.mark.integration
 def test_simulate_preflight_refuses_the_rewritten_ledger(tmp_path: Path, tiny_bert: Path) -> None:
     """`fedslm simulate` asks each site before writing anything: the journal refuses it."""
     from fedslm.config import validate_config
@@ -464,6 +469,7 @@ def _anchored_round(site: Path, tiny_bert: Path, pad: bool) -> tuple[object, obj
     return coordinator, reply, ledger
 
 
+@pytest.mark.integration
 def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
     site: Path, tiny_bert: Path
 ) -> None:
@@ -487,6 +493,7 @@ def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
     assert privacy["refusals"] == [f"round 1: {reason}"]
 
 
+@pytest.mark.integration
 def test_an_honest_site_extends_the_coordinators_anchor_and_trains(
     site: Path, tiny_bert: Path
 ) -> None:

@@ -153,6 +153,7 @@ def _in_process_site(
     return builder._build_site(job, job_id, resolve_model(job.model).sha256)
 
 
+@pytest.mark.integration
 def test_the_clientapp_module_imports_neither_torch_nor_the_site() -> None:
     code = (
         "import sys, fedslm.clients.app\n"
@@ -163,6 +164,7 @@ def test_the_clientapp_module_imports_neither_torch_nor_the_site() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+@pytest.mark.integration
 def test_worker_replies_equal_the_in_process_handlers(deployment: Deployment) -> None:
     d = deployment
     job_id = "job-same"
@@ -194,6 +196,7 @@ def test_worker_replies_equal_the_in_process_handlers(deployment: Deployment) ->
     assert any(f"job {job_id} round 1 train" in line and line.endswith(": sent") for line in d.log)
 
 
+@pytest.mark.integration
 def test_a_retried_round_is_replayed_and_spends_once(deployment: Deployment) -> None:
     d = deployment
     job_id = "job-replay"
@@ -226,6 +229,7 @@ def test_a_retried_round_is_replayed_and_spends_once(deployment: Deployment) -> 
         assert [e.round for e in ledger.entries() if e.job_id == job_id] == [1, 2]
 
 
+@pytest.mark.integration
 def test_a_train_message_carries_the_evaluation_of_the_adapter_it_brings(
     deployment: Deployment,
 ) -> None:
@@ -402,6 +406,7 @@ def test_secure_aggregation_secrets_stay_in_the_worker(deployment: Deployment) -
         call_worker(str(d.worker.socket_path), "query", query, fake, node_id=8, run_id=1)
 
 
+@pytest.mark.integration
 def test_noise_depends_on_the_site_secret(tmp_path: Path, deployment: Deployment) -> None:
     d = deployment
     (tmp_path / "s1").mkdir()
