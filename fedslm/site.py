@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -29,6 +28,7 @@ from fedslm.egress import MASKED_VECTOR, SECURE_TRAIN, Payload, RingSpec, check,
 from fedslm.errors import ConfigError, FedSLMError
 from fedslm.labelwords import LabelWordData, LabelWords, check_decoder, evaluate_label_words
 from fedslm.losses import per_example_loss
+from fedslm.messages import Refusal, SiteEval, SiteReport
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
 from fedslm.models.families import default_head
 from fedslm.models.loading import classification_head
@@ -645,30 +645,35 @@ class Site:
 
     # -- what leaves the site ------------------------------------------------------------------
 
+    def report(self, u: SiteUpdate, bytes_sent: int | None = None) -> SiteReport:
+        """``u`` as the training reply the coordinator receives (``fedslm.messages``).
+
+        ``bytes_sent`` defaults to the adapter's float32 size (what a reply carries, less
+        framing): the coordinator counts what actually arrived.
+        """
+        p = self.plan
+        return SiteReport(
+            self.name,
+            u.state,
+            u.num_examples,
+            u.train_loss,
+            u.steps,
+            u.seconds,
+            self.adapter_bytes if bytes_sent is None else bytes_sent,
+            u.segment,
+            u.epsilon,
+            p.delta if p.enabled else None,
+            p.accountant if p.enabled else None,
+            p.max_grad_norm if p.enabled else None,
+            u.lifetime_epsilon,
+            u.ledger_head,
+            u.privacy_seconds,
+            u.ledger_seq,
+        )
+
     def train_payload(self, u: SiteUpdate) -> Payload:
         """A training reply: the adapter, numeric metrics, the site's name and DP segment."""
-        metrics = {
-            "num-examples": u.num_examples,
-            "train-loss": u.train_loss if math.isfinite(u.train_loss) else -1.0,
-            "steps": u.steps,
-            "seconds": u.seconds,
-            "privacy-seconds": u.privacy_seconds,
-        }
-        fields: dict[str, Any] = {"site": self.name, "dp": u.segment is not None}
-        p = self.plan
-        if u.segment is not None and u.epsilon is not None:
-            fields.update(
-                q=float(u.segment.q),
-                sigma=float(u.segment.sigma),
-                dp_steps=int(u.segment.steps),
-                epsilon=float(u.epsilon),
-                delta=float(p.delta),
-                accountant=p.accountant,
-                max_grad_norm=float(p.max_grad_norm),
-                lifetime_epsilon=_finite(u.lifetime_epsilon),
-                ledger_head=u.ledger_head or "",
-                ledger_seq=int(u.ledger_seq or 0),
-            )
+        metrics, fields = self.report(u).wire_values()
         return Payload("train", dict(u.state), metrics, fields)
 
     def secure_train_payload(self, u: SiteUpdate, advert: KeyAdvert) -> Payload:
@@ -719,13 +724,16 @@ class Site:
         least = self.policy.min_eval_records if self.policy is not None else None
         if least is not None and r.examples < least:
             withheld = f"fewer evaluation records than the site's min_eval_records ({least})"
-            return Payload("evaluate", {}, {}, {"site": self.name, "withheld": withheld})
-        metrics = {"num-examples": r.examples, "eval-loss": r.loss, "eval-accuracy": r.accuracy}
-        return Payload("evaluate", {}, metrics, {"site": self.name})
+            reply = SiteEval.withheld_by(self.name, withheld)
+        else:
+            reply = SiteEval(self.name, r.loss, r.accuracy, r.examples)
+        metrics, fields = reply.wire_values()
+        return Payload("evaluate", {}, metrics, fields)
 
     def refusal_payload(self, reasons: list[str]) -> Payload:
         """A refusal: the site's name and its own reasons; no tensors, no metrics."""
-        return Payload("refusal", {}, {}, {"site": self.name, "refused": True, "reasons": reasons})
+        metrics, fields = Refusal(self.name, reasons).wire_values()
+        return Payload("refusal", {}, metrics, fields)
 
     def release(
         self,
@@ -863,11 +871,6 @@ class Site:
         h = hashlib.sha256(self._noise_secret)
         h.update(f"\0{self._noise_fingerprint}\0{self.name}\0{round_num}\0{input_sha256}".encode())
         return int.from_bytes(h.digest()[:6], "big")
-
-
-def _finite(x: float | None) -> float:
-    # -1 stands for "not available" on the wire, where NaN and inf are not allowed
-    return float(x) if x is not None and math.isfinite(x) else -1.0
 
 
 def _device(job: JobConfig) -> torch.device:

@@ -16,8 +16,8 @@ import json
 from importlib.metadata import version
 from pathlib import Path
 
-from fedslm.clients.codec import state_to_arrays
 from fedslm.server.strategy import FedSLMStrategy, collect, exchange, quicker_reply_pulls, send
+from fedslm.wire.codec import state_to_arrays
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
