@@ -439,12 +439,12 @@ class Worker:
         from fedslm.wire.codec import encode_payload
 
         from fedslm.egress import Payload, check, describe
+        from fedslm.messages import Refusal
         from fedslm.privacy.egress_log import record_egress
         from fedslm.privacy.ledger import PrivacyLedger
 
-        payload = Payload(
-            "refusal", fields={"site": self.name, "refused": True, "reasons": reasons}
-        )
+        metrics, fields = Refusal(self.name, reasons).wire_values()
+        payload = Payload("refusal", {}, metrics, fields)
         record = describe(payload)
         problems = check(record, {}, self.policy.max_bytes_per_round)
         if problems:
