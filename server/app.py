@@ -25,6 +25,7 @@ from fedslm import __version__
 from fedslm.coordinator import Coordinator
 from fedslm.errors import FederationError
 from fedslm.job import PreparedJob, make_coordinator
+from fedslm.messages import TrainInstruction
 from fedslm.privacy.anchors import COORDINATOR_ANCHORS_FILE
 from fedslm.progress import Reporter
 
@@ -61,7 +62,7 @@ def run_rounds(
         for attempt in range(retries + 1):
             train_config = _copy(config)
             if unevaluated is not None:
-                train_config["evaluate-round"] = unevaluated
+                train_config[TrainInstruction.EVALUATE_ROUND.name] = unevaluated
             sent = send(grid, strategy.configure_train(r, arrays, train_config, grid))
             replies = collect(grid, sent, fed.round_timeout_s)
             if unevaluated is not None:

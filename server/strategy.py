@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedslm.coordinator import Coordinator, SecureDropout
 from fedslm.errors import FederationError
-from fedslm.messages import SiteReport, anchor_config
+from fedslm.messages import ROUND, SiteReport, StageInstruction, TrainInstruction, anchor_config
 from fedslm.progress import Reporter
 from fedslm.secagg.adapter import job_params, session_id, vector_size
 from fedslm.secagg.driver import Exchange, NoReply, run_rounds
@@ -241,7 +241,7 @@ class FedSLMStrategy(Strategy):
         The round loop starts the coordinator's round (``Coordinator.start_round``) once the
         previous round is recorded, which with an evaluation riding along is after the
         replies to these messages."""
-        config["round"] = server_round
+        config[ROUND.name] = server_round
         self._grid, self._config = grid, config
         return self._messages(MessageType.TRAIN, arrays, config, grid)
 
@@ -330,8 +330,9 @@ class FedSLMStrategy(Strategy):
 
         def ask(stage: str, requests: Mapping[int, object]) -> dict[int, object]:
             # the round's training config, less the evaluation that rode on its messages
-            common = {k: v for k, v in config.items() if k != "evaluate-round"}
-            stage_config = ConfigRecord({**common, "stage": stage})
+            evaluated = TrainInstruction.EVALUATE_ROUND.name
+            common = {k: v for k, v in config.items() if k != evaluated}
+            stage_config = ConfigRecord({**common, StageInstruction.STAGE.name: stage})
             messages = [
                 Message(
                     content=RecordDict(
@@ -364,7 +365,7 @@ class FedSLMStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Every site evaluates the current global adapter on its held-out split."""
-        config["round"] = server_round
+        config[ROUND.name] = server_round
         return self._messages(MessageType.EVALUATE, arrays, config, grid)
 
     def aggregate_evaluate(
