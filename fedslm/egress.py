@@ -37,7 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedslm.messages import ADVERT_FIELDS, reply_fields, reply_metrics
+from fedslm.messages import (
+    ADVERT,
+    ADVERT_FIELDS,
+    MASKED_VECTOR,
+    PROTOCOL_REPLIES,
+    reply_fields,
+    reply_metrics,
+)
 
 # numeric metrics a site may report, and what they mean, and its identifying and DP fields with
 # the types they may have: exactly what the messages (``fedslm.messages``) declare
@@ -46,21 +53,11 @@ ALLOWED_FIELDS: dict[str, tuple[type, ...]] = {k: key.types for k, key in reply_
 DTYPE = "float32"
 
 # the protocol messages: exactly these fields, of these types ("bytes" and "list[bytes]" are
-# logged as {"bytes": n, "sha256": h}); train-secure adds the key advert to the train fields
+# logged as {"bytes": n, "sha256": h}), as ``fedslm.messages`` declares them; train-secure
+# adds the key advert to the train fields
 _ADVERT = ADVERT_FIELDS
-PROTOCOL_FIELDS: dict[str, dict[str, str]] = {
-    "secagg-shares": {"site_id": "int", "recipients": "list[int]", "ciphertexts": "list[bytes]"},
-    "secagg-masked": {"site_id": "int"},
-    "secagg-unmask": {
-        "site_id": "int",
-        "self_mask_owners": "list[int]",
-        "self_mask_shares": "list[bytes]",
-        "key_owners": "list[int]",
-        "key_shares": "list[bytes]",
-    },
-}
-SECURE_TRAIN = "train-secure"
-MASKED_VECTOR = "masked"  # the one vector a secagg-masked message carries
+PROTOCOL_FIELDS: dict[str, dict[str, str]] = {r.kind: r.types() for r in PROTOCOL_REPLIES.values()}
+SECURE_TRAIN = ADVERT.kind
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 from fedslm.models.adapter import AdapterState
 from fedslm.privacy.accounting import Segment
 from fedslm.privacy.anchors import Anchor
+from fedslm.secagg.messages import EncryptedShares, KeyAdvert, MaskedInput, UnmaskShares
 
 
 @dataclass(frozen=True)
@@ -291,13 +292,82 @@ REPLIES: tuple[type[SiteReport] | type[SiteEval] | type[Refusal], ...] = (
     SiteEval,
 )
 
-# Under secure aggregation the training reply carries the site's key advert
-# (``fedslm.secagg.messages.KeyAdvert``) in its fields, with these protocol types
-ADVERT_FIELDS: dict[str, str] = {
-    "secagg_site_id": "int",
-    "cipher_pk": "bytes",
-    "mask_pk": "bytes",
+@dataclass(frozen=True)
+class ProtocolReply:
+    """How a secure-aggregation message of a site travels (``fedslm.secagg.messages``): its
+    egress kind, the protocol's dataclass, and for each field on the wire the dataclass
+    attribute it holds and its protocol type (``int``, ``bytes``, ``list[int]``,
+    ``list[bytes]``; the egress guard logs bytes by length and sha256)."""
+
+    kind: str
+    message: type
+    fields: dict[str, tuple[str, str]]  # wire name -> (attribute, protocol type)
+
+    def types(self) -> dict[str, str]:
+        """The wire fields and their protocol types (the egress guard's ``PROTOCOL_FIELDS``)."""
+        return {name: kind for name, (_, kind) in self.fields.items()}
+
+    def wire_fields(self, m: object) -> dict[str, Any]:
+        """The fields the site sends for the protocol message ``m``."""
+        if not isinstance(m, self.message):
+            raise TypeError(f"a {self.kind} reply carries a {self.message.__name__}")
+        return {
+            name: _AS_SENT[kind](getattr(m, attr)) for name, (attr, kind) in self.fields.items()
+        }
+
+    def attributes(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The received wire fields ``values`` (already converted) as the dataclass's
+        keyword arguments; ``ValueError`` naming a missing field."""
+        missing = [name for name in self.fields if name not in values]
+        if missing:
+            raise ValueError(f"{self.kind} reply: field {missing[0]!r} is missing")
+        return {attr: values[name] for name, (attr, _) in self.fields.items()}
+
+
+_AS_SENT: dict[str, Any] = {
+    "int": int,
+    "bytes": bytes,
+    "list[int]": lambda v: [int(x) for x in v],
+    "list[bytes]": lambda v: [bytes(x) for x in v],
 }
+
+# Under secure aggregation the training reply carries the site's key advert in its fields
+ADVERT = ProtocolReply(
+    "train-secure",
+    KeyAdvert,
+    {
+        "secagg_site_id": ("site_id", "int"),
+        "cipher_pk": ("cipher_pk", "bytes"),
+        "mask_pk": ("mask_pk", "bytes"),
+    },
+)
+ADVERT_FIELDS: dict[str, str] = ADVERT.types()
+# The replies to the protocol's later stages, by the stage the coordinator asked for; the
+# masked input also carries its ring vector (``MASKED_VECTOR``), beside the fields
+PROTOCOL_REPLIES: dict[str, ProtocolReply] = {
+    "share-keys": ProtocolReply(
+        "secagg-shares",
+        EncryptedShares,
+        {
+            "site_id": ("sender", "int"),
+            "recipients": ("recipients", "list[int]"),
+            "ciphertexts": ("ciphertexts", "list[bytes]"),
+        },
+    ),
+    "masked-input": ProtocolReply("secagg-masked", MaskedInput, {"site_id": ("site_id", "int")}),
+    "unmask": ProtocolReply(
+        "secagg-unmask",
+        UnmaskShares,
+        {
+            "site_id": ("site_id", "int"),
+            "self_mask_owners": ("self_mask_owners", "list[int]"),
+            "self_mask_shares": ("self_mask_shares", "list[bytes]"),
+            "key_owners": ("key_owners", "list[int]"),
+            "key_shares": ("key_shares", "list[bytes]"),
+        },
+    ),
+}
+MASKED_VECTOR = "masked"  # the one vector a secagg-masked message carries
 
 
 def reply_metrics() -> dict[str, WireKey]:

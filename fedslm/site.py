@@ -24,11 +24,18 @@ import torch
 from fedslm.batching import Encoded, encode_classification, encode_instructions
 from fedslm.config import JobConfig, LoraConfig
 from fedslm.data import read_examples, read_instructions
-from fedslm.egress import MASKED_VECTOR, SECURE_TRAIN, Payload, RingSpec, check, describe
+from fedslm.egress import Payload, RingSpec, check, describe
 from fedslm.errors import ConfigError, FedSLMError
 from fedslm.labelwords import LabelWordData, LabelWords, check_decoder, evaluate_label_words
 from fedslm.losses import per_example_loss
-from fedslm.messages import Refusal, SiteEval, SiteReport
+from fedslm.messages import (
+    ADVERT,
+    MASKED_VECTOR,
+    PROTOCOL_REPLIES,
+    Refusal,
+    SiteEval,
+    SiteReport,
+)
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
 from fedslm.models.families import default_head
 from fedslm.models.loading import classification_head
@@ -681,42 +688,26 @@ class Site:
         ``train_payload`` and this round's key advert, but no tensors (the update only leaves
         masked, in ``masked_payload``)."""
         plain = self.train_payload(u)
-        fields = dict(plain.fields)
-        fields.update(
-            secagg_site_id=int(advert.site_id),
-            cipher_pk=bytes(advert.cipher_pk),
-            mask_pk=bytes(advert.mask_pk),
-        )
-        return Payload(SECURE_TRAIN, {}, dict(plain.metrics), fields)
+        fields = {**plain.fields, **ADVERT.wire_fields(advert)}
+        return Payload(ADVERT.kind, {}, dict(plain.metrics), fields)
 
     @staticmethod
     def shares_payload(m: EncryptedShares) -> Payload:
         """Secure aggregation round 1: ciphertexts of this site's key shares, one per peer."""
-        fields = {
-            "site_id": int(m.sender),
-            "recipients": [int(r) for r in m.recipients],
-            "ciphertexts": [bytes(c) for c in m.ciphertexts],
-        }
-        return Payload("secagg-shares", fields=fields)
+        reply = PROTOCOL_REPLIES["share-keys"]
+        return Payload(reply.kind, fields=reply.wire_fields(m))
 
     @staticmethod
     def masked_payload(m: MaskedInput) -> Payload:
         """Secure aggregation round 2: the masked, weighted, quantised update."""
-        return Payload(
-            "secagg-masked", fields={"site_id": int(m.site_id)}, vectors={MASKED_VECTOR: m.vector}
-        )
+        reply = PROTOCOL_REPLIES["masked-input"]
+        return Payload(reply.kind, fields=reply.wire_fields(m), vectors={MASKED_VECTOR: m.vector})
 
     @staticmethod
     def unmask_payload(m: UnmaskShares) -> Payload:
         """Secure aggregation round 3: the shares the coordinator needs to remove the masks."""
-        fields = {
-            "site_id": int(m.site_id),
-            "self_mask_owners": [int(i) for i in m.self_mask_owners],
-            "self_mask_shares": [bytes(b) for b in m.self_mask_shares],
-            "key_owners": [int(i) for i in m.key_owners],
-            "key_shares": [bytes(b) for b in m.key_shares],
-        }
-        return Payload("secagg-unmask", fields=fields)
+        reply = PROTOCOL_REPLIES["unmask"]
+        return Payload(reply.kind, fields=reply.wire_fields(m))
 
     def eval_payload(self, r: EvalResult) -> Payload:
         """An evaluation reply: three numbers and the site's name; with fewer evaluation

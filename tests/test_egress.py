@@ -147,7 +147,7 @@ def test_the_allow_lists_are_the_messages_declarations() -> None:
     """What the guard lets out is what the typed messages declare, no more: one list of the
     keys a site sends, and the same list as in earlier releases (the wire format)."""
     from fedslm import egress
-    from fedslm.messages import REPLIES, Refusal, SiteEval, SiteReport
+    from fedslm.messages import ADVERT, PROTOCOL_REPLIES, REPLIES, Refusal, SiteEval, SiteReport
 
     declared_metrics = {**SiteReport.METRICS, **SiteEval.METRICS}
     declared_fields = {**SiteReport.FIELDS, **Refusal.FIELDS, **SiteEval.FIELDS}
@@ -165,6 +165,20 @@ def test_the_allow_lists_are_the_messages_declarations() -> None:
         "max_grad_norm": (float,), "lifetime_epsilon": (float,), "ledger_head": (str,),
         "ledger_seq": (int,), "refused": (bool,), "reasons": (list,), "withheld": (str,),
     }  # fmt: skip
+    # the protocol messages of secure aggregation, likewise
+    protocol_fields = egress.PROTOCOL_FIELDS
+    assert protocol_fields == {r.kind: r.types() for r in PROTOCOL_REPLIES.values()}
+    assert protocol_fields == {
+        "secagg-shares": {
+            "site_id": "int", "recipients": "list[int]", "ciphertexts": "list[bytes]"
+        },
+        "secagg-masked": {"site_id": "int"},
+        "secagg-unmask": {
+            "site_id": "int", "self_mask_owners": "list[int]", "self_mask_shares": "list[bytes]",
+            "key_owners": "list[int]", "key_shares": "list[bytes]",
+        },
+    }  # fmt: skip
+    assert ADVERT.types() == {"secagg_site_id": "int", "cipher_pk": "bytes", "mask_pk": "bytes"}
 
 
 def test_what_a_site_builds_is_what_its_messages_declare(site: Site) -> None:

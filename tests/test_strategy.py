@@ -375,3 +375,46 @@ def test_a_reply_with_an_unknown_field_is_a_failure_naming_it(tmp_path: Path) ->
     assert arrays is not None
     (failure,) = strategy.coordinator.record["failures"]
     assert "malformed" in failure and "'hostname'" in failure, failure
+
+
+def test_secure_aggregation_replies_round_trip_through_the_codec() -> None:
+    """The key advert and the three protocol replies, with a Flower node id above 2^63 (sent
+    as its sint64 form), are decoded into the protocol's own messages."""
+    import numpy as np
+    from fedslm.wire.codec import decode_protocol_reply, decode_secure_update
+
+    from fedslm.messages import ADVERT, PROTOCOL_REPLIES
+    from fedslm.secagg.messages import EncryptedShares, KeyAdvert, MaskedInput, UnmaskShares
+    from fedslm.site import Site
+
+    big = 2**63 + 5
+    advert = KeyAdvert(big, b"c" * 32, b"m" * 32)
+    plain_metrics, plain_fields = _report(True).wire_values()
+    fields = {**plain_fields, **ADVERT.wire_fields(advert)}
+    secure = encode_payload(Payload(ADVERT.kind, {}, plain_metrics, fields))
+    report, back = decode_secure_update(secure)
+    assert back == advert and report.site == "site-1" and report.state == {}
+    shares = EncryptedShares(big, [1, big], [b"x", b"yz"])
+    masked = MaskedInput(7, np.arange(5, dtype="<u4"))
+    unmask = UnmaskShares(big, [big], [b"s"], [3], [b"k"])
+    sent = {
+        "share-keys": Site.shares_payload(shares),
+        "masked-input": Site.masked_payload(masked),
+        "unmask": Site.unmask_payload(unmask),
+    }
+    assert [p.kind for p in sent.values()] == [r.kind for r in PROTOCOL_REPLIES.values()]
+    assert decode_protocol_reply("share-keys", encode_payload(sent["share-keys"])) == shares
+    assert decode_protocol_reply("unmask", encode_payload(sent["unmask"])) == unmask
+    got = decode_protocol_reply("masked-input", encode_payload(sent["masked-input"]))
+    assert isinstance(got, MaskedInput) and got.site_id == 7
+    np.testing.assert_array_equal(got.vector, masked.vector)
+    # a protocol reply with a field too many, or one too few, is refused naming it
+    extra = replace(sent["unmask"], fields={**sent["unmask"].fields, "note": "x"})
+    with pytest.raises(ValueError, match="field 'note' is not part"):
+        decode_protocol_reply("unmask", encode_payload(extra))
+    short = replace(sent["share-keys"], fields={"site_id": 1, "recipients": [2]})
+    with pytest.raises(ValueError, match="field 'ciphertexts' is missing"):
+        decode_protocol_reply("share-keys", encode_payload(short))
+    no_pk = {k: v for k, v in fields.items() if k != "mask_pk"}
+    with pytest.raises(ValueError, match="field 'mask_pk' is missing"):
+        decode_secure_update(encode_payload(Payload(ADVERT.kind, {}, plain_metrics, no_pk)))

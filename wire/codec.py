@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,7 +23,16 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fedslm.egress import Payload
-from fedslm.messages import ADVERT_FIELDS, Refusal, SiteEval, SiteReport
+from fedslm.messages import (
+    ADVERT,
+    ADVERT_FIELDS,
+    MASKED_VECTOR,
+    PROTOCOL_REPLIES,
+    ProtocolReply,
+    Refusal,
+    SiteEval,
+    SiteReport,
+)
 from fedslm.secagg.messages import KeyAdvert, MaskedInput
 
 if TYPE_CHECKING:
@@ -170,44 +180,45 @@ def _record(content: RecordDict, name: str, kind: type[R]) -> R:
 
 def decode_secure_update(content: RecordDict) -> tuple[SiteReport, KeyAdvert]:
     """The coordinator's view of a training reply under secure aggregation: the metrics and DP
-    fields (no adapter) and the site's key advert (``ADVERT_FIELDS``, beside the fields)."""
+    fields (no adapter) and the site's key advert (``ADVERT``, beside the fields)."""
     if "arrays" in content:
         raise ValueError("a training reply under secure aggregation must carry no tensors")
     info = config_of(content, "site")
-    missing = [k for k in ADVERT_FIELDS if k not in info]
-    if missing:
-        raise ValueError(
-            f"training reply under secure aggregation: field {missing[0]!r} is missing"
-        )
-    key_advert = KeyAdvert(
-        from_wire(int(info["secagg_site_id"])), bytes(info["cipher_pk"]), bytes(info["mask_pk"])
-    )
-    return _report(content, {}, 0), key_advert
+    advert = _protocol_message(ADVERT, info)
+    return _report(content, {}, 0), advert
 
 
 def decode_protocol_reply(stage: str, content: RecordDict) -> object:
     """A site's reply to a secure-aggregation stage, as the protocol's message."""
-    from fedslm.secagg.messages import EncryptedShares, UnmaskShares
-
+    reply = PROTOCOL_REPLIES.get(stage)
+    if reply is None:
+        raise ValueError(f"unknown secure-aggregation stage {stage!r}")
     info = config_of(content, "site")
-    if stage == "share-keys":
-        return EncryptedShares(
-            from_wire(int(info["site_id"])),
-            from_wire(list(info["recipients"])),
-            [bytes(b) for b in info["ciphertexts"]],
-        )
-    if stage == "masked-input":
-        vector = arrays_of(content, "vectors")["masked"].numpy()
-        return MaskedInput(from_wire(int(info["site_id"])), np.array(vector, copy=True))
-    if stage == "unmask":
-        return UnmaskShares(
-            from_wire(int(info["site_id"])),
-            from_wire(list(info["self_mask_owners"])),
-            [bytes(b) for b in info["self_mask_shares"]],
-            from_wire(list(info["key_owners"])),
-            [bytes(b) for b in info["key_shares"]],
-        )
-    raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+    unknown = sorted(k for k in info if k not in reply.fields)
+    if unknown:
+        raise ValueError(f"{reply.kind} reply: field {unknown[0]!r} is not part of the message")
+    if reply.message is MaskedInput:
+        vector = arrays_of(content, "vectors")[MASKED_VECTOR].numpy()
+        values = reply.attributes(_received(reply, info))
+        return MaskedInput(**values, vector=np.array(vector, copy=True))
+    return _protocol_message(reply, info)
+
+
+# a received protocol field, by its protocol type: ids come back from their sint64 form
+_AS_RECEIVED: dict[str, Callable[[Any], Any]] = {
+    "int": lambda v: from_wire(int(v)),
+    "bytes": bytes,
+    "list[int]": lambda v: from_wire(list(v)),
+    "list[bytes]": lambda v: [bytes(b) for b in v],
+}
+
+
+def _received(reply: ProtocolReply, info: ConfigRecord) -> dict[str, Any]:
+    return {k: _AS_RECEIVED[kind](info[k]) for k, kind in reply.types().items() if k in info}
+
+
+def _protocol_message(reply: ProtocolReply, info: ConfigRecord) -> Any:
+    return reply.message(**reply.attributes(_received(reply, info)))
 
 
 def decode_update(content: RecordDict) -> SiteReport:
