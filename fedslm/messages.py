@@ -292,6 +292,7 @@ REPLIES: tuple[type[SiteReport] | type[SiteEval] | type[Refusal], ...] = (
     SiteEval,
 )
 
+
 @dataclass(frozen=True)
 class ProtocolReply:
     """How a secure-aggregation message of a site travels (``fedslm.secagg.messages``): its
