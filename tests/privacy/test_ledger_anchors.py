@@ -285,7 +285,7 @@ def test_head_conflict_rules() -> None:
 
 
 def test_the_reply_carries_the_heads_seq() -> None:
-    from fedslm.clients.codec import decode_update, encode_payload
+    from fedslm.wire.codec import decode_update, encode_payload
 
     fields = {
         "site": "bank", "dp": True, "q": Q, "sigma": 1.0, "dp_steps": STEPS, "epsilon": 1.0,
@@ -406,13 +406,14 @@ def _anchored_round(site: Path, tiny_bert: Path, pad: bool) -> tuple[object, obj
     reply. With ``pad`` the site's ledger is first rewritten without job A, padded with
     dummy entries past seq 5, and its journal deleted: a head the coordinator cannot fault.
     Returns (the coordinator, the site's reply content, the ledger)."""
-    from fedslm.clients.codec import ANCHOR_HASH, ANCHOR_SEQ, state_to_arrays
     from fedslm.clients.handlers import handle_train
     from fedslm.server.strategy import FedSLMStrategy
+    from fedslm.wire.codec import state_to_arrays
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedslm.config import validate_config
+    from fedslm.messages import ANCHOR_HASH, ANCHOR_SEQ
     from fedslm.models.registry import resolve_model
     from fedslm.policy import load_policy
     from fedslm.progress import Reporter
@@ -473,7 +474,7 @@ def _anchored_round(site: Path, tiny_bert: Path, pad: bool) -> tuple[object, obj
 def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
     site: Path, tiny_bert: Path
 ) -> None:
-    from fedslm.clients.codec import decode_refusal
+    from fedslm.wire.codec import decode_refusal
 
     coordinator, reply, ledger = _anchored_round(site, tiny_bert, pad=True)
     with PrivacyLedger(ledger, create=False) as led:
@@ -482,8 +483,8 @@ def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
     # the premise: the padded head is past the anchored one, so the head alone passes
     assert head_conflict(Anchor(5, "x", "w"), 6, padded[-1].hash) is None
     refused = decode_refusal(reply)  # type: ignore[arg-type]
-    assert refused is not None and refused[0] == "hospital", reply
-    (reason,) = refused[1]
+    assert refused is not None and refused.site == "hospital", reply
+    (reason,) = refused.reasons
     assert "the coordinator's train message for round 1 (entry seq 5" in reason, reason
     assert "the ledger's entry seq 5 has hash" in reason and "between seq 1 and 5" in reason
     with PrivacyLedger(ledger, create=False) as led:
@@ -497,7 +498,7 @@ def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
 def test_an_honest_site_extends_the_coordinators_anchor_and_trains(
     site: Path, tiny_bert: Path
 ) -> None:
-    from fedslm.clients.codec import decode_refusal
+    from fedslm.wire.codec import decode_refusal
 
     coordinator, reply, ledger = _anchored_round(site, tiny_bert, pad=False)
     assert decode_refusal(reply) is None  # type: ignore[arg-type]
@@ -512,8 +513,9 @@ def test_an_honest_site_extends_the_coordinators_anchor_and_trains(
 
 
 def test_a_malformed_anchor_in_a_train_message_is_a_clear_error() -> None:
-    from fedslm.clients.codec import ANCHOR_HASH, ANCHOR_SEQ, anchor_config, config_anchor
     from flwr.app import ConfigRecord
+
+    from fedslm.messages import ANCHOR_HASH, ANCHOR_SEQ, anchor_config, config_anchor
 
     good = anchor_config(Anchor(5, "a" * 64, "coordinator"))
     assert config_anchor(ConfigRecord({"round": 2, **good}), 2) == Anchor(
