@@ -33,6 +33,7 @@ from fedslm.messages import SiteEval, SiteReport
 from fedslm.models.adapter import AdapterState, export_adapter
 from fedslm.privacy.accounting import (
     ACCOUNTANT_NAMES,
+    EPSILON_TOLERANCE,
     Segment,
     calibrate_noise,
     epsilon,
@@ -46,9 +47,6 @@ from fedslm.secagg.messages import SecAggResult
 from fedslm.server_opt import make_server_optimizer
 
 RESUME_STATE = "coordinator_state.pt"
-
-# Reported and recomputed epsilons may differ by the accountants' discretisation, not more
-EPSILON_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
