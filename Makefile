@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: demo test lint bench setup clean chromium nginx
+.PHONY: demo test test-fast lint bench setup clean chromium nginx
 
 # The demo's sites keep their privacy ledgers outside runs/demo, one per data set (see the
 # README): a second `make demo` composes with the first and is refused, the budget being spent.
@@ -17,6 +17,12 @@ demo: $(STAMP)
 test: $(STAMP) chromium nginx
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
+
+# The unit tier alone (under a minute): pure logic, no training, no process started. While
+# developing; `make test` (all three tiers) is what CI runs. docs/testing.md lists the tiers.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -m unit
 
 # The privacy report is rendered in Debian's headless Chromium by one test. Installed here when
 # this runs as root with apt (CI, a fresh machine); otherwise that test says why it skipped.

@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 from fedslm.clients.bridge import encode_records
-from fedslm.clients.codec import state_to_arrays
 from fedslm.clients.handlers import handle_train
 from fedslm.clients.worker import Worker, load_or_create_secret
+from fedslm.wire.codec import state_to_arrays
 from flwr.app import ConfigRecord, RecordDict
 
 from bench.common import REPO, OtherLoad, machine, median, spread, table, wait_for_quiet, write_json

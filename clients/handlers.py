@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedslm.clients.codec import (
+from fedslm.wire.codec import (
     EVAL_PREFIX,
+    arrays_of,
     arrays_to_state,
-    config_anchor,
+    config_of,
     config_to_message,
     encode_payload,
     from_wire,
@@ -37,6 +38,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedslm.artifacts import write_torch
 from fedslm.egress import Payload, RingSpec
 from fedslm.errors import FedSLMError
+from fedslm.messages import EvalInstruction, StageInstruction, TrainInstruction
 from fedslm.privacy.anchors import Anchor
 from fedslm.progress import Reporter
 from fedslm.secagg import KeyRoster, SecAggParams, SecAggSite, ShareInbox, UnmaskRequest
@@ -76,14 +78,13 @@ def handle_train(
     anchored for this site), a ledger that no longer extends that head is refused before
     anything is spent; a malformed anchor raises ``ValueError`` naming the key.
     """
-    config = content["config"]
-    round_num = int(config["round"])  # type: ignore[arg-type]
-    reporter = Reporter(quiet=bool(config.get("quiet", False)))  # type: ignore[union-attr]
-    global_state = arrays_to_state(content["arrays"])  # type: ignore[arg-type]
-    anchor = config_anchor(config, round_num)  # type: ignore[arg-type]
-    if "evaluate-round" not in config:
+    order = TrainInstruction.from_config(config_of(content, "config"))
+    round_num, anchor = order.round, order.anchor
+    reporter = Reporter(quiet=order.quiet)
+    global_state = arrays_to_state(arrays_of(content, "arrays"))
+    if order.evaluate_round is None:
         return _train(site, round_num, global_state, state, node_id, reporter, releases, anchor)
-    evaluated = int(config["evaluate-round"])  # type: ignore[arg-type]
+    evaluated = order.evaluate_round
     try:
         payload = site.release(evaluated, site.eval_payload(site.evaluate(global_state)))
     except SiteRefusal as refusal:  # the egress guard blocked it: training goes on
@@ -129,9 +130,8 @@ def _train(
 def handle_evaluate(site: Site, content: RecordDict, state: RecordDict, node_id: int) -> RecordDict:
     """Evaluate the received global adapter on this site's held-out split (the last round's;
     the others are evaluated with the next round's training, ``handle_train``)."""
-    config = content["config"]
-    round_num = int(config.get("round", 0))  # type: ignore[union-attr, arg-type]
-    result = site.evaluate(arrays_to_state(content["arrays"]))  # type: ignore[arg-type]
+    round_num = EvalInstruction.from_config(config_of(content, "config")).round
+    result = site.evaluate(arrays_to_state(arrays_of(content, "arrays")))
     return encode_payload(site.release(round_num, site.eval_payload(result)))
 
 
@@ -171,8 +171,8 @@ def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: in
     with a refusal, as in training. Any other error is raised, which becomes an error reply.
     The coordinator counts either as this site dropping out.
     """
-    config = content["config"]
-    stage, round_num = str(config["stage"]), int(config["round"])  # type: ignore[arg-type]
+    order = StageInstruction.from_config(config_of(content, "config"))
+    stage, round_num = order.stage, order.round
     if stage not in _REQUESTS:
         raise FedSLMError(f"[{site.name}] unknown secure aggregation stage {stage!r}")
     if STATE_KEY not in state:
@@ -185,12 +185,12 @@ def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: in
         )
     params = _params(site, round_num)
     saved = {k: from_wire(v) for k, v in record.items() if k not in ("round", "weight")}
-    request = config_to_message(_REQUESTS[stage], content["secagg"])  # type: ignore[arg-type]
+    request = config_to_message(_REQUESTS[stage], config_of(content, "secagg"))
     update, ring = None, None
     if stage == "masked-input":
         if DELTA_KEY not in state:
             raise FedSLMError(f"[{site.name}] secure aggregation {stage}: no update is pending")
-        update = np.asarray(state[DELTA_KEY]["update"].numpy(), dtype=np.float32)  # type: ignore[union-attr]
+        update = np.asarray(arrays_of(state, DELTA_KEY)["update"].numpy(), dtype=np.float32)
         ring = RingSpec(update.size + 1, params.dtype.str)
     weight = int(record["weight"])  # type: ignore[arg-type]
     reply, saved = site_stage(params, saved, stage, request, update, weight)
@@ -198,7 +198,7 @@ def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: in
         del state[DELTA_KEY]  # the update has left, masked: keep no copy
         if int(saved["clipped"]):
             # the secure mean then differs from the plain one by more than the quantisation
-            Reporter(quiet=bool(config.get("quiet", False))).warn(  # type: ignore[union-attr]
+            Reporter(quiet=order.quiet).warn(
                 f"[{site.name}] secure aggregation clipped {int(saved['clipped'])} coordinates "
                 "of the update to federation.secagg.clip_range"
             )
@@ -213,7 +213,7 @@ def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: in
     try:
         payload = site.release(round_num, make(reply), ring)  # type: ignore[arg-type]
     except SiteRefusal as refusal:
-        Reporter(quiet=bool(config.get("quiet", False))).warn(  # type: ignore[union-attr]
+        Reporter(quiet=order.quiet).warn(
             f"[{site.name}] refused secure aggregation {stage} in round {round_num}: {refusal}"
         )
         payload = site.release(round_num, site.refusal_payload(refusal.reasons))

@@ -345,10 +345,11 @@ class Worker:
         return reply, new_state
 
     def _outcome(self, reply: RecordDict) -> str:
-        info = reply.get("site")
-        if isinstance(info, ConfigRecord) and info.get("refused"):
-            reasons = [str(r) for r in info.get("reasons", [])]  # type: ignore[union-attr]
-            return "refused: " + "; ".join(reasons)
+        from fedslm.wire.codec import decode_refusal
+
+        refusal = decode_refusal(reply)
+        if refusal is not None:
+            return "refused: " + "; ".join(refusal.reasons)
         if self._last_replay:
             return "sent again (replay of the stored release)"
         return "sent"
@@ -373,8 +374,9 @@ class Worker:
         wrong); a job the site will not run is answered with a refusal, logged in the egress
         log like every message the site sends.
         """
-        from fedslm.clients.codec import config_anchor
         from fedslm.clients.handlers import HANDLERS, SECRET_STATE_KEYS, handle_train
+
+        from fedslm.messages import config_anchor
 
         self._last_replay = False
         config = content.get("config")
@@ -434,15 +436,15 @@ class Worker:
 
     def _refusal(self, job_id: str, round_num: int, reasons: list[str]) -> RecordDict:
         """A refusal from before any Site exists, checked and logged like ``Site.release``."""
-        from fedslm.clients.codec import encode_payload
+        from fedslm.wire.codec import encode_payload
 
         from fedslm.egress import Payload, check, describe
+        from fedslm.messages import Refusal
         from fedslm.privacy.egress_log import record_egress
         from fedslm.privacy.ledger import PrivacyLedger
 
-        payload = Payload(
-            "refusal", fields={"site": self.name, "refused": True, "reasons": reasons}
-        )
+        metrics, fields = Refusal(self.name, reasons).wire_values()
+        payload = Payload("refusal", {}, metrics, fields)
         record = describe(payload)
         problems = check(record, {}, self.policy.max_bytes_per_round)
         if problems:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedslm.coordinator import SiteEval
 from fedslm.data import SiteFiles, read_rows, write_rows
 from fedslm.inprocess import build_site, to_report
 from fedslm.job import PreparedJob, SiteSetup, make_coordinator, site_ledger
+from fedslm.messages import SiteEval
 from fedslm.policy import SitePolicy
 from fedslm.progress import Reporter
 from fedslm.runfolder import record_ledgers

@@ -1,7 +1,8 @@
 """The coordinator's side of a job, without Flower: aggregate each round, keep the record.
 
-The Flower strategy in ``fedslm.server`` decodes messages into ``SiteReport`` objects and hands
-them here; everything that is decided or written about a round happens in this module.
+The Flower strategy in ``fedslm.server`` decodes messages into ``SiteReport`` objects
+(``fedslm.messages``) and hands them here; everything that is decided or written about a
+round happens in this module.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from fedslm.artifacts import (
 )
 from fedslm.config import JobConfig
 from fedslm.errors import FederationError
+from fedslm.messages import SiteEval, SiteReport
 from fedslm.models.adapter import AdapterState, export_adapter
 from fedslm.privacy.accounting import (
     ACCOUNTANT_NAMES,
+    EPSILON_TOLERANCE,
     Segment,
     calibrate_noise,
     epsilon,
@@ -44,44 +47,6 @@ from fedslm.secagg.messages import SecAggResult
 from fedslm.server_opt import make_server_optimizer
 
 RESUME_STATE = "coordinator_state.pt"
-
-# Reported and recomputed epsilons may differ by the accountants' discretisation, not more
-EPSILON_TOLERANCE = 0.01
-
-
-@dataclass(frozen=True)
-class SiteReport:
-    """One site's training reply, as the coordinator received it."""
-
-    site: str
-    state: AdapterState
-    num_examples: int
-    train_loss: float
-    steps: int
-    seconds: float
-    bytes_sent: int
-    segment: Segment | None
-    epsilon: float | None
-    delta: float | None
-    accountant: str | None
-    max_grad_norm: float | None
-    lifetime_epsilon: float | None = None
-    ledger_head: str | None = None
-    privacy_seconds: float = 0.0
-    ledger_seq: int | None = None  # the seq of the ledger entry whose hash is ledger_head
-
-
-@dataclass(frozen=True)
-class SiteEval:
-    """One site's evaluation of the global adapter on its held-out split. ``withheld`` (no
-    numbers: loss and accuracy NaN, 0 examples) says why the site sent none: it holds fewer
-    evaluation records than its policy's ``min_eval_records``."""
-
-    site: str
-    loss: float
-    accuracy: float
-    num_examples: int
-    withheld: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ Only what the job agreed may leave:
   job it accepted (LoRA factors and the task head), nothing else;
 - metrics: finite numbers under the keys in ``ALLOWED_METRICS``;
 - fields: the keys in ``ALLOWED_FIELDS``, each of its type (strings only where listed);
+  both lists are what the messages of ``fedslm.messages`` declare;
 - bytes: at most the site policy's ``max_bytes_per_round``;
 - size: at most ``max_trainable_fraction`` of the base model's parameters, counted from the
   shapes of what actually leaves (tensors and ring vectors), not from the job's description;
@@ -36,52 +37,27 @@ from typing import Any
 import numpy as np
 import torch
 
-# numeric metrics a site may report, and what they mean
-ALLOWED_METRICS: dict[str, str] = {
-    "num-examples": "training (or evaluation) records",
-    "train-loss": "mean training loss of the round",
-    "steps": "local optimizer steps",
-    "seconds": "local training time",
-    "privacy-seconds": "time spent on policy, ledger and accounting",
-    "eval-loss": "mean loss of the global adapter on the held-out split",
-    "eval-accuracy": "accuracy of the global adapter on the held-out split",
-}
-# identifying and DP fields, with the types they may have
-ALLOWED_FIELDS: dict[str, tuple[type, ...]] = {
-    "site": (str,),
-    "dp": (bool,),
-    "q": (float,),
-    "sigma": (float,),
-    "dp_steps": (int,),
-    "epsilon": (float,),
-    "delta": (float,),
-    "accountant": (str,),
-    "max_grad_norm": (float,),
-    "lifetime_epsilon": (float,),
-    "ledger_head": (str,),
-    "ledger_seq": (int,),
-    "refused": (bool,),
-    "reasons": (list,),  # list[str]: the site's own policy reasons
-    "withheld": (str,),  # an evaluation sent without numbers, and why (min_eval_records)
-}
+from fedslm.messages import (
+    ADVERT,
+    ADVERT_FIELDS,
+    MASKED_VECTOR,
+    PROTOCOL_REPLIES,
+    reply_fields,
+    reply_metrics,
+)
+
+# numeric metrics a site may report, and what they mean, and its identifying and DP fields with
+# the types they may have: exactly what the messages (``fedslm.messages``) declare
+ALLOWED_METRICS: dict[str, str] = {k: key.meaning for k, key in reply_metrics().items()}
+ALLOWED_FIELDS: dict[str, tuple[type, ...]] = {k: key.types for k, key in reply_fields().items()}
 DTYPE = "float32"
 
 # the protocol messages: exactly these fields, of these types ("bytes" and "list[bytes]" are
-# logged as {"bytes": n, "sha256": h}); train-secure adds the key advert to the train fields
-_ADVERT = {"secagg_site_id": "int", "cipher_pk": "bytes", "mask_pk": "bytes"}
-PROTOCOL_FIELDS: dict[str, dict[str, str]] = {
-    "secagg-shares": {"site_id": "int", "recipients": "list[int]", "ciphertexts": "list[bytes]"},
-    "secagg-masked": {"site_id": "int"},
-    "secagg-unmask": {
-        "site_id": "int",
-        "self_mask_owners": "list[int]",
-        "self_mask_shares": "list[bytes]",
-        "key_owners": "list[int]",
-        "key_shares": "list[bytes]",
-    },
-}
-SECURE_TRAIN = "train-secure"
-MASKED_VECTOR = "masked"  # the one vector a secagg-masked message carries
+# logged as {"bytes": n, "sha256": h}), as ``fedslm.messages`` declares them; train-secure
+# adds the key advert to the train fields
+_ADVERT = ADVERT_FIELDS
+PROTOCOL_FIELDS: dict[str, dict[str, str]] = {r.kind: r.types() for r in PROTOCOL_REPLIES.values()}
+SECURE_TRAIN = ADVERT.kind
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ debugging, not for speed; ``fedslm simulate`` runs the sites in parallel through
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from fedslm.coordinator import Coordinator, SiteEval, SiteReport
+from fedslm.coordinator import Coordinator
 from fedslm.job import PreparedJob, SiteSetup, make_coordinator
+from fedslm.messages import SiteEval, SiteReport
 from fedslm.progress import Reporter
 from fedslm.site import Site, SiteRefusal, SiteUpdate, simulated_noise_secret
 
@@ -40,29 +40,9 @@ def build_site(prepared: PreparedJob, setup: SiteSetup, *, with_policy: bool = T
 
 
 def to_report(site: Site, u: SiteUpdate, bytes_sent: int | None = None) -> SiteReport:
-    """A site's update as the coordinator sees it, without a network in between.
-
-    ``bytes_sent`` defaults to the adapter's float32 size (what a reply carries, less framing).
-    """
-    p = site.plan
-    return SiteReport(
-        site.name,
-        u.state,
-        u.num_examples,
-        u.train_loss,
-        u.steps,
-        u.seconds,
-        site.adapter_bytes if bytes_sent is None else bytes_sent,
-        u.segment,
-        u.epsilon,
-        p.delta if p.enabled else None,
-        p.accountant if p.enabled else None,
-        p.max_grad_norm if p.enabled else None,
-        u.lifetime_epsilon,
-        u.ledger_head,
-        u.privacy_seconds,
-        u.ledger_seq,
-    )
+    """A site's update as the coordinator sees it, without a network in between
+    (``Site.report``)."""
+    return site.report(u, bytes_sent)
 
 
 def run_in_process(
@@ -111,7 +91,7 @@ def run_in_process(
             sent = site.release(r, site.eval_payload(ev))
             withheld = sent.fields.get("withheld")
             if withheld is not None:  # too few evaluation records: no numbers left the site
-                evals.append(SiteEval(site.name, math.nan, math.nan, 0, withheld))
+                evals.append(SiteEval.withheld_by(site.name, withheld))
             else:
                 evals.append(SiteEval(site.name, ev.loss, ev.accuracy, ev.examples))
         coordinator.record_evaluation(evals, [])

@@ -12,23 +12,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from fedslm.batching import Encoded, encode_classification, encode_instructions
 from fedslm.config import JobConfig, LoraConfig
 from fedslm.data import read_examples, read_instructions
-from fedslm.egress import MASKED_VECTOR, SECURE_TRAIN, Payload, RingSpec, check, describe
+from fedslm.egress import Payload, RingSpec, check, describe
 from fedslm.errors import ConfigError, FedSLMError
 from fedslm.labelwords import LabelWordData, LabelWords, check_decoder, evaluate_label_words
 from fedslm.losses import per_example_loss
+from fedslm.messages import (
+    ADVERT,
+    MASKED_VECTOR,
+    PROTOCOL_REPLIES,
+    Refusal,
+    SiteEval,
+    SiteReport,
+)
 from fedslm.models import LoadedModel, get_adapter_state, load_model, set_adapter_state
 from fedslm.models.families import MEAN_POOL_HEAD, default_head
 from fedslm.models.loading import classification_head
@@ -648,30 +655,35 @@ class Site:
 
     # -- what leaves the site ------------------------------------------------------------------
 
+    def report(self, u: SiteUpdate, bytes_sent: int | None = None) -> SiteReport:
+        """``u`` as the training reply the coordinator receives (``fedslm.messages``).
+
+        ``bytes_sent`` defaults to the adapter's float32 size (what a reply carries, less
+        framing): the coordinator counts what actually arrived.
+        """
+        p = self.plan
+        return SiteReport(
+            self.name,
+            u.state,
+            u.num_examples,
+            u.train_loss,
+            u.steps,
+            u.seconds,
+            self.adapter_bytes if bytes_sent is None else bytes_sent,
+            u.segment,
+            u.epsilon,
+            p.delta if p.enabled else None,
+            p.accountant if p.enabled else None,
+            p.max_grad_norm if p.enabled else None,
+            u.lifetime_epsilon,
+            u.ledger_head,
+            u.privacy_seconds,
+            u.ledger_seq,
+        )
+
     def train_payload(self, u: SiteUpdate) -> Payload:
         """A training reply: the adapter, numeric metrics, the site's name and DP segment."""
-        metrics = {
-            "num-examples": u.num_examples,
-            "train-loss": u.train_loss if math.isfinite(u.train_loss) else -1.0,
-            "steps": u.steps,
-            "seconds": u.seconds,
-            "privacy-seconds": u.privacy_seconds,
-        }
-        fields: dict[str, Any] = {"site": self.name, "dp": u.segment is not None}
-        p = self.plan
-        if u.segment is not None and u.epsilon is not None:
-            fields.update(
-                q=float(u.segment.q),
-                sigma=float(u.segment.sigma),
-                dp_steps=int(u.segment.steps),
-                epsilon=float(u.epsilon),
-                delta=float(p.delta),
-                accountant=p.accountant,
-                max_grad_norm=float(p.max_grad_norm),
-                lifetime_epsilon=_finite(u.lifetime_epsilon),
-                ledger_head=u.ledger_head or "",
-                ledger_seq=int(u.ledger_seq or 0),
-            )
+        metrics, fields = self.report(u).wire_values()
         return Payload("train", dict(u.state), metrics, fields)
 
     def secure_train_payload(self, u: SiteUpdate, advert: KeyAdvert) -> Payload:
@@ -679,42 +691,26 @@ class Site:
         ``train_payload`` and this round's key advert, but no tensors (the update only leaves
         masked, in ``masked_payload``)."""
         plain = self.train_payload(u)
-        fields = dict(plain.fields)
-        fields.update(
-            secagg_site_id=int(advert.site_id),
-            cipher_pk=bytes(advert.cipher_pk),
-            mask_pk=bytes(advert.mask_pk),
-        )
-        return Payload(SECURE_TRAIN, {}, dict(plain.metrics), fields)
+        fields = {**plain.fields, **ADVERT.wire_fields(advert)}
+        return Payload(ADVERT.kind, {}, dict(plain.metrics), fields)
 
     @staticmethod
     def shares_payload(m: EncryptedShares) -> Payload:
         """Secure aggregation round 1: ciphertexts of this site's key shares, one per peer."""
-        fields = {
-            "site_id": int(m.sender),
-            "recipients": [int(r) for r in m.recipients],
-            "ciphertexts": [bytes(c) for c in m.ciphertexts],
-        }
-        return Payload("secagg-shares", fields=fields)
+        reply = PROTOCOL_REPLIES["share-keys"]
+        return Payload(reply.kind, fields=reply.wire_fields(m))
 
     @staticmethod
     def masked_payload(m: MaskedInput) -> Payload:
         """Secure aggregation round 2: the masked, weighted, quantised update."""
-        return Payload(
-            "secagg-masked", fields={"site_id": int(m.site_id)}, vectors={MASKED_VECTOR: m.vector}
-        )
+        reply = PROTOCOL_REPLIES["masked-input"]
+        return Payload(reply.kind, fields=reply.wire_fields(m), vectors={MASKED_VECTOR: m.vector})
 
     @staticmethod
     def unmask_payload(m: UnmaskShares) -> Payload:
         """Secure aggregation round 3: the shares the coordinator needs to remove the masks."""
-        fields = {
-            "site_id": int(m.site_id),
-            "self_mask_owners": [int(i) for i in m.self_mask_owners],
-            "self_mask_shares": [bytes(b) for b in m.self_mask_shares],
-            "key_owners": [int(i) for i in m.key_owners],
-            "key_shares": [bytes(b) for b in m.key_shares],
-        }
-        return Payload("secagg-unmask", fields=fields)
+        reply = PROTOCOL_REPLIES["unmask"]
+        return Payload(reply.kind, fields=reply.wire_fields(m))
 
     def eval_payload(self, r: EvalResult) -> Payload:
         """An evaluation reply: three numbers and the site's name; with fewer evaluation
@@ -722,13 +718,16 @@ class Site:
         least = self.policy.min_eval_records if self.policy is not None else None
         if least is not None and r.examples < least:
             withheld = f"fewer evaluation records than the site's min_eval_records ({least})"
-            return Payload("evaluate", {}, {}, {"site": self.name, "withheld": withheld})
-        metrics = {"num-examples": r.examples, "eval-loss": r.loss, "eval-accuracy": r.accuracy}
-        return Payload("evaluate", {}, metrics, {"site": self.name})
+            reply = SiteEval.withheld_by(self.name, withheld)
+        else:
+            reply = SiteEval(self.name, r.loss, r.accuracy, r.examples)
+        metrics, fields = reply.wire_values()
+        return Payload("evaluate", {}, metrics, fields)
 
     def refusal_payload(self, reasons: list[str]) -> Payload:
         """A refusal: the site's name and its own reasons; no tensors, no metrics."""
-        return Payload("refusal", {}, {}, {"site": self.name, "refused": True, "reasons": reasons})
+        metrics, fields = Refusal(self.name, reasons).wire_values()
+        return Payload("refusal", {}, metrics, fields)
 
     def release(
         self,
@@ -899,11 +898,6 @@ def _is_head(key: str) -> bool:
 
 def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _finite(x: float | None) -> float:
-    # -1 stands for "not available" on the wire, where NaN and inf are not allowed
-    return float(x) if x is not None and math.isfinite(x) else -1.0
 
 
 def _device(job: JobConfig) -> torch.device:

@@ -16,8 +16,8 @@ import json
 from importlib.metadata import version
 from pathlib import Path
 
-from fedslm.clients.codec import state_to_arrays
 from fedslm.server.strategy import FedSLMStrategy, collect, exchange, quicker_reply_pulls, send
+from fedslm.wire.codec import state_to_arrays
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -25,6 +25,7 @@ from fedslm import __version__
 from fedslm.coordinator import Coordinator
 from fedslm.errors import FederationError
 from fedslm.job import PreparedJob, make_coordinator
+from fedslm.messages import TrainInstruction
 from fedslm.privacy.anchors import COORDINATOR_ANCHORS_FILE
 from fedslm.progress import Reporter
 
@@ -61,7 +62,7 @@ def run_rounds(
         for attempt in range(retries + 1):
             train_config = _copy(config)
             if unevaluated is not None:
-                train_config["evaluate-round"] = unevaluated
+                train_config[TrainInstruction.EVALUATE_ROUND.name] = unevaluated
             sent = send(grid, strategy.configure_train(r, arrays, train_config, grid))
             replies = collect(grid, sent, fed.round_timeout_s)
             if unevaluated is not None:

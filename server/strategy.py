@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from fedslm.clients.codec import (
+from fedslm.wire.codec import (
     EVAL_PREFIX,
-    anchor_config,
     decode_eval,
     decode_protocol_reply,
     decode_refusal,
@@ -35,11 +34,13 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedslm.coordinator import Coordinator, SecureDropout, SiteReport
+from fedslm.coordinator import Coordinator, SecureDropout
 from fedslm.errors import FederationError
+from fedslm.messages import ROUND, SiteReport, StageInstruction, TrainInstruction, anchor_config
 from fedslm.progress import Reporter
 from fedslm.secagg.adapter import job_params, session_id, vector_size
 from fedslm.secagg.driver import Exchange, NoReply, run_rounds
+from fedslm.secagg.messages import KeyAdvert
 
 T = TypeVar("T")
 
@@ -240,7 +241,7 @@ class FedSLMStrategy(Strategy):
         The round loop starts the coordinator's round (``Coordinator.start_round``) once the
         previous round is recorded, which with an evaluation riding along is after the
         replies to these messages."""
-        config["round"] = server_round
+        config[ROUND.name] = server_round
         self._grid, self._config = grid, config
         return self._messages(MessageType.TRAIN, arrays, config, grid)
 
@@ -329,8 +330,9 @@ class FedSLMStrategy(Strategy):
 
         def ask(stage: str, requests: Mapping[int, object]) -> dict[int, object]:
             # the round's training config, less the evaluation that rode on its messages
-            common = {k: v for k, v in config.items() if k != "evaluate-round"}
-            stage_config = ConfigRecord({**common, "stage": stage})
+            evaluated = TrainInstruction.EVALUATE_ROUND.name
+            common = {k: v for k, v in config.items() if k != evaluated}
+            stage_config = ConfigRecord({**common, StageInstruction.STAGE.name: stage})
             messages = [
                 Message(
                     content=RecordDict(
@@ -349,7 +351,7 @@ class FedSLMStrategy(Strategy):
                     continue
                 refusal = decode_refusal(reply.content)
                 if refusal is not None:
-                    answers[node] = NoReply(f"refused: {'; '.join(refusal[1])}")
+                    answers[node] = NoReply(f"refused: {'; '.join(refusal.reasons)}")
                     continue
                 try:
                     answers[node] = decode_protocol_reply(stage, reply.content)
@@ -363,7 +365,7 @@ class FedSLMStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Every site evaluates the current global adapter on its held-out split."""
-        config["round"] = server_round
+        config[ROUND.name] = server_round
         return self._messages(MessageType.EVALUATE, arrays, config, grid)
 
     def aggregate_evaluate(
@@ -384,7 +386,7 @@ class FedSLMStrategy(Strategy):
                 else:
                     refusal = decode_refusal(reply.content, prefix)
                 if refusal is not None:
-                    failures.append(f"{self._label(node)}: refused: {'; '.join(refusal[1])}")
+                    failures.append(f"{self._label(node)}: refused: {'; '.join(refusal.reasons)}")
                     continue
                 ev = decode_eval(reply.content, prefix)
             except (KeyError, TypeError, ValueError) as exc:
@@ -417,7 +419,7 @@ def _decode_plain(content: RecordDict, _node: int) -> SiteReport:
     return decode_update(content)
 
 
-def _decode_secure(content: RecordDict, node: int) -> tuple[int, tuple]:
+def _decode_secure(content: RecordDict, node: int) -> tuple[int, tuple[SiteReport, KeyAdvert]]:
     return node, decode_secure_update(content)
 
 
@@ -441,11 +443,11 @@ def _sort_replies(
         try:
             refusal = decode_refusal(reply.content)
             if refusal is not None:
-                wrong = identity(node, refusal[0])
+                wrong = identity(node, refusal.site)
                 if wrong is not None:
                     failures.append(wrong)
                 else:
-                    refusals[refusal[0]] = refusal[1]
+                    refusals[refusal.site] = refusal.reasons
                 continue
             item = decode(reply.content, node)
         except (KeyError, TypeError, ValueError) as exc:
@@ -459,8 +461,8 @@ def _sort_replies(
     return decoded, failures, refusals
 
 
-def _site_of(item: object) -> str:
+def _site_of(item: SiteReport | tuple[int, tuple[SiteReport, KeyAdvert]]) -> str:
     # a plain update is a SiteReport; a secure one is (node, (SiteReport, KeyAdvert))
     if isinstance(item, SiteReport):
         return item.site
-    return item[1][0].site  # type: ignore[index]
+    return item[1][0].site

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models built offline into a per-session cache, and paths."""
+"""Shared fixtures (tiny models built offline into a per-session cache, ledgers, paths) and
+the test tiers: unit, integration, deployment (docs/testing.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TIERS = ("integration", "deployment")  # and "unit", for every test marked neither
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test belongs to one tier: unmarked tests are unit tests (``make test-fast``)."""
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session", autouse=True)

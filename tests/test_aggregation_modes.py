@@ -15,6 +15,8 @@ from fedslm.inprocess import run_in_process
 from fedslm.job import PreparedJob, make_coordinator, prepare_job
 from fedslm.lora_math import lora_pairs
 
+pytestmark = pytest.mark.integration
+
 
 def _run(out: Path, tiny_bert: Path, federation: dict[str, Any], **more: Any) -> PreparedJob:
     raw = {

@@ -40,6 +40,7 @@ def site(tmp_path: Path, tiny_bert: Path) -> Site:
     return build_site(prepared, prepared.sites[0])
 
 
+@pytest.mark.integration
 def test_a_training_reply_is_logged_with_what_it_holds(site: Site) -> None:
     update = site.train_round(1, site.initial_state())
     payload = site.release(1, site.train_payload(update))
@@ -85,6 +86,7 @@ def test_a_training_reply_is_logged_with_what_it_holds(site: Site) -> None:
         (lambda p: replace(p, fields=p.fields | {"site": 3}), "field 'site' has type int"),
     ],
 )
+@pytest.mark.integration
 def test_anything_beyond_the_agreed_reply_is_blocked_and_logged(
     site: Site, tamper: Any, reason: str
 ) -> None:
@@ -105,6 +107,7 @@ def test_refusals_and_evaluations_carry_no_tensors(site: Site) -> None:
     assert "is not part of the agreed adapter" in check(describe(ev), site.agreed_tensors, None)[0]
 
 
+@pytest.mark.integration
 def test_a_hostile_job_asking_for_a_huge_adapter_is_refused(
     tmp_path: Path, tiny_bert: Path
 ) -> None:
@@ -128,6 +131,7 @@ def test_a_hostile_job_asking_for_a_huge_adapter_is_refused(
     assert ("refusal", "sent") in kinds and ("train", "sent") not in kinds
 
 
+@pytest.mark.integration
 def test_ledger_verify_catches_an_edited_egress_record(
     site: Site, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -141,3 +145,59 @@ def test_ledger_verify_catches_an_edited_egress_record(
     conn.close()
     assert main(["ledger", "verify", str(site.ledger_path)]) == 1
     assert "egress log: entry seq 1: stored hash" in capsys.readouterr().err
+
+
+def test_the_allow_lists_are_the_messages_declarations() -> None:
+    """What the guard lets out is what the typed messages declare, no more: one list of the
+    keys a site sends, and the same list as in earlier releases (the wire format)."""
+    from fedslm import egress
+    from fedslm.messages import ADVERT, PROTOCOL_REPLIES, REPLIES, Refusal, SiteEval, SiteReport
+
+    declared_metrics = {**SiteReport.METRICS, **SiteEval.METRICS}
+    declared_fields = {**SiteReport.FIELDS, **Refusal.FIELDS, **SiteEval.FIELDS}
+    allowed_metrics, allowed_fields = egress.ALLOWED_METRICS, egress.ALLOWED_FIELDS
+    assert set(REPLIES) == {SiteReport, SiteEval, Refusal}
+    assert allowed_metrics == {k: key.meaning for k, key in declared_metrics.items()}
+    assert allowed_fields == {k: key.types for k, key in declared_fields.items()}
+    assert list(allowed_metrics) == [
+        "num-examples", "train-loss", "steps", "seconds", "privacy-seconds", "eval-loss",
+        "eval-accuracy",
+    ]  # fmt: skip
+    assert allowed_fields == {
+        "site": (str,), "dp": (bool,), "q": (float,), "sigma": (float,), "dp_steps": (int,),
+        "epsilon": (float,), "delta": (float,), "accountant": (str,),
+        "max_grad_norm": (float,), "lifetime_epsilon": (float,), "ledger_head": (str,),
+        "ledger_seq": (int,), "refused": (bool,), "reasons": (list,), "withheld": (str,),
+    }  # fmt: skip
+    # the protocol messages of secure aggregation, likewise
+    protocol_fields = egress.PROTOCOL_FIELDS
+    assert protocol_fields == {r.kind: r.types() for r in PROTOCOL_REPLIES.values()}
+    assert protocol_fields == {
+        "secagg-shares": {
+            "site_id": "int", "recipients": "list[int]", "ciphertexts": "list[bytes]"
+        },
+        "secagg-masked": {"site_id": "int"},
+        "secagg-unmask": {
+            "site_id": "int", "self_mask_owners": "list[int]", "self_mask_shares": "list[bytes]",
+            "key_owners": "list[int]", "key_shares": "list[bytes]",
+        },
+    }  # fmt: skip
+    assert ADVERT.types() == {"secagg_site_id": "int", "cipher_pk": "bytes", "mask_pk": "bytes"}
+
+
+def test_what_a_site_builds_is_what_its_messages_declare(site: Site) -> None:
+    """Each payload the site builds carries only declared keys, and the guard passes it."""
+    from fedslm.messages import Refusal, SiteEval, SiteReport
+
+    update = site.train_round(1, site.initial_state())
+    replies = [
+        (site.train_payload(update), SiteReport),
+        (site.eval_payload(site.evaluate(site.initial_state())), SiteEval),
+        (site.refusal_payload(["no"]), Refusal),
+    ]
+    for payload, message in replies:
+        assert set(payload.metrics) <= set(getattr(message, "METRICS", {})), payload.kind
+        assert set(payload.fields) <= set(message.FIELDS), payload.kind
+        required = {k for k, key in message.FIELDS.items() if key.required}
+        assert required <= set(payload.fields), payload.kind
+        assert check(describe(payload), site.agreed_tensors, None) == []

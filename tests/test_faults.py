@@ -25,6 +25,8 @@ from fedslm.coordinator import SiteReport
 from fedslm.job import plan_job, prepare_job, site_policies
 from fedslm.privacy.ledger import PrivacyLedger
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # a job small enough that a round takes seconds on two cores: 2 sites, 3 rounds, DP on

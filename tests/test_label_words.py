@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_per_sample_gradients import _reference
+from support import reference_update as _reference
 
 from fedslm.batching import collate
 from fedslm.config import LABEL_PROMPT, JobConfig, LoraConfig
@@ -26,6 +26,8 @@ from fedslm.metrics import macro_f1
 from fedslm.models import load_model
 from fedslm.models.tiny import ensure_tiny_model
 from fedslm.privacy.dp_sgd import dp_optimizer, per_sample_module
+
+pytestmark = pytest.mark.integration
 
 CPU = torch.device("cpu")
 LABELS = ["card_lost", "pin", "transfer"]

@@ -17,6 +17,8 @@ from fedslm.privacy.ledger import PrivacyLedger
 from fedslm.report_cli import report_cmd, verify_cmd
 from fedslm.runfolder import MARKER, write_marker
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 SMALL = ["--set", "data.synthetic.rows_per_site=200", "--set", "federation.rounds=1"]

@@ -39,6 +39,7 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     return code, out.out, out.err
 
 
+@pytest.mark.integration
 def test_accepts_a_job_and_prints_its_cost(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(["policy", "check", str(site / "site.yaml")], capsys)
     assert code == 0
@@ -53,6 +54,7 @@ def test_accepts_a_job_and_prints_its_cost(site: Path, capsys: pytest.CaptureFix
     assert "PRVAccountant" in out and "ACCEPTED" in out
 
 
+@pytest.mark.integration
 def test_refuses_what_the_ledger_has_already_spent(
     site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -70,6 +72,7 @@ def test_refuses_what_the_ledger_has_already_spent(
     assert hashlib.sha256(ledger.read_bytes()).hexdigest() == before  # only read
 
 
+@pytest.mark.integration
 def test_refuses_a_job_above_the_per_job_cap(
     site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -118,6 +121,7 @@ def test_missing_policy_and_foreign_ledger(
     assert code == 2 and "ledger belongs to data set" in err
 
 
+@pytest.mark.integration
 def test_a_deployed_job_whose_labels_miss_the_sites_data_is_refused(
     site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,6 +18,8 @@ from fedslm.inprocess import build_site, to_report
 from fedslm.job import PreparedJob, make_coordinator, prepare_job
 from fedslm.site import Site
 
+pytestmark = pytest.mark.integration
+
 
 def _job(tmp: Path, tiny_bert: Path, name: str) -> PreparedJob:
     raw = {

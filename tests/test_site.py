@@ -46,6 +46,7 @@ def _site(p: PreparedJob, job_id: str, ledger: Path) -> Site:
     )
 
 
+@pytest.mark.integration
 def test_second_job_composes_with_the_first(tmp_path: Path, tiny_bert: Path) -> None:
     p = _prepare(tmp_path / "run", tiny_bert)
     ledger = p.sites[0].ledger
@@ -65,6 +66,7 @@ def test_second_job_composes_with_the_first(tmp_path: Path, tiny_bert: Path) -> 
     assert u2.epsilon is not None and u2.epsilon < u.epsilon < u2.lifetime_epsilon
 
 
+@pytest.mark.integration
 def test_a_round_without_dp_is_recorded_as_unbounded_spend(tmp_path: Path, tiny_bert: Path) -> None:
     """A non-DP job (allowed by this policy) exposes the data: the ledger says so, and no DP job
     can afterwards claim the data set is within budget."""
@@ -83,6 +85,7 @@ def test_a_round_without_dp_is_recorded_as_unbounded_spend(tmp_path: Path, tiny_
         later.train_round(1, later.initial_state())
 
 
+@pytest.mark.integration
 def test_evaluation_reuses_the_encoders_features_only_while_it_is_unchanged(
     tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

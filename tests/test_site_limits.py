@@ -166,6 +166,7 @@ def _deployed_job(tmp_path: Path, tiny_bert: Path, **more: Any) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_policy_check_and_the_site_give_the_same_answer_on_a_rank(
     tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -219,6 +220,7 @@ def test_a_site_with_one_training_record_refuses_the_job(tiny_bert: Path, ledger
     assert "min_train_records 20" in line
 
 
+@pytest.mark.integration
 def test_a_small_evaluation_set_sends_no_figures(tmp_path: Path, tiny_bert: Path) -> None:
     """A site with enough training records but fewer evaluation records than min_eval_records
     trains, and withholds its evaluation: no loss, accuracy or count leaves it, the coordinator
@@ -260,6 +262,7 @@ def test_the_trust_model_states_the_minimums() -> None:
     assert "predate" in _minimums_trust(ctx({"max_rounds": 3}))
 
 
+@pytest.mark.integration
 def test_evaluation_rows_that_repeat_training_rows_are_warned_about(
     tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

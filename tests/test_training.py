@@ -35,6 +35,7 @@ def _site_model(path: Path) -> tuple[torch.nn.Module, object]:
     return loaded.model, data
 
 
+@pytest.mark.integration
 def test_empty_batches_still_count_as_noised_steps(tiny_bert: Path) -> None:
     model, data = _site_model(tiny_bert)
     before = get_adapter_state(model)

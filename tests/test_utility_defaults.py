@@ -23,6 +23,8 @@ from fedslm.privacy.accounting import calibrate_noise, epsilon
 from fedslm.schedule import Schedule, lr_factor
 from fedslm.site import plan_privacy
 
+pytestmark = pytest.mark.integration
+
 CPU = torch.device("cpu")
 TEST_BUDGET = {"default": {"privacy": {"lifetime_epsilon": 1e4, "max_epsilon_per_job": 1e4}}}
 

@@ -19,9 +19,10 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -300,21 +301,19 @@ def start(settings: CoordinatorSettings) -> int:
     write_text(paths.started, f"{time.time()}\n")
     try:
         superlink_log = paths.logs / "superlink.log"
-        procs["superlink"] = _spawn(superlink_command(settings), superlink_log, settings)
+        procs["superlink"] = _spawn(
+            partial(subprocess.Popen, superlink_command(settings)), superlink_log, settings
+        )
         link = settings.superlink
         host = "127.0.0.1" if link.host in ("0.0.0.0", "::") else link.host
         wait_for_tls(host, link.port, settings.tls.ca_cert, 60, procs["superlink"], superlink_log)
         if settings.proxy.enabled:
-            from fedslm.deployment.proxy import (
-                check_proxy_config,
-                proxy_command,
-                write_proxy_config,
-            )
+            from fedslm.deployment.proxy import start_proxy
 
-            write_proxy_config(settings)
-            check_proxy_config(settings)  # nginx -t: its own message, before anything listens
+            # writes the configuration and runs nginx -t first: nginx's own message if it is
+            # refused, before anything listens
             proxy_log = paths.logs / "proxy.log"
-            procs["proxy"] = _spawn(proxy_command(settings), proxy_log, settings)
+            procs["proxy"] = _spawn(partial(start_proxy, settings), proxy_log, settings)
             p = settings.proxy
             public = "127.0.0.1" if p.host in ("0.0.0.0", "::") else p.host
             wait_for_tls(public, p.port, settings.tls.ca_cert, 30, procs["proxy"], proxy_log)
@@ -350,13 +349,16 @@ def _refuse_second_instance(paths: Paths) -> None:
         raise CoordinatorError(f"a coordinator (pid {pid}) is already running on {paths.state}")
 
 
-def _spawn(cmd: list[str], log: Path, settings: CoordinatorSettings) -> subprocess.Popen[bytes]:
+def _spawn(
+    start: Callable[..., subprocess.Popen[bytes]], log: Path, settings: CoordinatorSettings
+) -> subprocess.Popen[bytes]:
+    """``start(**popen_options)`` with output appended to ``log``, Flower's environment, and a
+    session of its own (a Ctrl-C at the terminal reaches only the coordinator, which stops it)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as fh:
-        return subprocess.Popen(
-            cmd, stdout=fh, stderr=subprocess.STDOUT, env=flwr_env(settings),
-            start_new_session=True,
-        )  # fmt: skip
+        return start(
+            stdout=fh, stderr=subprocess.STDOUT, env=flwr_env(settings), start_new_session=True
+        )
 
 
 def _terminate(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:

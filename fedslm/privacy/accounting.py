@@ -29,6 +29,13 @@ ACCOUNTANT_NAMES: dict[str, str] = {
     "rdp": "dp_accounting.rdp.RdpAccountant (Renyi DP)",
 }
 
+# How far two computations of one epsilon may differ (relative) and still agree: a reported
+# figure against its recomputation by another accountant (the coordinator, the report's
+# checks), or a ledger's stored figure against today's library (ledger verify). Both PRV and
+# PLD are numerical upper bounds whose grids depend on the estimate and the library version;
+# 1% is far below any budget decision (those recompute from segments), and edits are caught by
+# the ledger's hash chain and the report's signatures, not by this tolerance.
+EPSILON_TOLERANCE = 0.01
 
 # Above this RDP epsilon (an upper bound) PRV and PLD are not run; see ``epsilon``. The largest
 # the accounting grid test needs is 2238 (q 0.1, sigma 0.5, 10,000 steps, delta 1e-7).
@@ -249,7 +256,8 @@ def _rdp_epsilon(segs: Sequence[Segment], delta: float) -> float:
 # Opacus' PRV accountant spends ~90% of a call bounding its discretisation domain with an RDP
 # computation in pure Python (about 0.35 s per (q, sigma)), and a site asks again every round
 # for the same (q, sigma). The subclass below computes exactly the same domain from RDP values
-# cached per (q, sigma); tests/test_accounting.py checks it is bit-identical to stock Opacus.
+# cached per (q, sigma); tests/privacy/test_accounting.py checks it is bit-identical to stock
+# Opacus.
 
 
 @functools.lru_cache(maxsize=256)

@@ -59,17 +59,11 @@ from urllib.parse import quote
 
 from fedslm.errors import DataError, FedSLMError
 from fedslm.privacy import accounting
-from fedslm.privacy.accounting import ACCOUNTANTS, Accountant, Segment
+from fedslm.privacy.accounting import ACCOUNTANTS, EPSILON_TOLERANCE, Accountant, Segment
 
 SCHEMA_VERSION = 1
 GENESIS_HASH = "0" * 64
 DEFAULT_TIMEOUT = 2.0
-# verify(): both accountants are numerical upper bounds whose grids depend on the estimate and
-# on the library version, so a ledger written by an older fedslm may differ a little from a
-# recomputation today. 1% is far below any budget decision (those recompute from segments)
-# and edits are caught by the hash chain, not by these tolerances.
-EPSILON_REL_TOL = 0.01
-EPSILON_PLD_REL_TOL = 0.01
 _MAX_WRITE_ATTEMPTS = 5
 
 _ENTRY_COLUMNS: tuple[str, ...] = (
@@ -525,7 +519,7 @@ class PrivacyLedger:
             segs = [*(e.segment for e in prior), segment]
             eps = accounting.epsilon(segs, delta, accountant)
             eps_pld = eps if accountant == "pld" else accounting.epsilon(segs, delta, "pld")
-            if epsilon is not None and not _close(float(epsilon), eps, EPSILON_REL_TOL):
+            if epsilon is not None and not _close(float(epsilon), eps, EPSILON_TOLERANCE):
                 raise LedgerError(
                     f"{self.path}: epsilon {epsilon:.6g} given for job {job_id!r} round {round} "
                     f"disagrees with {eps:.6g}, the composition of all {len(segs)} segments "
@@ -580,12 +574,12 @@ class PrivacyLedger:
                 eps_pld = eps if e.accountant == "pld" else accounting.epsilon(segs, e.delta, "pld")
             except ValueError as exc:
                 return [f"entry seq {e.seq}: invalid segment or delta: {exc}"]
-            if not _close(e.epsilon, eps, EPSILON_REL_TOL):
+            if not _close(e.epsilon, eps, EPSILON_TOLERANCE):
                 return [
                     f"entry seq {e.seq}: field epsilon: stored {e.epsilon!r}, recomputed "
                     f"{eps!r} ({e.accountant}, delta {e.delta:g}, {len(segs)} segments)"
                 ]
-            if not _close(e.epsilon_pld, eps_pld, EPSILON_PLD_REL_TOL):
+            if not _close(e.epsilon_pld, eps_pld, EPSILON_TOLERANCE):
                 return [
                     f"entry seq {e.seq}: field epsilon_pld: stored {e.epsilon_pld!r}, "
                     f"recomputed {eps_pld!r} (pld, delta {e.delta:g}, {len(segs)} segments)"
@@ -794,7 +788,7 @@ class PrivacyLedger:
             delta,
             accountant,
         )
-        if same and (epsilon is None or _close(float(epsilon), e.epsilon, EPSILON_REL_TOL)):
+        if same and (epsilon is None or _close(float(epsilon), e.epsilon, EPSILON_TOLERANCE)):
             return e
         raise LedgerError(
             f"{self.path}: job {e.job_id!r} round {e.round} is already recorded (seq {e.seq}: "

@@ -12,8 +12,6 @@ from fedslm.privacy import accounting
 from fedslm.privacy.anchors import check_ledger_anchors, read_anchors, read_journal
 from fedslm.privacy.egress_log import egress_entries, verify_egress
 from fedslm.privacy.ledger import (
-    EPSILON_PLD_REL_TOL,
-    EPSILON_REL_TOL,
     LedgerEntry,
     LedgerError,
     PrivacyLedger,
@@ -124,7 +122,7 @@ def verify_file(
         f"ledger {path}: OK, {_plural(count, 'entry', 'entries')} and "
         f"{_plural(messages, 'egress record', 'egress records')}, hash chains intact, every "
         "epsilon recomputed "
-        f"(stored accountant within {EPSILON_REL_TOL:.0%}, pld within {EPSILON_PLD_REL_TOL:.0%}), "
+        f"(the stored accountant and pld, each within {accounting.EPSILON_TOLERANCE:.0%}), "
         f"extends {_plural(heads, 'anchored head', 'anchored heads')} (--anchor and {journal})"
     )
     return 0

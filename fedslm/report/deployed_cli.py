@@ -211,16 +211,22 @@ def _verify_federation(
     missing = [o.site for o in stored.sites if not o.report_received]
     said = f"no report received from {', '.join(missing)}; " if missing else ""
     if unchecked or not trusted:
-        text = (
+        return _unsigned(
             f"{what}{said}no key given for {', '.join(unchecked) or 'any site'} (--keys: "
-            "the coordinator's sites.json or the sites' site.pub)"
+            "the coordinator's sites.json or the sites' site.pub)",
+            allow_unsigned,
         )
-        if allow_unsigned:
-            return Outcome(0, text.replace("verify OK", "verify OK (UNSIGNED, accepted)", 1))
-        return Outcome(UNSIGNED, text.replace("verify OK", "verify UNSIGNED", 1))
     return Outcome(
         0, f"{what}{said}signatures of {', '.join(checked) or 'no site'} checked against your keys"
     )
+
+
+def _unsigned(text: str, allow_unsigned: bool) -> Outcome:
+    """``text`` (a "verify OK" line) for figures that recompute but whose signatures were not
+    checked: accepted only with ``--allow-unsigned``, otherwise the UNSIGNED exit code."""
+    if allow_unsigned:
+        return Outcome(0, text.replace("verify OK", "verify OK (UNSIGNED, accepted)", 1))
+    return Outcome(UNSIGNED, text.replace("verify OK", "verify UNSIGNED", 1))
 
 
 def _failed_check(checks: list[Any], where: str) -> Outcome | None:
@@ -249,10 +255,10 @@ def _verify_governance(
         "remaining budget, count and check recomputes from its own figures"
     )
     if coordinator_key is None:
-        text = f"{what}; the coordinator's signature was not checked (--coordinator-key)"
-        if allow_unsigned:
-            return Outcome(0, text.replace("verify OK", "verify OK (UNSIGNED, accepted)", 1))
-        return Outcome(UNSIGNED, text.replace("verify OK", "verify UNSIGNED", 1))
+        return _unsigned(
+            f"{what}; the coordinator's signature was not checked (--coordinator-key)",
+            allow_unsigned,
+        )
     keys = list(load_trusted_keys([coordinator_key]).values())
     if len(keys) != 1:
         return Outcome(2, f"error: --coordinator-key {coordinator_key}: expected one key")

@@ -22,14 +22,6 @@ from typing import Any
 import pytest
 import torch
 from fedslm.clients.bridge import MAGIC, WorkerError, call_worker
-from fedslm.clients.codec import (
-    EVAL_PREFIX,
-    arrays_to_state,
-    decode_eval,
-    decode_refusal,
-    decode_update,
-    state_to_arrays,
-)
 from fedslm.clients.handlers import (
     SECRET_STATE_KEYS,
     STATE_KEY,
@@ -37,6 +29,14 @@ from fedslm.clients.handlers import (
     handle_train,
 )
 from fedslm.clients.worker import Worker, accepts_version, load_or_create_secret
+from fedslm.wire.codec import (
+    EVAL_PREFIX,
+    arrays_to_state,
+    decode_eval,
+    decode_refusal,
+    decode_update,
+    state_to_arrays,
+)
 from flwr.app import ConfigRecord, RecordDict
 
 from fedslm import __version__
@@ -153,6 +153,7 @@ def _in_process_site(
     return builder._build_site(job, job_id, resolve_model(job.model).sha256)
 
 
+@pytest.mark.integration
 def test_the_clientapp_module_imports_neither_torch_nor_the_site() -> None:
     code = (
         "import sys, fedslm.clients.app\n"
@@ -163,6 +164,7 @@ def test_the_clientapp_module_imports_neither_torch_nor_the_site() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+@pytest.mark.integration
 def test_worker_replies_equal_the_in_process_handlers(deployment: Deployment) -> None:
     d = deployment
     job_id = "job-same"
@@ -194,6 +196,7 @@ def test_worker_replies_equal_the_in_process_handlers(deployment: Deployment) ->
     assert any(f"job {job_id} round 1 train" in line and line.endswith(": sent") for line in d.log)
 
 
+@pytest.mark.integration
 def test_a_retried_round_is_replayed_and_spends_once(deployment: Deployment) -> None:
     d = deployment
     job_id = "job-replay"
@@ -212,20 +215,22 @@ def test_a_retried_round_is_replayed_and_spends_once(deployment: Deployment) -> 
     # the same round for another global adapter: refused, nothing trained
     other = {k: v + 0.01 for k, v in d.adapter.items()}
     refused, _ = d.call("train", content(message_config(d.job, 1, job_id), other))
-    site, reasons = decode_refusal(refused)  # type: ignore[misc]
-    assert site == SITE
+    refusal = decode_refusal(refused)
+    assert refusal is not None and refusal.site == SITE
+    reasons = refusal.reasons
     assert "already released for a different global adapter" in reasons[0]
     assert "spend privacy twice" in reasons[0]
     # the next round trains, and then the earlier one cannot come back
     d.call("train", content(message_config(d.job, 2, job_id), a))
     back, _ = d.call("train", msg)
-    assert "only move forward" in decode_refusal(back)[1][0]  # type: ignore[index]
+    assert "only move forward" in decode_refusal(back).reasons[0]  # type: ignore[union-attr]
     files = sorted(p.name for p in (d.worker.state_dir / "releases" / job_id).iterdir())
     assert files == ["round-2.pt"]  # only the latest round is kept
     with PrivacyLedger(d.worker.ledger_path, create=False) as ledger:
         assert [e.round for e in ledger.entries() if e.job_id == job_id] == [1, 2]
 
 
+@pytest.mark.integration
 def test_a_train_message_carries_the_evaluation_of_the_adapter_it_brings(
     deployment: Deployment,
 ) -> None:
@@ -250,7 +255,7 @@ def test_a_train_message_carries_the_evaluation_of_the_adapter_it_brings(
     refused, _ = d.call(
         "train", content(message_config(d.job, 2, job_id, **{"evaluate-round": 1}), other)
     )
-    assert "already released" in decode_refusal(refused)[1][0]  # type: ignore[index]
+    assert "already released" in decode_refusal(refused).reasons[0]  # type: ignore[union-attr]
     assert decode_refusal(refused, EVAL_PREFIX) is None
     assert decode_eval(refused, EVAL_PREFIX).site == SITE
     for bad in (2, 0, True, "1"):
@@ -341,23 +346,23 @@ def test_wrong_model_or_versions_are_refused_with_both_named(deployment: Deploym
     reply, _ = d.call(
         "train", content(message_config(d.job, 1, "job-m", **{"model-sha256": theirs}), d.adapter)
     )
-    (reason,) = decode_refusal(reply)[1]  # type: ignore[index]
+    (reason,) = decode_refusal(reply).reasons  # type: ignore[union-attr]
     assert theirs in reason and ours in reason
     reply, _ = d.call(
         "train",
         content(message_config(d.job, 1, "job-v", **{"fedslm-version": "9.9.0"}), d.adapter),
     )
-    (reason,) = decode_refusal(reply)[1]  # type: ignore[index]
+    (reason,) = decode_refusal(reply).reasons  # type: ignore[union-attr]
     assert "fedslm 9.9.0" in reason and f"fedslm {__version__}" in reason and "upgrade" in reason
     older = ".".join([FLWR.split(".")[0], str(int(FLWR.split(".")[1]) - 1), "0"])
     reply, _ = d.call(
         "evaluate", content(message_config(d.job, 1, "job-f", **{"flwr-version": older}), d.adapter)
     )
-    (reason,) = decode_refusal(reply)[1]  # type: ignore[index]
+    (reason,) = decode_refusal(reply).reasons  # type: ignore[union-attr]
     assert f"Flower {older}" in reason and f"Flower {FLWR}" in reason and "upgrade" in reason
     not_at_sites = make_job(data={"at_sites": False, "synthetic": {"rows_per_site": 10}})
     reply, _ = d.call("train", content(message_config(not_at_sites, 1, "job-s"), d.adapter))
-    assert "data.at_sites" in decode_refusal(reply)[1][0]  # type: ignore[index]
+    assert "data.at_sites" in decode_refusal(reply).reasons[0]  # type: ignore[union-attr]
     # each refusal was logged in the egress log before it left
     with PrivacyLedger(d.worker.ledger_path, create=False) as ledger:
         kinds = {e.job_id: e.kind for e in egress_entries(ledger)}
@@ -392,7 +397,7 @@ def test_secure_aggregation_secrets_stay_in_the_worker(deployment: Deployment) -
     assert not set(state) & set(SECRET_STATE_KEYS)  # private keys and the update stayed here
     assert set(d.worker._secret_states[(1, 7)]) == set(SECRET_STATE_KEYS)
     again, _ = d.call("train", msg)
-    assert "under secure aggregation" in decode_refusal(again)[1][0]  # type: ignore[index]
+    assert "under secure aggregation" in decode_refusal(again).reasons[0]  # type: ignore[union-attr]
     # a state the ClientApp makes up is ignored: another node has no session here
     fake = RecordDict({STATE_KEY: ConfigRecord({"round": 1, "weight": 1})})
     query = RecordDict(
@@ -402,6 +407,7 @@ def test_secure_aggregation_secrets_stay_in_the_worker(deployment: Deployment) -
         call_worker(str(d.worker.socket_path), "query", query, fake, node_id=8, run_id=1)
 
 
+@pytest.mark.integration
 def test_noise_depends_on_the_site_secret(tmp_path: Path, deployment: Deployment) -> None:
     d = deployment
     (tmp_path / "s1").mkdir()

@@ -18,7 +18,9 @@ import torch
 from fedslm.artifacts import read_jsonl
 from fedslm.privacy.accounting import gaussian_epsilon
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 

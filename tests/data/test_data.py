@@ -374,6 +374,7 @@ def test_synthetic_site_skew_and_coverage() -> None:
     assert words[0] - words[1] and words[1] - words[0]
 
 
+@pytest.mark.integration
 def test_synthetic_same_across_processes() -> None:
     import subprocess
     import sys

@@ -28,6 +28,8 @@ from fedslm.deployment.coordinator import (
 from fedslm.errors import ConfigError
 from fedslm.keys import SiteKeyError, generate_key
 
+pytestmark = pytest.mark.deployment
+
 FEDSLM = str(Path(sys.executable).parent / "fedslm")
 
 

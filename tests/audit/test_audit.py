@@ -49,6 +49,7 @@ def audit(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path):
     return run_audit(config, folder / "out", canaries=M), folder
 
 
+@pytest.mark.integration
 def test_audit_passes_with_a_powerful_control(audit, module_ledgers: Path) -> None:
     """Measured 2026-12-07: control 2.100 (r=100, v=96: 96 of the 100 highest-scoring
     canaries were members), the audited run at epsilon 1 with DP 0.094 (r=100, v=64); both
@@ -69,6 +70,7 @@ def test_audit_passes_with_a_powerful_control(audit, module_ledgers: Path) -> No
     assert not any(module_ledgers.iterdir())
 
 
+@pytest.mark.integration
 def test_canaries_and_bits_stay_in_the_audit_record(audit) -> None:
     result, _ = audit
     record = json.loads((result.out / "canaries.json").read_text())["canaries"]
@@ -87,6 +89,7 @@ def test_canaries_and_bits_stay_in_the_audit_record(audit) -> None:
     assert all(t not in (result.out / "audit.json").read_text() for t in members)
 
 
+@pytest.mark.integration
 def test_broken_pipeline_is_flagged(tmp_path: Path, tiny_bert: Path) -> None:
     """Noise never applied while the ledger records epsilon 1.5: the bound exceeds it.
 
@@ -115,6 +118,7 @@ def test_broken_pipeline_is_flagged(tmp_path: Path, tiny_bert: Path) -> None:
     ), outcome.message
 
 
+@pytest.mark.integration
 def test_report_has_the_empirical_check(audit) -> None:
     from fedslm.report import write_reports
     from fedslm.report.verify import verify_path
@@ -174,6 +178,7 @@ def _verified(run: Path):
     return verify_path(run, {}, allow_unsigned=True)
 
 
+@pytest.mark.integration
 def test_report_checks_the_empirical_check(audit, tmp_path: Path) -> None:
     """The audit folder as written passes the three empirical checks, and they are in the
     report; a run without audit.json has none of them."""
@@ -195,6 +200,7 @@ def test_report_checks_the_empirical_check(audit, tmp_path: Path) -> None:
     assert f": {len(without)} checks passed" in _verified(run).message
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("canaries", [True, False])
 def test_an_edited_lower_bound_fails_verify(audit, tmp_path: Path, canaries: bool) -> None:
     """Attack: after the fact, someone lowers the audited run's bound (one per-r figure, or
@@ -215,6 +221,7 @@ def test_an_edited_lower_bound_fails_verify(audit, tmp_path: Path, canaries: boo
     assert "field control.lower_bound: stored 0.4, recomputed " in outcome.message
 
 
+@pytest.mark.integration
 def test_a_lowered_v_fails_verify(audit, tmp_path: Path) -> None:
     """Attack: someone lowers v (the right guesses) of the control. Alone, the recorded bound
     no longer recomputes; with every bound made consistent, canaries.json's scores and
@@ -243,6 +250,7 @@ def test_a_lowered_v_fails_verify(audit, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.integration
 def test_a_bound_above_the_claim_fails_verify(audit, tmp_path: Path) -> None:
     """A (consistent) audit.json whose audited bound exceeds the epsilon in privacy.json
     fails; so does one whose recorded claim was raised to hide it."""
@@ -263,6 +271,7 @@ def test_a_bound_above_the_claim_fails_verify(audit, tmp_path: Path) -> None:
     assert "field audited.formal_epsilon: stored 3.0, privacy.json has" in outcome.message
 
 
+@pytest.mark.integration
 def test_an_audit_without_power_is_inconclusive(audit, tmp_path: Path) -> None:
     """A control that did not reach MIN_CONTROL_EPSILON: the check is not passed but
     inconclusive (no figure is wrong), also when the recorded bar was lowered to pass it."""
@@ -317,6 +326,7 @@ def test_deployed_jobs_and_real_data_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
 
 
+@pytest.mark.integration
 def test_audit_plan_keeps_canaries_and_real_ledgers_apart(tmp_path: Path, tiny_bert: Path) -> None:
     """Canaries go into one site's training rows only; a policy's real ledger is never used;
     the control is the same plan with DP off."""

@@ -140,6 +140,7 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     return code, out.out + out.err
 
 
+@pytest.mark.integration
 def test_the_rewrite_passes_the_chain_check_and_hides_job_a(site: Path) -> None:
     """The premise: on its own, the rewritten ledger is a valid ledger with only B's spend."""
     ledger = site / "privacy" / "ledger.db"
@@ -154,6 +155,7 @@ def test_the_rewrite_passes_the_chain_check_and_hides_job_a(site: Path) -> None:
     assert before == pytest.approx(8.1, abs=0.05) and after == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.integration
 def test_policy_check_refuses_a_ledger_that_dropped_released_heads(
     site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -182,6 +184,7 @@ def test_policy_check_refuses_a_ledger_that_dropped_released_heads(
     assert code == 1 and "entry seq 5" in out and "between seq 1 and 5" in out
 
 
+@pytest.mark.integration
 def test_ledger_verify_checks_the_journal_and_anchors(
     site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -197,6 +200,7 @@ def test_ledger_verify_checks_the_journal_and_anchors(
     assert code == 1 and "verification FAILED" in out and "entry seq 5" in out
 
 
+@pytest.mark.integration
 def test_the_site_refuses_the_job_before_round_one(site: Path, tiny_bert: Path) -> None:
     from fedslm.config import load_config
     from fedslm.models.registry import resolve_model
@@ -281,7 +285,7 @@ def test_head_conflict_rules() -> None:
 
 
 def test_the_reply_carries_the_heads_seq() -> None:
-    from fedslm.clients.codec import decode_update, encode_payload
+    from fedslm.wire.codec import decode_update, encode_payload
 
     fields = {
         "site": "bank", "dp": True, "q": Q, "sigma": 1.0, "dp_steps": STEPS, "epsilon": 1.0,
@@ -352,6 +356,7 @@ def test_anchors_are_read_per_site(tmp_path: Path) -> None:
         read_anchors(tmp_path / "missing.json")
 
 
+@pytest.mark.integration
 def test_simulate_preflight_refuses_the_rewritten_ledger(tmp_path: Path, tiny_bert: Path) -> None:
     """`fedslm simulate` asks each site before writing anything: the journal refuses it."""
     from fedslm.config import validate_config
@@ -401,13 +406,14 @@ def _anchored_round(site: Path, tiny_bert: Path, pad: bool) -> tuple[object, obj
     reply. With ``pad`` the site's ledger is first rewritten without job A, padded with
     dummy entries past seq 5, and its journal deleted: a head the coordinator cannot fault.
     Returns (the coordinator, the site's reply content, the ledger)."""
-    from fedslm.clients.codec import ANCHOR_HASH, ANCHOR_SEQ, state_to_arrays
     from fedslm.clients.handlers import handle_train
     from fedslm.server.strategy import FedSLMStrategy
+    from fedslm.wire.codec import state_to_arrays
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedslm.config import validate_config
+    from fedslm.messages import ANCHOR_HASH, ANCHOR_SEQ
     from fedslm.models.registry import resolve_model
     from fedslm.policy import load_policy
     from fedslm.progress import Reporter
@@ -464,10 +470,11 @@ def _anchored_round(site: Path, tiny_bert: Path, pad: bool) -> tuple[object, obj
     return coordinator, reply, ledger
 
 
+@pytest.mark.integration
 def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
     site: Path, tiny_bert: Path
 ) -> None:
-    from fedslm.clients.codec import decode_refusal
+    from fedslm.wire.codec import decode_refusal
 
     coordinator, reply, ledger = _anchored_round(site, tiny_bert, pad=True)
     with PrivacyLedger(ledger, create=False) as led:
@@ -476,8 +483,8 @@ def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
     # the premise: the padded head is past the anchored one, so the head alone passes
     assert head_conflict(Anchor(5, "x", "w"), 6, padded[-1].hash) is None
     refused = decode_refusal(reply)  # type: ignore[arg-type]
-    assert refused is not None and refused[0] == "hospital", reply
-    (reason,) = refused[1]
+    assert refused is not None and refused.site == "hospital", reply
+    (reason,) = refused.reasons
     assert "the coordinator's train message for round 1 (entry seq 5" in reason, reason
     assert "the ledger's entry seq 5 has hash" in reason and "between seq 1 and 5" in reason
     with PrivacyLedger(ledger, create=False) as led:
@@ -487,10 +494,11 @@ def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
     assert privacy["refusals"] == [f"round 1: {reason}"]
 
 
+@pytest.mark.integration
 def test_an_honest_site_extends_the_coordinators_anchor_and_trains(
     site: Path, tiny_bert: Path
 ) -> None:
-    from fedslm.clients.codec import decode_refusal
+    from fedslm.wire.codec import decode_refusal
 
     coordinator, reply, ledger = _anchored_round(site, tiny_bert, pad=False)
     assert decode_refusal(reply) is None  # type: ignore[arg-type]
@@ -505,8 +513,9 @@ def test_an_honest_site_extends_the_coordinators_anchor_and_trains(
 
 
 def test_a_malformed_anchor_in_a_train_message_is_a_clear_error() -> None:
-    from fedslm.clients.codec import ANCHOR_HASH, ANCHOR_SEQ, anchor_config, config_anchor
     from flwr.app import ConfigRecord
+
+    from fedslm.messages import ANCHOR_HASH, ANCHOR_SEQ, anchor_config, config_anchor
 
     good = anchor_config(Anchor(5, "a" * 64, "coordinator"))
     assert config_anchor(ConfigRecord({"round": 2, **good}), 2) == Anchor(

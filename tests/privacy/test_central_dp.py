@@ -188,6 +188,7 @@ def test_dropout_round_is_released_and_accounted_short_round_is_not(tmp_path: Pa
     assert summary["denominator"] == 3
 
 
+@pytest.mark.integration
 def test_calibrated_to_the_target_and_reported_with_three_accountants(tmp_path: Path) -> None:
     c = _coordinator(tmp_path, target_epsilon=8.0)
     assert c.central_sigma == pytest.approx(calibrate_noise(8.0, 1e-5, 1.0, 4, "prv"))

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_per_sample_gradients import _prepare, _reference
+from support import prepare_parity_model as _prepare
+from support import reference_update as _reference
 
 from fedslm.batching import (
     Encoded,
@@ -33,6 +34,8 @@ from fedslm.models.families import FAMILIES, check_new_weights_saved
 from fedslm.models.memory import REFERENCE_MODELS, estimate_site_memory, lora_params
 from fedslm.models.tiny import TINY_MODELS, ensure_tiny_model
 from fedslm.privacy.dp_sgd import dp_optimizer, per_sample_module
+
+pytestmark = pytest.mark.integration
 
 CPU = torch.device("cpu")
 LABELS = ["card", "pin", "transfer"]

@@ -34,7 +34,7 @@ from fedslm.deployment.config import CoordinatorSettings, load_coordinator_setti
 from fedslm.deployment.proxy import render_proxy_config
 from fedslm.policy import SitePolicy, load_policy, policy_from_mapping
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 GUIDES = [ROOT / "docs" / "deploy-coordinator.md", ROOT / "docs" / "deploy-site.md"]
 COMPOSE = DEPLOY / "compose"
@@ -520,6 +520,7 @@ def test_example_nginx_conf_is_the_rendered_template() -> None:
     assert all(not line or line.startswith("#") for line in header.splitlines())
 
 
+@pytest.mark.integration
 def test_make_certs_script(tmp_path: Path) -> None:
     script = DEPLOY / "certs" / "make-certs.sh"
     assert script.stat().st_mode & stat.S_IXUSR

@@ -25,7 +25,9 @@ from fedslm.report import json_schema
 from fedslm.report.model import Report
 from fedslm.report_cli import report_cmd, verify_cmd
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 SITES = ("site-1", "site-2", "site-3")
 CHROMIUM = Path("/usr/bin/chromium")

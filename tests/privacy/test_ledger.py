@@ -85,6 +85,7 @@ def test_fingerprint_of_jsonl_and_csv(tmp_path: Path) -> None:
 # Entries and chain
 
 
+@pytest.mark.integration
 def test_entries_chain_and_epsilons(ledger_path: Path) -> None:
     with PrivacyLedger(ledger_path) as ledger:
         e1 = ledger.record(DS, "job-1", 1, SEG, DELTA, "pld", now=1000.0)
@@ -118,6 +119,7 @@ def test_entries_chain_and_epsilons(ledger_path: Path) -> None:
         assert again.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.integration
 def test_record_computes_and_checks_the_callers_epsilon(ledger_path: Path) -> None:
     seg = Segment(0.05, 1.0, 20)  # PRV is quick at epsilons near 1
     with PrivacyLedger(ledger_path) as ledger:
@@ -258,6 +260,7 @@ def test_tampering_is_detected(
 # Bad files
 
 
+@pytest.mark.integration
 def test_corrupted_file_is_refused_and_left_unchanged(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     junk = random.Random(1).randbytes(8192)
@@ -350,6 +353,7 @@ def test_ledger_of_another_data_set_is_refused(tmp_path: Path) -> None:
 # Budget
 
 
+@pytest.mark.integration
 def test_budget_arithmetic_matches_the_accountant(ledger_path: Path) -> None:
     segs = [Segment(0.01, 4.0, 200), Segment(0.02, 3.0, 100)]
     with PrivacyLedger(ledger_path) as ledger:
@@ -456,6 +460,7 @@ with PrivacyLedger(path, dataset) as ledger:
 """
 
 
+@pytest.mark.integration
 def test_sigkill_loses_no_committed_entry_and_counts_no_step_twice(ledger_path: Path) -> None:
     """Six restarts of a recording site, each ended by SIGKILL.
 

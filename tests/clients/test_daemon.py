@@ -273,6 +273,7 @@ def test_a_policy_without_a_daemon_section_is_a_clear_error(
     assert "no daemon section" in capsys.readouterr().err
 
 
+@pytest.mark.deployment
 def test_an_unregistered_key_is_explained(tmp_path: Path, pki: Path, server: TLSServer) -> None:
     policy = _site(tmp_path / "s", pki, server.port)
     # what flower-supernode 1.41 does when the coordinator refuses its key: it logs exit code
@@ -295,6 +296,7 @@ def test_an_unregistered_key_is_explained(tmp_path: Path, pki: Path, server: TLS
     assert (state / "site.secret").stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.deployment
 def test_sigterm_stops_the_supernode_and_removes_the_socket(
     tmp_path: Path, pki: Path, server: TLSServer
 ) -> None:
@@ -339,6 +341,7 @@ def test_sigterm_stops_the_supernode_and_removes_the_socket(
     assert not (state / "executor.secret").exists()
 
 
+@pytest.mark.deployment
 def test_an_executor_that_dies_stops_the_daemon_with_its_reason(tmp_path: Path) -> None:
     from fedslm.deployment.config import DaemonSettings
 
@@ -358,6 +361,7 @@ def test_an_executor_that_dies_stops_the_daemon_with_its_reason(tmp_path: Path) 
         os.kill(int(child_pid.read_text()), 0)
 
 
+@pytest.mark.deployment
 def test_a_site_restarted_after_a_crash_retries_until_the_coordinator_lets_it_in(
     tmp_path: Path, pki: Path, server: TLSServer
 ) -> None:

@@ -39,6 +39,8 @@ from fedslm.report.signing import load_trusted_keys, sign_site_report
 from fedslm.report.site_report import read_site_report
 from fedslm.report_cli import verify_cmd
 
+pytestmark = pytest.mark.integration
+
 SITES = ("site-a", "site-b", "site-c")
 JOB = "job-0123456789ab"
 DATASET = "ab" * 32 + ":120"

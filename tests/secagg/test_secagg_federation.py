@@ -83,7 +83,7 @@ def test_secure_mean_equals_fedavg_within_the_quantisation_bound() -> None:
 @pytest.mark.parametrize(
     ("update", "fragment"),
     [
-        ({"aggregation": "exact"}, "'ffa' (exact and linear) or 'fedavg-factors'"),
+        ({"aggregation": "exact"}, "use federation.aggregation 'fedavg-factors' or 'ffa'"),
         ({"robust": {"rule": "median"}}, "leave federation.robust at its defaults"),
         ({"robust": {"max_update_norm": 1.0}}, "leave federation.robust at its defaults"),
         ({"sites": 1}, "at least 2 sites"),

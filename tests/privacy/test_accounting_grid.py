@@ -23,6 +23,8 @@ import pytest
 
 from fedslm.privacy.accounting import Segment, epsilon
 
+pytestmark = pytest.mark.integration
+
 Point = tuple[float, float, int, float]
 
 QS = (0.001, 0.01, 0.1)

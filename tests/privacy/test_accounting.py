@@ -20,6 +20,7 @@ from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon, merge
         (0.1, 2.0, 1000, 1e-7),
     ],
 )
+@pytest.mark.integration
 def test_prv_matches_pld_within_one_percent_and_rdp_is_looser(
     q: float, sigma: float, steps: int, delta: float
 ) -> None:
@@ -53,6 +54,7 @@ def test_edge_cases() -> None:
         epsilon([Segment(0.1, 1.0, 1)], 1.0)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_calibrated_noise_meets_the_target(accountant: str) -> None:
     sigma = calibrate_noise(3.0, 1e-5, 0.05, 120, accountant)  # type: ignore[arg-type]
@@ -68,6 +70,7 @@ def test_calibrated_noise_meets_the_target(accountant: str) -> None:
     "history",
     [[(1.0, 0.1, 60)], [(0.8, 0.05, 500), (1.3, 0.02, 70)], [(2.0, 0.001, 10)]],
 )
+@pytest.mark.integration
 def test_prv_with_cached_domain_is_bit_identical_to_opacus(history: list) -> None:
     """fedslm reuses RDP values when bounding PRV's domain; the answer must not change."""
     import warnings
@@ -87,6 +90,7 @@ def test_prv_with_cached_domain_is_bit_identical_to_opacus(history: list) -> Non
 @pytest.mark.parametrize(
     ("q", "sigma", "steps"), [(0.1, 1.0, 50), (0.01, 1.0, 5000), (0.001, 2.0, 10)]
 )
+@pytest.mark.integration
 def test_pld_matches_dp_accounting_at_its_default_precision(
     q: float, sigma: float, steps: int
 ) -> None:

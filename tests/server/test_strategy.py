@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from fedslm.clients.codec import (
+from fedslm.server.strategy import FedSLMStrategy, exchange
+from fedslm.wire.codec import (
     EVAL_PREFIX,
     arrays_to_state,
+    decode_eval,
+    decode_refusal,
     decode_update,
     encode_payload,
     join_replies,
     state_to_arrays,
 )
-from fedslm.server.strategy import FedSLMStrategy, exchange
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedslm.config import JobConfig
 from fedslm.coordinator import Coordinator
 from fedslm.egress import Payload
+from fedslm.messages import (
+    EvalInstruction,
+    Refusal,
+    SiteEval,
+    SiteReport,
+    StageInstruction,
+    TrainInstruction,
+)
 from fedslm.privacy.accounting import Segment
+from fedslm.privacy.anchors import Anchor
 from fedslm.progress import Reporter
 
 
@@ -127,7 +140,7 @@ class _Nodes:
 def test_each_train_message_carries_the_sites_anchored_ledger_head(tmp_path: Path) -> None:
     """The coordinator tells each site the last head it anchored for it (here learned from
     round 1's replies, as in simulation), so the site can check its ledger still extends it."""
-    from fedslm.clients.codec import ANCHOR_HASH, ANCHOR_SEQ
+    from fedslm.messages import ANCHOR_HASH, ANCHOR_SEQ
 
     strategy = _strategy(tmp_path, min_sites=1)
     arrays, _ = strategy.aggregate_train(
@@ -226,3 +239,182 @@ def test_a_message_nobody_answers_gets_an_error_in_its_sites_name() -> None:
     (reply,) = exchange(Silent(None), [_request(7)], timeout=0.05)  # type: ignore[arg-type]
     assert reply.has_error() and "no reply within 0.05 s" in reply.error.reason
     assert reply.metadata.src_node_id == 7
+
+
+# -- the typed messages through the codec (fedslm.messages, fedslm.wire.codec) -------------------
+
+
+def _report(dp: bool) -> SiteReport:
+    return SiteReport(
+        "site-1",
+        {"w": torch.full((2,), 0.5)},
+        12,
+        0.75,
+        3,
+        1.25,
+        0,
+        Segment(0.2, 1.1, 3) if dp else None,
+        2.5 if dp else None,
+        1e-5 if dp else None,
+        "prv" if dp else None,
+        0.9 if dp else None,
+        3.5 if dp else None,
+        "cd" * 32 if dp else None,
+        0.05,
+        7 if dp else None,
+    )
+
+
+def _sent(reply: SiteReport | SiteEval | Refusal, kind: str, prefix: str = "") -> RecordDict:
+    metrics, fields = reply.wire_values()
+    tensors = dict(reply.state) if isinstance(reply, SiteReport) else {}
+    return encode_payload(Payload(kind, tensors, metrics, fields), prefix)
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_a_training_reply_round_trips_through_the_codec(dp: bool) -> None:
+    sent = _report(dp)
+    content = _sent(sent, "train")
+    # the wire format of earlier releases: these records, these keys
+    assert sorted(content) == ["arrays", "metrics", "site"]
+    assert list(content["metrics"]) == [
+        "num-examples", "train-loss", "steps", "seconds", "privacy-seconds"
+    ]  # fmt: skip
+    dp_keys = ["q", "sigma", "dp_steps", "epsilon", "delta", "accountant", "max_grad_norm",
+               "lifetime_epsilon", "ledger_head", "ledger_seq"]  # fmt: skip
+    assert list(content["site"]) == ["site", "dp", *(dp_keys if dp else [])]
+    got = decode_update(content)
+    assert got.bytes_sent > 8
+    torch.testing.assert_close(got.state["w"], sent.state["w"])
+    assert replace(got, state=sent.state, bytes_sent=0) == sent
+
+
+def test_a_training_reply_without_a_loss_sends_minus_one() -> None:
+    sent = replace(_report(True), train_loss=math.nan, lifetime_epsilon=math.inf)
+    content = _sent(sent, "train")
+    assert content["metrics"]["train-loss"] == -1.0
+    assert content["site"]["lifetime_epsilon"] == -1.0
+    assert math.isnan(decode_update(content).train_loss)
+
+
+@pytest.mark.parametrize("prefix", ["", EVAL_PREFIX])
+def test_evaluations_and_refusals_round_trip_through_the_codec(prefix: str) -> None:
+    evaluation = SiteEval("site-2", 0.5, 0.875, 40)
+    assert decode_eval(_sent(evaluation, "evaluate", prefix), prefix) == evaluation
+    withheld = SiteEval.withheld_by("site-2", "too few records")
+    content = _sent(withheld, "evaluate", prefix)
+    assert prefix + "metrics" not in content  # no numbers leave
+    back = decode_eval(content, prefix)
+    assert (back.site, back.num_examples, back.withheld) == ("site-2", 0, "too few records")
+    assert math.isnan(back.loss) and math.isnan(back.accuracy)
+    refusal = Refusal("site-3", ["over budget", "wrong model"])
+    assert decode_refusal(_sent(refusal, "refusal", prefix), prefix) == refusal
+    assert decode_refusal(_sent(evaluation, "evaluate", prefix), prefix) is None
+
+
+def test_instructions_round_trip_through_a_config_record() -> None:
+    anchor = Anchor(4, "1" * 64, "the coordinator's train message for round 3")
+    for order in (
+        TrainInstruction(3, True, 2, anchor),
+        TrainInstruction(1),
+    ):
+        config = ConfigRecord(order.to_config())
+        assert set(config) <= set(TrainInstruction.CONFIG)
+        assert TrainInstruction.from_config(config) == order
+    evaluate = EvalInstruction(5, True)
+    assert EvalInstruction.from_config(ConfigRecord(evaluate.to_config())) == evaluate
+    stage = StageInstruction(2, "unmask", False)
+    config = ConfigRecord(stage.to_config())
+    assert set(config) == set(StageInstruction.CONFIG)
+    assert StageInstruction.from_config(config) == stage
+
+
+def _tampered(content: RecordDict, record: str, drop: str = "", **extra: object) -> RecordDict:
+    old = content[record]
+    values = {k: v for k, v in old.items() if k != drop} | extra
+    kind = MetricRecord if isinstance(old, MetricRecord) else ConfigRecord
+    return RecordDict({**dict(content.items()), record: kind(values)})
+
+
+@pytest.mark.parametrize(
+    ("record", "drop", "extra", "named"),
+    [
+        ("metrics", "", {"gradient-norm": 1.0}, "metric 'gradient-norm' is not part"),
+        ("metrics", "steps", {}, "metric 'steps' is missing"),
+        ("site", "", {"hostname": "ward-3"}, "field 'hostname' is not part"),
+        ("site", "site", {}, "field 'site' is missing"),
+        ("site", "sigma", {}, "field 'sigma' is missing"),
+    ],
+)
+def test_a_training_reply_with_an_unknown_or_missing_key_is_refused(
+    record: str, drop: str, extra: dict, named: str
+) -> None:
+    content = _tampered(_sent(_report(True), "train"), record, drop, **extra)
+    with pytest.raises(ValueError, match=named):
+        decode_update(content)
+    with pytest.raises(ValueError, match="no record 'metrics'"):
+        decode_update(RecordDict({k: v for k, v in content.items() if k != "metrics"}))
+
+
+def test_evaluations_and_refusals_with_unknown_or_missing_keys_are_refused() -> None:
+    evaluation = _sent(SiteEval("site-2", 0.5, 0.875, 40), "evaluate")
+    with pytest.raises(ValueError, match="metric 'eval-accuracy' is missing"):
+        decode_eval(_tampered(evaluation, "metrics", "eval-accuracy"))
+    with pytest.raises(ValueError, match="field 'note' is not part"):
+        decode_eval(_tampered(evaluation, "site", note="x"))
+    refusal = _sent(Refusal("site-3", ["no"]), "refusal")
+    with pytest.raises(ValueError, match="field 'reasons' is missing"):
+        decode_refusal(_tampered(refusal, "site", "reasons"))
+
+
+def test_a_reply_with_an_unknown_field_is_a_failure_naming_it(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, min_sites=1)
+    content = _tampered(_ok(2, "site-2", 4.0).content, "site", hostname="ward-3")
+    odd = Message(content, reply_to=_request(2))
+    arrays, _ = strategy.aggregate_train(1, [_ok(1, "site-1", 2.0), odd])
+    assert arrays is not None
+    (failure,) = strategy.coordinator.record["failures"]
+    assert "malformed" in failure and "'hostname'" in failure, failure
+
+
+def test_secure_aggregation_replies_round_trip_through_the_codec() -> None:
+    """The key advert and the three protocol replies, with a Flower node id above 2^63 (sent
+    as its sint64 form), are decoded into the protocol's own messages."""
+    import numpy as np
+    from fedslm.wire.codec import decode_protocol_reply, decode_secure_update
+
+    from fedslm.messages import ADVERT, PROTOCOL_REPLIES
+    from fedslm.secagg.messages import EncryptedShares, KeyAdvert, MaskedInput, UnmaskShares
+    from fedslm.site import Site
+
+    big = 2**63 + 5
+    advert = KeyAdvert(big, b"c" * 32, b"m" * 32)
+    plain_metrics, plain_fields = _report(True).wire_values()
+    fields = {**plain_fields, **ADVERT.wire_fields(advert)}
+    secure = encode_payload(Payload(ADVERT.kind, {}, plain_metrics, fields))
+    report, back = decode_secure_update(secure)
+    assert back == advert and report.site == "site-1" and report.state == {}
+    shares = EncryptedShares(big, [1, big], [b"x", b"yz"])
+    masked = MaskedInput(7, np.arange(5, dtype="<u4"))
+    unmask = UnmaskShares(big, [big], [b"s"], [3], [b"k"])
+    sent = {
+        "share-keys": Site.shares_payload(shares),
+        "masked-input": Site.masked_payload(masked),
+        "unmask": Site.unmask_payload(unmask),
+    }
+    assert [p.kind for p in sent.values()] == [r.kind for r in PROTOCOL_REPLIES.values()]
+    assert decode_protocol_reply("share-keys", encode_payload(sent["share-keys"])) == shares
+    assert decode_protocol_reply("unmask", encode_payload(sent["unmask"])) == unmask
+    got = decode_protocol_reply("masked-input", encode_payload(sent["masked-input"]))
+    assert isinstance(got, MaskedInput) and got.site_id == 7
+    np.testing.assert_array_equal(got.vector, masked.vector)
+    # a protocol reply with a field too many, or one too few, is refused naming it
+    extra = replace(sent["unmask"], fields={**sent["unmask"].fields, "note": "x"})
+    with pytest.raises(ValueError, match="field 'note' is not part"):
+        decode_protocol_reply("unmask", encode_payload(extra))
+    short = replace(sent["share-keys"], fields={"site_id": 1, "recipients": [2]})
+    with pytest.raises(ValueError, match="field 'ciphertexts' is missing"):
+        decode_protocol_reply("share-keys", encode_payload(short))
+    no_pk = {k: v for k, v in fields.items() if k != "mask_pk"}
+    with pytest.raises(ValueError, match="field 'mask_pk' is missing"):
+        decode_secure_update(encode_payload(Payload(ADVERT.kind, {}, plain_metrics, no_pk)))

@@ -26,11 +26,14 @@ from fedslm.deployment.loopback import LoopbackDeployment, cli, wait_for
 NGINX = "/usr/sbin/nginx"
 SITES = ("site-a", "site-b", "site-c")
 
-pytestmark = pytest.mark.skipif(
-    not Path(NGINX).exists(),
-    reason="nginx is not installed (`make test` installs it as root with apt); the deployment "
-    "test needs the site-facing proxy",
-)
+pytestmark = [
+    pytest.mark.deployment,
+    pytest.mark.skipif(
+        not Path(NGINX).exists(),
+        reason="nginx is not installed (`make test` installs it as root with apt); the deployment "
+        "test needs the site-facing proxy",
+    ),
+]
 
 
 def _ledger_rounds(ledger: Path, job_id: str) -> list[int]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fedslm.clients.codec import config_to_message, encode_payload
 from fedslm.server.strategy import FedSLMStrategy
+from fedslm.wire.codec import config_to_message, encode_payload
 from flwr.app import ConfigRecord, Error, Message
 
 from fedslm.config import JobConfig

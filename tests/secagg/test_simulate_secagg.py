@@ -31,7 +31,9 @@ from fedslm.privacy.egress_log import egress_entries
 from fedslm.privacy.ledger import PrivacyLedger
 from fedslm.secagg.adapter import job_params
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 COMMON = ["--set", "federation.rounds=1", "--set", "data.synthetic.rows_per_site=200"]
 

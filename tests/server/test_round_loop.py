@@ -30,6 +30,8 @@ from fedslm.privacy.ledger import PrivacyLedger
 from fedslm.progress import Reporter
 from fedslm.site import Site
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from fedslm.clients import supernode
-from fedslm.clients.codec import ADAPTER, ORDER, arrays_to_state, state_to_arrays
 from fedslm.clients.executor import CLIENTAPP, AppRefused, Superseded, check_app, pull_input
+from fedslm.wire.codec import ADAPTER, ORDER, arrays_to_state, state_to_arrays
 from flwr.app import Array, ArrayRecord
 from flwr.cli.build import build_fab_from_disk
 

@@ -28,6 +28,8 @@ from fedslm.certs import make_certificates
 from fedslm.deployment import proxy
 from fedslm.deployment.config import CoordinatorSettings
 
+pytestmark = pytest.mark.deployment
+
 NGINX = shutil.which("nginx") or shutil.which("/usr/sbin/nginx")
 needs_nginx = pytest.mark.skipif(
     NGINX is None,

@@ -1,16 +1,19 @@
 """Encoding of what a site sends and receives as Flower records, and back.
 
-Kept apart from the ClientApp so that the coordinator decodes with the same definitions.
+Shared by the ClientApp and the ServerApp (``fedslm.wire``, neither side's package): the
+messages and their keys are declared once, in ``fedslm.messages``; this module only puts them
+into records and takes them out. A reply's records: ``arrays`` (the adapter), ``metrics`` (a
+MetricRecord), ``site`` (a ConfigRecord of the identifying and DP fields), and ``vectors``
+(secure aggregation's masked vector).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import fields as dataclass_fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,22 +22,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from fedslm.coordinator import SiteEval, SiteReport
 from fedslm.egress import Payload
-from fedslm.privacy.accounting import Segment
-from fedslm.privacy.anchors import Anchor
+from fedslm.messages import (
+    ADVERT,
+    ADVERT_FIELDS,
+    MASKED_VECTOR,
+    PROTOCOL_REPLIES,
+    ProtocolReply,
+    Refusal,
+    SiteEval,
+    SiteReport,
+)
 from fedslm.secagg.messages import KeyAdvert, MaskedInput
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 ADAPTER = "adapter"  # the one array of an adapter's ArrayRecord
 ORDER = "fedslm.order"  # safetensors metadata: the tensor names in the sender's order
 # A training reply that also carries the site's evaluation of the adapter it received holds
 # that evaluation's records under these names ("eval-metrics", "eval-site")
 EVAL_PREFIX = "eval-"
 _U64 = 2**64
-# a train message's copy of the site's last ledger head the coordinator anchored
-ANCHOR_SEQ, ANCHOR_HASH = "ledger-anchor-seq", "ledger-anchor-hash"
-_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def to_wire(value: Any) -> Any:
@@ -130,139 +140,114 @@ def join_replies(evaluation: RecordDict, reply: RecordDict) -> RecordDict:
     return RecordDict({**dict(reply.items()), **dict(evaluation.items())})
 
 
-def message_to_config(m: object) -> ConfigRecord:
+def message_to_config(m: DataclassInstance) -> ConfigRecord:
     """A secure-aggregation message (ints, bytes and lists of them) as a ConfigRecord."""
-    return ConfigRecord(
-        {f.name: to_wire(getattr(m, f.name)) for f in dataclass_fields(m)}  # type: ignore[arg-type]
-    )
+    return ConfigRecord({f.name: to_wire(getattr(m, f.name)) for f in dataclass_fields(m)})
 
 
 def config_to_message(cls: type[T], record: ConfigRecord) -> T:
     """Inverse of ``message_to_config`` for the dataclass ``cls``."""
-    values = {f.name: from_wire(record[f.name]) for f in dataclass_fields(cls)}  # type: ignore[arg-type]
+    values = {f.name: from_wire(record[f.name]) for f in dataclass_fields(cls)}
     return cls(**values)
+
+
+def arrays_of(content: RecordDict, name: str) -> ArrayRecord:
+    """``content``'s ArrayRecord ``name``; ``ValueError`` naming it when there is none."""
+    return _record(content, name, ArrayRecord)
+
+
+def metrics_of(content: RecordDict, name: str) -> MetricRecord:
+    """``content``'s MetricRecord ``name``; ``ValueError`` naming it when there is none."""
+    return _record(content, name, MetricRecord)
+
+
+def config_of(content: RecordDict, name: str) -> ConfigRecord:
+    """``content``'s ConfigRecord ``name``; ``ValueError`` naming it when there is none."""
+    return _record(content, name, ConfigRecord)
+
+
+R = TypeVar("R", ArrayRecord, MetricRecord, ConfigRecord)
+
+
+def _record(content: RecordDict, name: str, kind: type[R]) -> R:
+    record = content.get(name)
+    if record is None:
+        raise ValueError(f"the message has no record {name!r}")
+    if not isinstance(record, kind):
+        raise ValueError(f"record {name!r} is a {type(record).__name__}, not a {kind.__name__}")
+    return record
 
 
 def decode_secure_update(content: RecordDict) -> tuple[SiteReport, KeyAdvert]:
     """The coordinator's view of a training reply under secure aggregation: the metrics and DP
-    fields (no adapter) and the site's key advert."""
+    fields (no adapter) and the site's key advert (``ADVERT``, beside the fields)."""
     if "arrays" in content:
         raise ValueError("a training reply under secure aggregation must carry no tensors")
-    info = content["site"]
-    advert = KeyAdvert(
-        from_wire(int(info["secagg_site_id"])), bytes(info["cipher_pk"]), bytes(info["mask_pk"])
-    )
+    info = config_of(content, "site")
+    advert = _protocol_message(ADVERT, info)
     return _report(content, {}, 0), advert
 
 
 def decode_protocol_reply(stage: str, content: RecordDict) -> object:
     """A site's reply to a secure-aggregation stage, as the protocol's message."""
-    from fedslm.secagg.messages import EncryptedShares, UnmaskShares
+    reply = PROTOCOL_REPLIES.get(stage)
+    if reply is None:
+        raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+    info = config_of(content, "site")
+    unknown = sorted(k for k in info if k not in reply.fields)
+    if unknown:
+        raise ValueError(f"{reply.kind} reply: field {unknown[0]!r} is not part of the message")
+    if reply.message is MaskedInput:
+        vector = arrays_of(content, "vectors")[MASKED_VECTOR].numpy()
+        values = reply.attributes(_received(reply, info))
+        return MaskedInput(**values, vector=np.array(vector, copy=True))
+    return _protocol_message(reply, info)
 
-    info = content["site"]
-    if stage == "share-keys":
-        return EncryptedShares(
-            from_wire(int(info["site_id"])),
-            from_wire(list(info["recipients"])),
-            [bytes(b) for b in info["ciphertexts"]],
-        )
-    if stage == "masked-input":
-        vector = content["vectors"]["masked"].numpy()
-        return MaskedInput(from_wire(int(info["site_id"])), np.array(vector, copy=True))
-    if stage == "unmask":
-        return UnmaskShares(
-            from_wire(int(info["site_id"])),
-            from_wire(list(info["self_mask_owners"])),
-            [bytes(b) for b in info["self_mask_shares"]],
-            from_wire(list(info["key_owners"])),
-            [bytes(b) for b in info["key_shares"]],
-        )
-    raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+
+# a received protocol field, by its protocol type: ids come back from their sint64 form
+_AS_RECEIVED: dict[str, Callable[[Any], Any]] = {
+    "int": lambda v: from_wire(int(v)),
+    "bytes": bytes,
+    "list[int]": lambda v: from_wire(list(v)),
+    "list[bytes]": lambda v: [bytes(b) for b in v],
+}
+
+
+def _received(reply: ProtocolReply, info: ConfigRecord) -> dict[str, Any]:
+    return {k: _AS_RECEIVED[kind](info[k]) for k, kind in reply.types().items() if k in info}
+
+
+def _protocol_message(reply: ProtocolReply, info: ConfigRecord) -> Any:
+    return reply.message(**reply.attributes(_received(reply, info)))
 
 
 def decode_update(content: RecordDict) -> SiteReport:
     """The coordinator's view of a training reply."""
-    arrays = content["arrays"]
+    arrays = arrays_of(content, "arrays")
     return _report(content, arrays_to_state(arrays), arrays.count_bytes())
 
 
 def _report(content: RecordDict, state: dict, array_bytes: int) -> SiteReport:
     """A training reply's metrics and DP fields as a ``SiteReport`` holding ``state``;
     ``array_bytes`` is what its tensors took on the wire."""
-    m, info = content["metrics"], content["site"]
-    segment = None
-    if info.get("dp"):
-        segment = Segment(float(info["q"]), float(info["sigma"]), int(info["dp_steps"]))
-    loss = float(m["train-loss"])
-    return SiteReport(
-        site=str(info["site"]),
-        state=state,
-        num_examples=int(m["num-examples"]),
-        train_loss=loss if loss >= 0 else math.nan,
-        steps=int(m["steps"]),
-        seconds=float(m["seconds"]),
-        privacy_seconds=float(m.get("privacy-seconds", 0.0)),
-        bytes_sent=array_bytes + m.count_bytes() + info.count_bytes(),
-        segment=segment,
-        epsilon=float(info["epsilon"]) if segment else None,
-        delta=float(info["delta"]) if segment else None,
-        accountant=str(info["accountant"]) if segment else None,
-        max_grad_norm=float(info["max_grad_norm"]) if segment else None,
-        lifetime_epsilon=float(info["lifetime_epsilon"]) if segment else None,
-        ledger_head=str(info["ledger_head"]) if segment else None,
-        # sites before fedslm sent their heads with a seq leave it out
-        ledger_seq=(int(info.get("ledger_seq", 0)) or None) if segment else None,
-    )
+    m, info = metrics_of(content, "metrics"), config_of(content, "site")
+    fields = {k: v for k, v in info.items() if k not in ADVERT_FIELDS}
+    bytes_sent = array_bytes + m.count_bytes() + info.count_bytes()
+    return SiteReport.from_wire_values(m, fields, state, bytes_sent)
 
 
-def decode_refusal(content: RecordDict, prefix: str = "") -> tuple[str, list[str]] | None:
-    """``(site, reasons)`` if ``content`` (its records named with ``prefix``) is a refusal,
-    else None."""
+def decode_refusal(content: RecordDict, prefix: str = "") -> Refusal | None:
+    """The refusal ``content`` (its records named with ``prefix``) holds, else None."""
     info = content.get(prefix + "site")
     if not isinstance(info, ConfigRecord) or not info.get("refused"):
         return None
-    return str(info["site"]), [str(r) for r in info["reasons"]]
+    return Refusal.from_wire_values(info)
 
 
 def decode_eval(content: RecordDict, prefix: str = "") -> SiteEval:
     """The coordinator's view of an evaluation reply, or with ``prefix=EVAL_PREFIX`` of the
     evaluation a training reply carries."""
-    info = content[prefix + "site"]
-    if info.get("withheld") is not None:
-        # the site sent no numbers: too few evaluation records for its policy
-        return SiteEval(str(info["site"]), math.nan, math.nan, 0, str(info["withheld"]))
-    m = content[prefix + "metrics"]
-    return SiteEval(
-        str(info["site"]),
-        float(m["eval-loss"]),
-        float(m["eval-accuracy"]),
-        int(m["num-examples"]),
-    )
-
-
-def anchor_config(anchor: Anchor | None) -> dict[str, Any]:
-    """The config entries that tell a site the ledger head its coordinator anchored for it
-    (none while it anchors none)."""
-    if anchor is None or anchor.seq is None:
-        return {}
-    return {ANCHOR_SEQ: int(anchor.seq), ANCHOR_HASH: anchor.hash}
-
-
-def config_anchor(config: ConfigRecord, round_num: int) -> Anchor | None:
-    """The ledger head a train message says the coordinator anchored for this site (None:
-    it sent none). Raises ``ValueError`` naming the key for a malformed one: a site cannot
-    check its ledger against a head it cannot read, and does not train unchecked."""
-    seq, head = config.get(ANCHOR_SEQ), config.get(ANCHOR_HASH)
-    if seq is None and head is None:
-        return None
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-        raise ValueError(
-            f"config {ANCHOR_SEQ!r} must be the seq of a ledger entry (an integer >= 1) sent "
-            f"together with {ANCHOR_HASH!r}, got {seq!r}"
-        )
-    if not isinstance(head, str) or not _HASH.fullmatch(head):
-        raise ValueError(
-            f"config {ANCHOR_HASH!r} must be the hash of ledger entry seq {seq} (64 lowercase "
-            f"hex digits) sent together with {ANCHOR_SEQ!r}, got {head!r}"
-        )
-    return Anchor(seq, head, f"the coordinator's train message for round {round_num}")
+    info = config_of(content, prefix + "site")
+    name = prefix + "metrics"
+    metrics = metrics_of(content, name) if name in content else None
+    return SiteEval.from_wire_values(metrics, info)
