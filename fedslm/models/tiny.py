@@ -1,10 +1,11 @@
 """Tiny random models built offline, for tests and smoke runs.
 
 They are real transformers architectures (``tiny-bert``, ``tiny-llama``, and ``tiny-<model_type>``
-for every family in ``fedslm.models.families``) with a tokenizer trained here on the synthetic
+for every family in ``fedslm.models.families``) with a tokenizer made here from the synthetic
 corpus, saved with ``save_pretrained`` so that they load exactly like a checkpoint a site would
-stage. Encoders get a WordPiece tokenizer, decoders a byte-level BPE one. Built once per cache
-folder, atomically, and deterministic by seed.
+stage. Encoders get a WordPiece tokenizer (its vocabulary the corpus' words), decoders a
+byte-level BPE one (trained). Built once per cache folder, atomically, and the same on every
+build for a seed (tests/models/test_families.py builds tiny-bert twice and compares).
 
 Each tiny decoder mimics what its family's real checkpoints ship, because that is what the
 family defaults have to cope with: GPT-2, GPT-Neo, GPT-J, Mistral and Phi tokenizers have no
@@ -17,17 +18,19 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-VERSION = "v1"  # bump when the recipe changes, so old caches are not reused
+VERSION = "v2"  # bump when the recipe changes, so old caches are not reused
 # The family models' own recipe version, separate so that changing them never rebuilds (or
 # changes) tiny-bert and tiny-llama, which other tests pin.
-FAMILY_VERSION = "v1"
+FAMILY_VERSION = "v2"
 
 # Sizes shared by every tiny family model: 2 layers, hidden 64, 4 heads of 16.
 _HIDDEN, _LAYERS, _HEADS, _FFN, _POSITIONS = 64, 2, 4, 128, 256
+_WORDPIECE_VOCAB = 2000
 
 
 def ensure_tiny_model(name: str, root: Path) -> Path:
@@ -315,15 +318,29 @@ TINY_MODELS: tuple[str, ...] = ("tiny-bert", "tiny-llama", *_FAMILY_BUILDERS)
 
 def _wordpiece_tokenizer(corpus: list[str]):  # -> PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordPieceTrainer
     from transformers import PreTrainedTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # Not tokenizers' WordPiece trainer: it breaks ties between merges in hash-map order, which
+    # is random per process, so two builds of tiny-bert had vocabularies ~30 tokens apart and a
+    # test's figures changed from one session to the next. Whole words by frequency (then
+    # alphabetically) after every character and its "##" continuation: the same vocabulary on
+    # every build, and any word still splits into characters.
+    counts = Counter(
+        word
+        for text in corpus
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    )
+    chars = sorted({c for word in counts for c in word})
+    words = sorted((w for w in counts if w not in chars), key=lambda w: (-counts[w], w))
+    tokens = [*special, *chars, *(f"##{c}" for c in chars), *words][:_WORDPIECE_VOCAB]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(corpus, WordPieceTrainer(vocab_size=2000, special_tokens=special))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

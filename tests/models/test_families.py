@@ -73,6 +73,31 @@ def tiny_models(fedslm_home: Path) -> dict[str, Path]:
     }
 
 
+def test_tiny_bert_is_the_same_on_every_build(tmp_path: Path) -> None:
+    """Two builds in two processes give the same tokenizer and weights. tokenizers' WordPiece
+    trainer broke ties in a hash-map order that is random per process: builds differed by ~30
+    tokens, and a test's figures with them from one session to the next."""
+    import hashlib
+    import subprocess
+    import sys
+
+    def build(folder: Path) -> dict[str, str]:
+        code = (
+            "import sys; from pathlib import Path; "
+            "from fedslm.models.tiny import build_tiny_model; "
+            "build_tiny_model('tiny-bert', Path(sys.argv[1]))"
+        )
+        subprocess.run([sys.executable, "-c", code, str(folder)], check=True, timeout=300)
+        return {
+            f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.iterdir())
+            if f.name in ("tokenizer.json", "model.safetensors")
+        }
+
+    first, second = build(tmp_path / "a"), build(tmp_path / "b")
+    assert set(first) == {"tokenizer.json", "model.safetensors"} and first == second
+
+
 def test_every_family_has_a_tiny_model() -> None:
     assert {n.removeprefix("tiny-") for n in TINY_MODELS} == set(FAMILIES)
 
