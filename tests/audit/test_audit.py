@@ -20,7 +20,7 @@ from fedslm.errors import ConfigError
 
 M = 200  # canaries
 # The broken pipeline's claimed epsilon, the issue's "noise off while the ledger claims 1";
-# its measured bound was 1.38 to 2.10 (test_broken_pipeline_is_flagged says why it varies).
+# its measured bound is 1.84 (test_broken_pipeline_is_flagged).
 BROKEN_CLAIM = 1.0
 
 
@@ -51,11 +51,10 @@ def audit(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path):
 
 @pytest.mark.integration
 def test_audit_passes_with_a_powerful_control(audit, module_ledgers: Path) -> None:
-    """Measured 2026-12-07: control 2.100 (r=100, v=96: 96 of the 100 highest-scoring
-    canaries were members), the audited run at epsilon 1 with DP 0.094 (r=100, v=64); both
-    arms in 11 s at load 3.5 (38 s at load 6). The same figures on every run with the same
-    tiny model; a newly built tiny BERT draws other canaries (test_broken_pipeline_is_flagged
-    says why)."""
+    """Measured 2026-12-07: control 1.843 (r=100, v=94: 94 of the 100 highest-scoring
+    canaries were members), the audited run at epsilon 1 with DP 0.000 (best at r=10, v=6);
+    both arms in 11 s at load 3.5 (38 s at load 6). Everything is seeded and the tiny BERT is
+    the same on every build, so these figures are too."""
     result, _ = audit
     assert result.control.bound.epsilon >= result.min_control_epsilon, result.verdict
     assert result.audited.formal_epsilon == pytest.approx(1.0, rel=0.02)
@@ -91,15 +90,13 @@ def test_canaries_and_bits_stay_in_the_audit_record(audit) -> None:
 
 @pytest.mark.integration
 def test_broken_pipeline_is_flagged(tmp_path: Path, tiny_bert: Path) -> None:
-    """Noise never applied while the ledger records epsilon 1.5: the bound exceeds it.
+    """Noise never applied while the ledger records epsilon 1: the bound exceeds it.
 
-    Measured 2026-12-07: 2.100 (r=100, v=96), the control's figure (the probe clips per
-    example with or without DP, so only the noise told the arms apart). Everything is seeded
-    and two runs with one tiny model gave the same figures, but the tiny BERT's WordPiece
-    tokenizer is rebuilt per test session and its vocabulary differs by a few tokens between
-    builds, so the canaries' words (and the bound) differ: on four such draws (canary seeds)
-    this job's noise-free bound was 1.38, 1.38, 1.64 and 2.10, each above the claim of 1 by at
-    least 0.38. (With 100 local epochs instead of 300 the lowest draw was 1.17.)"""
+    Measured 2026-12-07: 1.843 (r=100, v=94), the control's figure (the probe clips per
+    example with or without DP, so only the noise told the arms apart), 0.84 above the claim.
+    Before the tiny BERT's vocabulary was made the same on every build, four builds' canary
+    draws gave 1.38, 1.38, 1.64 and 2.10 (with 100 local epochs instead of 300 the lowest was
+    1.17): the margin holds across canary draws, not only for this one."""
     from fedslm.report.verify import verify_path
 
     config = write_config(tmp_path, epsilon=BROKEN_CLAIM)
