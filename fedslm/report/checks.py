@@ -22,7 +22,7 @@ from fedslm.audit import AUDIT_JSON, CANARIES_JSON, MIN_CONTROL_EPSILON
 from fedslm.audit.bound import LEVEL, Bound, best_bound, count_correct
 from fedslm.config import config_fingerprint
 from fedslm.errors import DataError
-from fedslm.privacy.accounting import Segment, epsilon, gaussian_epsilon
+from fedslm.privacy.accounting import EPSILON_TOLERANCE, Segment, epsilon, gaussian_epsilon
 from fedslm.report.model import CheckResult
 from fedslm.report.runfiles import (
     ADAPTER_DIR,
@@ -34,7 +34,6 @@ from fedslm.report.runfiles import (
     read_json,
 )
 
-EPSILON_TOLERANCE = 0.01
 _EXACT = 1e-9  # floats that are the same number written twice (products, sums)
 
 

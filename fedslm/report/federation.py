@@ -625,9 +625,7 @@ def full_report_discrepancy(
 ) -> tuple[Discrepancy | None, list[str], list[str]]:
     """The first discrepancy of a deployed run's federation report (or None), the sites whose
     signatures were checked against ``trusted``, and those that could not be."""
-    from fedslm.report.render import render_page
-    from fedslm.report.site_report import _Named
-    from fedslm.report.verify import _first_difference
+    from fedslm.report.verify import first_difference
 
     run_dir = report_path.parent
     run = _load(run_dir)
@@ -649,14 +647,9 @@ def full_report_discrepancy(
     # other figures can still be compared.
     rebuild_keys = dict(trusted) | {s: k for s in unchecked if (k := _key_beside(run_dir, s))}
     rebuilt = build_deployed_report(run_dir, rebuild_keys, generated_at=stored.generated_at)
-    found = _first_difference(
-        stored.model_dump(mode="json"),
-        rebuilt.model_dump(mode="json"),
-        str(report_path),
-        _Named(None),
-    )  # type: ignore[arg-type]
-    if found is None:
-        found = _html_discrepancy(report_path, render_page("deployed.html.j2", r=stored))
+    found = first_difference(
+        stored.model_dump(mode="json"), rebuilt.model_dump(mode="json"), str(report_path), None
+    ) or _html_edited(report_path, stored)
     return found, checked, unchecked
 
 
@@ -673,28 +666,18 @@ def _key_beside(run_dir: Path, site: str) -> TrustedKey | None:
 
 def governance_discrepancy(report_path: Path, stored: DeployedReport) -> Discrepancy | None:
     """The first figure of a governance summary that its own rows do not give again."""
-    from fedslm.report.render import render_page
-    from fedslm.report.site_report import _Named
-    from fedslm.report.verify import _first_difference
+    from fedslm.report.verify import first_difference
 
     rebuilt = recompute_governance(stored)
-    found = _first_difference(
-        stored.model_dump(mode="json"),
-        rebuilt.model_dump(mode="json"),
-        str(report_path),
-        _Named(None),
-    )  # type: ignore[arg-type]
-    return found or _html_discrepancy(report_path, render_page("deployed.html.j2", r=stored))
+    found = first_difference(
+        stored.model_dump(mode="json"), rebuilt.model_dump(mode="json"), str(report_path), None
+    )
+    return found or _html_edited(report_path, stored)
 
 
-def _html_discrepancy(report_path: Path, fresh: str) -> Discrepancy | None:
+def _html_edited(report_path: Path, stored: DeployedReport) -> Discrepancy | None:
+    from fedslm.report.render import render_page
+    from fedslm.report.verify import html_edited
+
     html = report_path.with_name("report.html")
-    if html.is_file() and html.read_bytes() != fresh.encode():
-        return Discrepancy(
-            str(html),
-            None,
-            "content (sha256)",
-            hashlib.sha256(html.read_bytes()).hexdigest(),
-            note="the page differs from what report.json renders to: it was edited",
-        )
-    return None
+    return html_edited(html, render_page("deployed.html.j2", r=stored), str(html), None)

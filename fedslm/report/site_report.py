@@ -17,7 +17,6 @@ carries a path, an address or a record: it is meant to leave the site (to the co
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -487,7 +486,7 @@ def site_report_discrepancy(
     """The first difference between a stored site report and the same report rebuilt from
     the site's ledger (up to the heads it names), or None."""
     from fedslm.report.render import render_page
-    from fedslm.report.verify import _first_difference
+    from fedslm.report.verify import first_difference, html_edited
 
     policy, site, ledger = site_policy(policy_path)
     if stored.site != site:
@@ -509,33 +508,7 @@ def site_report_discrepancy(
         dataset=stored.dataset,
         generated_at=stored.generated_at,
     )
-    found = _first_difference(
-        stored.model_dump(mode="json"),
-        rebuilt.model_dump(mode="json"),
-        str(report_path),
-        _Named(site),  # type: ignore[arg-type]
-    )
-    if found is not None:
-        return found
     html = report_path.with_name("report.html")
-    if html.is_file() and html.read_bytes() != render_page("site.html.j2", r=stored).encode():
-        return Discrepancy(
-            str(html),
-            site,
-            "content (sha256)",
-            hashlib.sha256(html.read_bytes()).hexdigest(),
-            note="the page differs from what report.json renders to: it was edited",
-        )
-    return None
-
-
-class _Scope:
-    def __init__(self, site: str | None) -> None:
-        self.site = site
-
-
-class _Named:
-    """What ``verify._first_difference`` reads of a report: the site it names."""
-
-    def __init__(self, site: str | None) -> None:
-        self.scope = _Scope(site)
+    return first_difference(
+        stored.model_dump(mode="json"), rebuilt.model_dump(mode="json"), str(report_path), site
+    ) or html_edited(html, render_page("site.html.j2", r=stored), str(html), site)

@@ -242,8 +242,8 @@ def _verify_report(
         generated_at=stored.generated_at,
         check_names=[c.name for c in stored.checks],
     )
-    found = _first_difference(
-        stored.model_dump(mode="json"), rebuilt.model_dump(mode="json"), shown, stored
+    found = first_difference(
+        stored.model_dump(mode="json"), rebuilt.model_dump(mode="json"), shown, stored.scope.site
     )
     if found is not None:
         return found, None
@@ -271,19 +271,27 @@ def _check_html(
             f"{_shown(html_path, root)} not re-rendered: made with "
             f"{stored.fingerprints.report_software}, this is {rebuilt.fingerprints.report_software}"
         )
-    on_disk = html_path.read_bytes()
-    fresh = render_html(stored).encode("utf-8")
-    if on_disk != fresh:
-        return Discrepancy(
-            _shown(html_path, root),
-            stored.scope.site,
-            "content (sha256)",
-            hashlib.sha256(on_disk).hexdigest(),
-            hashlib.sha256(fresh).hexdigest(),
-            note=f"the page differs from what {REPORT_JSON} renders to: it was edited",
-            expected_label="rendering of report.json has",
-        ), None
-    return None, None
+    shown = _shown(html_path, root)
+    return html_edited(html_path, render_html(stored), shown, stored.scope.site), None
+
+
+def html_edited(html_path: Path, fresh: str, shown: str, site: str | None) -> Discrepancy | None:
+    """The page at ``html_path`` differs from ``fresh``, what its report.json renders to: it
+    was edited (``shown``: the path as the message names it). None if equal or absent."""
+    if not html_path.is_file():
+        return None
+    on_disk, rendered = html_path.read_bytes(), fresh.encode("utf-8")
+    if on_disk == rendered:
+        return None
+    return Discrepancy(
+        shown,
+        site,
+        "content (sha256)",
+        hashlib.sha256(on_disk).hexdigest(),
+        hashlib.sha256(rendered).hexdigest(),
+        note=f"the page differs from what {REPORT_JSON} renders to: it was edited",
+        expected_label="rendering of report.json has",
+    )
 
 
 def _shown(path: Path, root: Path) -> str:
@@ -293,24 +301,24 @@ def _shown(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _first_difference(
-    stored: Any, rebuilt: Any, file: str, report: Report, where: str = ""
+def first_difference(
+    stored: Any, rebuilt: Any, file: str, site: str | None, where: str = ""
 ) -> Discrepancy | None:
-    """Walk both JSON trees in order; the first field that differs (volatile ones skipped)."""
-    site = report.scope.site
+    """Walk both JSON trees in order; the first field that differs (volatile ones skipped),
+    reported against ``file`` and the ``site`` the report is of (None: the federation's)."""
     if isinstance(stored, dict) and isinstance(rebuilt, dict):
         for key in list(dict.fromkeys([*stored, *rebuilt])):
             if key in VOLATILE_FIELDS or key in ("report_software", "generated_by"):
                 continue  # when and where it was made, and with what, may differ
             if key not in stored or key not in rebuilt:
                 return Discrepancy(file, site, _join(where, key), stored.get(key), rebuilt.get(key))
-            found = _first_difference(stored[key], rebuilt[key], file, report, _join(where, key))
+            found = first_difference(stored[key], rebuilt[key], file, site, _join(where, key))
             if found:
                 return found
         return None
     if isinstance(stored, list) and isinstance(rebuilt, list):
         for i, (a, b) in enumerate(zip(stored, rebuilt, strict=False)):
-            found = _first_difference(a, b, file, report, f"{where}[{_label(a, i)}]")
+            found = first_difference(a, b, file, site, f"{where}[{_label(a, i)}]")
             if found:
                 return found
         if len(stored) != len(rebuilt):
