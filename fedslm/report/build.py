@@ -55,7 +55,6 @@ from fedslm.report.model import (
     SitePrivacy,
     SiteRoundUtility,
     Summary,
-    TensorInfo,
     Utility,
     epsilon_text,
 )
@@ -68,6 +67,7 @@ from fedslm.report.runfiles import (
     ReportInputError,
     RunContext,
     RunFiles,
+    adapter_tensors,
     load_run,
     read_json,
     read_metrics,
@@ -561,25 +561,6 @@ def site_key_fingerprints(manifest: dict | None, sites: Sequence[str]) -> dict[s
 
 # --------------------------------------------------------------------------------------------
 # Egress, policies, refusals
-
-
-def adapter_tensors(path: Path) -> list[TensorInfo]:
-    """Names, shapes, dtypes and sizes of the tensors in a safetensors file (no values)."""
-    from safetensors import safe_open
-
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
-    out = []
-    with safe_open(str(path), framework="numpy") as fh:
-        for name in sorted(fh.keys()):
-            sl = fh.get_slice(name)
-            shape, dtype = list(sl.get_shape()), str(sl.get_dtype())
-            n = 1
-            for d in shape:
-                n *= d
-            out.append(
-                TensorInfo(name=name, shape=shape, dtype=dtype, bytes=n * sizes.get(dtype, 0))
-            )
-    return out
 
 
 def egress_messages(ctx: RunContext, sites: Sequence[str]) -> list[EgressMessage]:

@@ -31,6 +31,7 @@ from fedslm.report.runfiles import (
     METRICS_FILE,
     PRIVACY_FILE,
     RunContext,
+    adapter_tensors,
     read_json,
 )
 
@@ -167,7 +168,6 @@ def check_egress_log(ctx: RunContext, sites: Sequence[str]) -> Discrepancy | Non
     accepted was logged as sent, carrying exactly the adapter's tensor names and shapes."""
     from fedslm.privacy.egress_log import egress_entries, verify_egress
     from fedslm.privacy.ledger import LedgerError, PrivacyLedger
-    from fedslm.report.build import adapter_tensors
 
     weights = ctx.run.adapter_weights
     agreed = {t.name: list(t.shape) for t in adapter_tensors(weights)} if weights.is_file() else {}

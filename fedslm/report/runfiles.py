@@ -20,6 +20,7 @@ import yaml
 
 from fedslm.errors import DataError, FedSLMError
 from fedslm.privacy.ledger import DatasetFingerprint, LedgerEntry, LedgerError, PrivacyLedger
+from fedslm.report.model import TensorInfo
 from fedslm.runfolder import read_marker
 
 PRIVACY_FILE = "privacy.json"
@@ -319,3 +320,22 @@ class RunContext:
             for e in self.job_entries(site)
             if e.round in accepted and (up_to_round is None or e.round <= up_to_round)
         ]
+
+
+def adapter_tensors(path: Path) -> list[TensorInfo]:
+    """Names, shapes, dtypes and sizes of the tensors in a safetensors file (no values)."""
+    from safetensors import safe_open
+
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+    out = []
+    with safe_open(str(path), framework="numpy") as fh:
+        for name in sorted(fh.keys()):
+            sl = fh.get_slice(name)
+            shape, dtype = list(sl.get_shape()), str(sl.get_dtype())
+            n = 1
+            for d in shape:
+                n *= d
+            out.append(
+                TensorInfo(name=name, shape=shape, dtype=dtype, bytes=n * sizes.get(dtype, 0))
+            )
+    return out
