@@ -5,10 +5,10 @@ Two parts, in one invocation:
 
 1. The protocol alone, in this process. The adapter is ``aggregation_throughput``'s LoRA layout
    (993,290 parameters). Each repeat runs, back to back, one plain ``fedavg`` of the five states
-   and one secure session (``fedslm.secagg.run_in_process``) per scenario: no drop-out, one site
-   dropping after sharing keys (round 1: the coordinator rebuilds its mask key and strips four
-   pairwise masks), one dropping after its masked input (round 2). Times are medians over
-   repeats (and over sites for per-site steps). "Sites in parallel" is the critical path of a
+   and one secure session (``fedslm.secagg.run_session_in_process``) per scenario: no drop-out,
+   one site dropping after sharing keys (round 1: the coordinator rebuilds its mask key and
+   strips four pairwise masks), one dropping after its masked input (round 2). Times are medians
+   over repeats (and over sites for per-site steps). "Sites in parallel" is the critical path of a
    deployment (the slowest site of each round, plus the coordinator); "one process" is every
    call in sequence. Components are timed separately to split a site's round 2 into key
    agreement and masking.
@@ -50,7 +50,7 @@ from bench.framework_overhead import run_simulated
 from bench.procload import ForeignLoad
 from fedslm.aggregation import fedavg
 from fedslm.artifacts import read_jsonl
-from fedslm.secagg import SecAggParams, encode, run_in_process, shamir
+from fedslm.secagg import SecAggParams, encode, run_session_in_process, shamir
 from fedslm.secagg import crypto as sc
 
 SITES = 5
@@ -132,7 +132,7 @@ def run(repeats: int, threads: int, max_wait: float) -> dict[str, Any]:
     plain: list[float] = []
     runs: dict[str, list[dict[str, list[float]]]] = {name: [] for name in SCENARIOS}
     errors: dict[str, float] = {}
-    run_in_process(p, [f[:1000] for f in flats], RECORDS)  # warm-up: imports, OpenSSL init
+    run_session_in_process(p, [f[:1000] for f in flats], RECORDS)  # warm-up: imports, OpenSSL init
     load_seen = wait_for_quiet(max_wait)
     with OtherLoad() as load:
         for _ in range(repeats):
@@ -141,7 +141,7 @@ def run(repeats: int, threads: int, max_wait: float) -> dict[str, Any]:
             plain.append(time.perf_counter() - start)
             expected = flatten(reference).astype(np.float64)
             for name, (out_r1, out_r2) in SCENARIOS.items():
-                session = run_in_process(
+                session = run_session_in_process(
                     p, flats, RECORDS, drop_after_round1=out_r1, drop_after_round2=out_r2
                 )
                 runs[name].append(dict(session.seconds))

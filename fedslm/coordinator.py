@@ -42,6 +42,7 @@ from fedslm.privacy.accounting import (
 from fedslm.privacy.anchors import Anchor
 from fedslm.privacy.central import WEIGHTING_TEXT, noised_mean_update, site_weight
 from fedslm.robust import clip_update, coordinate_median, trimmed_mean
+from fedslm.rounds import RoundRecord
 from fedslm.secagg.adapter import mean_state
 from fedslm.secagg.messages import SecAggResult
 from fedslm.server_opt import make_server_optimizer
@@ -100,7 +101,7 @@ class Coordinator:
         self.metadata = metadata
         self.privacy: dict[str, _SitePrivacy] = {}
         self.aggregated_rounds = 0
-        self.record: dict[str, Any] = {}  # the current round, as it will be written
+        self.record: RoundRecord | None = None  # the current round, as it will be written
         # (site, round) pairs already accounted: a retried round whose sites replay the same
         # release must not count their spend twice
         self._accounted: set[tuple[str, int]] = set()
@@ -130,10 +131,16 @@ class Coordinator:
 
     # -- per round --------------------------------------------------------------------------
 
+    def _round(self) -> RoundRecord:
+        """The round in hand (``start_round`` began it, or ``resume`` read it back)."""
+        if self.record is None:
+            raise FederationError("the coordinator has no round in hand: call start_round first")
+        return self.record
+
     def start_round(self, round_num: int, started: float | None = None) -> None:
         """Start a round's record; ``started`` (``time.perf_counter()``, default now) is when
         its training messages were sent."""
-        self.record = {"round": round_num, "sites": {}, "failures": []}
+        self.record = RoundRecord(round_num)
         self._aggregated_at = None
         if self._counted_until is None:  # the first round of this process starts the count
             self._counted_until = time.perf_counter() if started is None else started
@@ -161,7 +168,7 @@ class Coordinator:
             [(r.site, r.state) for r in reports],
             factor=fed.robust.outlier_factor or math.inf,
         )
-        rec["failures"].extend(f"update rejected: {reason}" for _, reason in screening.rejected)
+        rec.failures.extend(f"update rejected: {reason}" for _, reason in screening.rejected)
         accepted = {site for site, _ in screening.accepted}
         good: list[SiteReport] = []
         for r in reports:
@@ -169,16 +176,15 @@ class Coordinator:
                 continue
             good.append(r)
             self._account(r, round_num)
-            rec["sites"][r.site] = _site_record(r) | {"update_norm": screening.norms.get(r.site)}
+            rec.sites[r.site] = _site_record(r) | {"update_norm": screening.norms.get(r.site)}
         needed = self.job.federation.required_sites
-        rec["train_loss"] = weighted_mean((r.train_loss, r.num_examples) for r in good)
-        rec["bytes_sent"] = {r.site: r.bytes_sent for r in good}
+        rec.train_loss = weighted_mean((r.train_loss, r.num_examples) for r in good)
+        rec.bytes_sent = {r.site: r.bytes_sent for r in good}
         if len(good) < needed:
-            rec["aggregated"] = False
-            asked = len(reports) + len(failures) + len(rec["refusals"])
-            rec["reason"] = (
+            asked = len(reports) + len(failures) + len(rec.refusals)
+            rec.reason = (
                 f"only {len(good)} of {asked} sites returned a usable update "
-                f"({len(rec['refusals'])} refused); federation.min_sites is {needed}"
+                f"({len(rec.refusals)} refused); federation.min_sites is {needed}"
             )
             return None
         if self.central_sigma is None:
@@ -211,8 +217,8 @@ class Coordinator:
         ``federation.min_sites`` survivors keeps the previous global adapter.
         """
         rec = self._begin_aggregation(round_num, failures, refusals)
-        rec["failures"].extend(d.describe() for d in dropouts)
-        rec["secure_aggregation"] = {
+        rec.failures.extend(d.describe() for d in dropouts)
+        rec.secure_aggregation = {
             "survivors": sorted(survivors),
             "dropouts": [{"site": d.site, "stage": d.stage, "reason": d.reason} for d in dropouts],
             "total_weight": result.total_weight if result is not None else None,
@@ -226,18 +232,17 @@ class Coordinator:
             # but its head does not replace the anchored one
             anchored = self._anchored(r, "; its masked input is in the sum all the same")
             self._account(r, round_num, anchor=anchored)
-            rec["sites"][r.site] = _site_record(r) | {
+            rec.sites[r.site] = _site_record(r) | {
                 "in_secure_sum": r.site in set(survivors) and result is not None
             }
         needed = self.job.federation.required_sites
-        rec["train_loss"] = weighted_mean((r.train_loss, r.num_examples) for r in good)
-        rec["bytes_sent"] = {r.site: r.bytes_sent for r in reports}
+        rec.train_loss = weighted_mean((r.train_loss, r.num_examples) for r in good)
+        rec.bytes_sent = {r.site: r.bytes_sent for r in reports}
         if result is None or len(survivors) < needed:
-            rec["aggregated"] = False
-            asked = len(reports) + len(failures) + len(rec["refusals"])
-            rec["reason"] = protocol_failure or (
+            asked = len(reports) + len(failures) + len(rec.refusals)
+            rec.reason = protocol_failure or (
                 f"only {len(survivors)} of {asked} sites completed secure aggregation "
-                f"({len(rec['refusals'])} refused); federation.min_sites is {needed}"
+                f"({len(rec.refusals)} refused); federation.min_sites is {needed}"
             )
             return None
         return self._apply(mean_state(self.state, result))
@@ -246,18 +251,20 @@ class Coordinator:
         """Move the global adapter to ``aggregated`` through the server optimizer."""
         self.state = self.server_optimizer.step(self.state, aggregated)
         self.aggregated_rounds += 1
-        self.record["aggregated"] = True
+        self._round().aggregated = True
         self._aggregated_at = time.perf_counter()
         return self.state
 
     def _begin_aggregation(
         self, round_num: int, failures: list[str], refusals: dict[str, list[str]] | None
-    ) -> dict[str, Any]:
-        """Start the round's record with its failures and refusals (kept per site too)."""
-        rec = self.record
-        rec["failures"] = list(failures)
-        rec["refusals"] = dict(refusals or {})
-        for site, reasons in rec["refusals"].items():
+    ) -> RoundRecord:
+        """Start the round's record with its failures and refusals (kept per site too); it
+        says not aggregated until ``_apply`` moves the global adapter."""
+        rec = self._round()
+        rec.aggregated = False
+        rec.failures = list(failures)
+        rec.refusals = dict(refusals or {})
+        for site, reasons in rec.refusals.items():
             self.privacy.setdefault(site, _SitePrivacy()).refusals.append(
                 f"round {round_num}: {'; '.join(reasons)}"
             )
@@ -278,7 +285,7 @@ class Coordinator:
             return trimmed_mean(states, fed.robust.trim_fraction)
         lora = self.job.lora
         combined = fed.rule.combine(states, weights, rank=lora.r, alpha=lora.alpha)
-        self.record.update(combined.record)
+        self._round().rule.update(combined.record)
         return combined.state
 
     def _bounded(self, state: AdapterState, bound: float) -> AdapterState:
@@ -298,7 +305,7 @@ class Coordinator:
             denominator=roster,
             generator=self._noise,
         )
-        self.record["central_dp"] = {
+        self._round().central_dp = {
             "sites": result.sites,
             "clipped": result.clipped,
             "noise_std_of_mean": result.noise_std / roster,
@@ -307,20 +314,22 @@ class Coordinator:
 
     def record_evaluation(self, evals: list[SiteEval], failures: list[str]) -> dict[str, float]:
         """Fold the sites' evaluations of the global adapter into this round's record."""
-        rec = self.record
+        rec = self._round()
         for e in evals:
-            site = rec["sites"].setdefault(e.site, {})
+            site = rec.sites.setdefault(e.site, {})
             if e.withheld is not None:
                 site["eval_withheld"] = e.withheld
             else:
                 site.update(
                     eval_loss=e.loss, eval_accuracy=e.accuracy, eval_examples=e.num_examples
                 )
-        rec["failures"].extend(f"evaluate: {f}" for f in failures)
+        rec.failures.extend(f"evaluate: {f}" for f in failures)
         shown = [e for e in evals if e.withheld is None]
-        rec["eval_loss"] = weighted_mean((e.loss, e.num_examples) for e in shown)
-        rec["eval_accuracy"] = weighted_mean((e.accuracy, e.num_examples) for e in shown)
-        return {k: rec[k] for k in ("eval_loss", "eval_accuracy") if rec[k] is not None}
+        rec.eval_loss = weighted_mean((e.loss, e.num_examples) for e in shown)
+        rec.eval_accuracy = weighted_mean((e.accuracy, e.num_examples) for e in shown)
+        rec.evaluation_in = True
+        figures = {"eval_loss": rec.eval_loss, "eval_accuracy": rec.eval_accuracy}
+        return {k: v for k, v in figures.items() if v is not None}
 
     def save_round(self) -> None:
         """Put the aggregated round in hand on disk now: its checkpoint, its line of
@@ -328,58 +337,58 @@ class Coordinator:
         incomplete. Flower's round loop evaluates a round with the next round's messages, so
         without this a run killed in round r+1 would leave nothing of round r. ``end_round``
         later completes the line with the evaluation."""
-        rec = self.record
-        assert rec.get("aggregated"), "save_round of a round that was not aggregated"
+        rec = self._round()
+        assert rec.aggregated, "save_round of a round that was not aggregated"
         assert self._counted_until is not None, "save_round before start_round"
         # provisional: end_round recounts the last round up to its own evaluation
-        rec["wall_seconds"] = (self._aggregated_at or time.perf_counter()) - self._counted_until
-        rec["evaluated"] = False
+        rec.wall_seconds = (self._aggregated_at or time.perf_counter()) - self._counted_until
+        rec.evaluated = False
         self._write_round(rec)
         write_json(self.out / "privacy.json", self.privacy_summary())
 
-    def end_round(self) -> dict[str, Any]:
-        """Write this round's checkpoint and its line of ``metrics.jsonl``; return the line.
+    def end_round(self) -> RoundRecord:
+        """Write this round's checkpoint and its line of ``metrics.jsonl``; return the round.
         A round that was not aggregated trained nothing new: it gets its line, no checkpoint."""
-        rec = self.record
+        rec = self._round()
         # The round's share of the run's wall time: from the previous round's aggregation (the
         # first round in this process: from its start) to its own. Each round's messages carry
         # the previous round's evaluation, so that is where evaluating is counted; the last
         # round (or one that failed) counts up to now, its own evaluation included.
-        last = rec["round"] >= self.job.federation.rounds or not rec.get("aggregated")
+        last = rec.round >= self.job.federation.rounds or not rec.aggregated
         until = time.perf_counter() if last or self._aggregated_at is None else self._aggregated_at
         if self._counted_until is not None:
-            rec["wall_seconds"], self._counted_until = until - self._counted_until, until
+            rec.wall_seconds, self._counted_until = until - self._counted_until, until
         else:  # a round resumed for its evaluation: its time was counted before the crash
-            assert rec.get("evaluated") is False, "end_round before start_round"
-        rec["evaluated"] = True
+            assert rec.evaluated is False, "end_round before start_round"
+        rec.evaluated = True
         self._write_round(rec)
         return rec
 
-    def _write_round(self, rec: dict[str, Any]) -> None:
+    def _write_round(self, rec: RoundRecord) -> None:
         """The round's checkpoint (once, when it was aggregated), then its metrics line: added,
         or replacing the line ``save_round`` wrote for it."""
-        rec["finished_at"] = round(time.time(), 3)  # when the round was recorded (Unix time)
-        rec["epsilon"] = {s: p.reported_epsilon for s, p in self.privacy.items()}
+        rec.finished_at = round(time.time(), 3)  # when the round was recorded (Unix time)
+        rec.epsilon = {s: p.reported_epsilon for s, p in self.privacy.items()}
         if self.central_sigma is not None:
-            rec["central_epsilon"] = self._central_epsilon(self.job.privacy.accountant)
+            rec.central_epsilon = self._central_epsilon(self.job.privacy.accountant)
         metrics = self.out / "metrics.jsonl"
-        if rec.get("aggregated") and self._saved_round != rec["round"]:
-            checkpoint = self.out / "checkpoints" / f"round-{rec['round']}"
-            meta = self.metadata | {"round": rec["round"]}
+        if rec.aggregated and self._saved_round != rec.round:
+            checkpoint = self.out / "checkpoints" / f"round-{rec.round}"
+            meta = self.metadata | {"round": rec.round}
             export_adapter(self.model, self.state, checkpoint, meta)
             # a resumed run continues the server optimizer exactly; the metrics line written
             # last is what marks the round (and its checkpoint) complete
             write_torch(checkpoint / "server_optimizer.pt", self.server_optimizer.state_dict())
             write_torch(checkpoint / RESUME_STATE, self._resume_state())
-        if self._saved_round == rec["round"]:
+        if self._saved_round == rec.round:
             lines = _complete_lines(metrics)
-            if lines and lines[-1].get("round") == rec["round"]:
-                lines[-1] = rec
+            if lines and lines[-1].get("round") == rec.round:
+                lines[-1] = rec.to_dict()
                 write_text(metrics, "".join(jsonl_line(r) for r in lines))
                 self.keep_anchors()
                 return
-        append_jsonl(metrics, rec)
-        self._saved_round = rec["round"]
+        append_jsonl(metrics, rec.to_dict())
+        self._saved_round = rec.round
         self.keep_anchors()
 
     def keep_anchors(self) -> None:
@@ -406,9 +415,10 @@ class Coordinator:
         if conflict is None:
             return True
         reason = f"{r.site}: {conflict}{consequence}"
-        self.record["failures"].append(f"update rejected: {reason}")
+        rec = self._round()
+        rec.failures.append(f"update rejected: {reason}")
         self.privacy.setdefault(r.site, _SitePrivacy()).refusals.append(
-            f"round {self.record['round']}: {reason}"
+            f"round {rec.round}: {reason}"
         )
         return False
 
@@ -434,7 +444,7 @@ class Coordinator:
         the per-site privacy record, and the central noise generator (coordinator-private:
         whoever holds it could predict the next round's noise)."""
         return {
-            "round": self.record["round"],
+            "round": self._round().round,
             "state": {k: v.detach().clone() for k, v in self.state.items()},
             "aggregated_rounds": self.aggregated_rounds,
             "privacy": {name: _privacy_to_dict(p) for name, p in self.privacy.items()},
@@ -477,7 +487,7 @@ class Coordinator:
         if done[-1].get("evaluated") is False:
             # killed before the round's evaluation came back: its line is completed by the
             # evaluation that rides on the next round's messages (``pending_evaluation``)
-            self.record, self._saved_round = dict(done[-1]), last
+            self.record, self._saved_round = RoundRecord.from_dict(done[-1]), last
         return last
 
     @property
@@ -485,7 +495,7 @@ class Coordinator:
         """The round in hand whose line waits for its evaluation (after ``resume``), else
         None."""
         rec = self.record
-        return int(rec["round"]) if rec.get("evaluated") is False else None
+        return rec.round if rec is not None and rec.evaluated is False else None
 
     # -- end of job ---------------------------------------------------------------------------
 
@@ -566,14 +576,16 @@ class Coordinator:
         file written after a round while others remain says ``incomplete`` and not
         ``stopped``: read after a crash, it is what was on disk when the run was killed."""
         planned, rec = self.job.federation.rounds, self.record
-        recorded = int(rec.get("round", 1)) - (0 if rec.get("aggregated") else 1)
-        complete = finished and recorded >= planned and bool(rec.get("aggregated"))
+        # no round started yet: the run stopped in round 1
+        current = rec.round if rec is not None else 1
+        aggregated = bool(rec is not None and rec.aggregated)
+        recorded = current - (0 if aggregated else 1)
+        complete = finished and recorded >= planned and aggregated
         if complete:
             note = f"all {planned} rounds recorded"
         elif finished:
-            note = f"stopped in round {rec.get('round', 1)} of {planned}: " + str(
-                rec.get("reason") or "see metrics.jsonl"
-            )
+            reason = rec.reason if rec is not None else None
+            note = f"stopped in round {current} of {planned}: " + str(reason or "see metrics.jsonl")
         else:
             note = f"written when round {recorded} of {planned} finished, while the run went on"
         return {

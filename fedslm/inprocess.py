@@ -7,12 +7,14 @@ debugging, not for speed; ``fedslm simulate`` runs the sites in parallel through
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fedslm.coordinator import Coordinator
 from fedslm.job import PreparedJob, SiteSetup, make_coordinator
 from fedslm.messages import SiteEval, SiteReport
 from fedslm.progress import Reporter
+from fedslm.rounds import run_round_sequence
 from fedslm.site import Site, SiteRefusal, SiteUpdate, simulated_noise_secret
 
 
@@ -45,55 +47,83 @@ def to_report(site: Site, u: SiteUpdate, bytes_sent: int | None = None) -> SiteR
     return site.report(u, bytes_sent)
 
 
-def run_in_process(
+class SiteCallTransport:
+    """A round's replies as direct calls of each ``Site``, one site after another, for
+    ``run_round_sequence``. What would leave a site is checked and logged by ``Site.release``,
+    as on the network path; a refusal is recorded as Flower's path records it. Each round is
+    evaluated right after its aggregation (``defers_evaluation`` False)."""
+
+    defers_evaluation = False
+
+    def __init__(self, coordinator: Coordinator, sites: list[Site], reporter: Reporter) -> None:
+        self.coordinator, self.sites, self.reporter = coordinator, sites, reporter
+        self.reports: list[SiteReport] = []
+        self.refusals: dict[str, list[str]] = {}
+
+    def train(self, round_num: int, evaluate_round: int | None) -> float:
+        """Every site trains round ``round_num`` on the global adapter."""
+        assert evaluate_round is None, "in-process rounds are evaluated at once"
+        started = time.perf_counter()
+        self.reports, self.refusals = [], {}
+        for site in self.sites:
+            update = self._train(site, round_num)
+            if update is not None:
+                self.reports.append(to_report(site, update))
+        return started
+
+    def _train(self, site: Site, round_num: int) -> SiteUpdate | None:
+        """One site's round, released as on the network path (None: the site refused)."""
+
+        def on_step(step: int, steps: int, loss: float) -> None:
+            self.reporter.step(site.name, round_num, step, steps, loss)
+
+        try:
+            anchor = self.coordinator.site_anchor(site.name)
+            update = site.train_round(round_num, self.coordinator.state, on_step, anchor)
+            site.release(round_num, site.train_payload(update))
+        except SiteRefusal as refusal:
+            site.release(round_num, site.refusal_payload(refusal.reasons))
+            self.refusals[site.name] = refusal.reasons
+            return None
+        return update
+
+    def aggregate(self, round_num: int) -> bool:
+        """The sites' reports and refusals, to ``Coordinator.aggregate``."""
+        state = self.coordinator.aggregate(round_num, self.reports, [], self.refusals)
+        return state is not None
+
+    def evaluate(self, round_num: int) -> None:
+        """Every site evaluates the global adapter; an evaluation with too few records leaves
+        the site as ``withheld``, without numbers."""
+        evals = []
+        for site in self.sites:
+            ev = site.evaluate(self.coordinator.state)
+            sent = site.release(round_num, site.eval_payload(ev))
+            withheld = sent.fields.get("withheld")
+            if withheld is not None:  # too few evaluation records: no numbers left the site
+                evals.append(SiteEval.withheld_by(site.name, withheld))
+            else:
+                evals.append(SiteEval(site.name, ev.loss, ev.accuracy, ev.examples))
+        self.coordinator.record_evaluation(evals, [])
+
+
+def run_job_in_process(
     prepared: PreparedJob,
     reporter: Reporter | None = None,
     *,
     sites: list[Site] | None = None,
     coordinator: Coordinator | None = None,
 ) -> dict[str, Any]:
-    """Run every round of ``prepared``; write the usual outputs; return the privacy summary.
+    """Run every round of ``prepared`` without Flower (``run_round_sequence`` with a
+    ``SiteCallTransport``); write the usual outputs; return the privacy summary.
 
     ``sites`` reuses already built sites (each loads a model); by default they are built here
     with their policies. ``coordinator`` (default: ``make_coordinator``) is for callers that
-    read its final state afterwards (the privacy audit). A refusal is recorded like Flower's
-    path records it.
+    read its final state afterwards (the privacy audit). A round that is not aggregated is
+    recorded and the next one starts from the same adapter.
     """
     reporter = reporter or Reporter(quiet=True)
     sites = sites if sites is not None else [build_site(prepared, s) for s in prepared.sites]
     coordinator = coordinator or make_coordinator(prepared)
-    rounds = prepared.job.federation.rounds
-    for r in range(1, rounds + 1):
-        coordinator.start_round(r)
-        reports: list[SiteReport] = []
-        refusals: dict[str, list[str]] = {}
-        for site in sites:
-
-            def on_step(
-                step: int, steps: int, loss: float, name: str = site.name, round_num: int = r
-            ) -> None:
-                reporter.step(name, round_num, step, steps, loss)
-
-            try:
-                anchor = coordinator.site_anchor(site.name)
-                update = site.train_round(r, coordinator.state, on_step, anchor)
-                # what would leave the site is checked and logged, as on the network path
-                site.release(r, site.train_payload(update))
-            except SiteRefusal as refusal:
-                site.release(r, site.refusal_payload(refusal.reasons))
-                refusals[site.name] = refusal.reasons
-                continue
-            reports.append(to_report(site, update))
-        coordinator.aggregate(r, reports, [], refusals)
-        evals = []
-        for site in sites:
-            ev = site.evaluate(coordinator.state)
-            sent = site.release(r, site.eval_payload(ev))
-            withheld = sent.fields.get("withheld")
-            if withheld is not None:  # too few evaluation records: no numbers left the site
-                evals.append(SiteEval.withheld_by(site.name, withheld))
-            else:
-                evals.append(SiteEval(site.name, ev.loss, ev.accuracy, ev.examples))
-        coordinator.record_evaluation(evals, [])
-        reporter.round_done(coordinator.end_round(), rounds)
+    run_round_sequence(coordinator, SiteCallTransport(coordinator, sites, reporter), reporter)
     return coordinator.finish()

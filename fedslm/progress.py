@@ -13,6 +13,8 @@ from typing import Any
 
 from rich.console import Console
 
+from fedslm.rounds import RoundRecord
+
 
 def _num(x: Any, fmt: str = ".4f") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -42,27 +44,27 @@ class Reporter:
         if step == steps or step % every == 0:
             self.info(f"  [{site}] round {round_num} step {step}/{steps} loss {_num(loss)}")
 
-    def round_done(self, rec: dict[str, Any], rounds: int) -> None:
+    def round_done(self, rec: RoundRecord, rounds: int) -> None:
         """Summary of a finished round, one line per site."""
-        if not rec.get("aggregated", False):
-            self.warn(f"round {rec['round']} not aggregated: {rec.get('reason')}")
-        for site, reasons in rec.get("refusals", {}).items():
-            self.warn(f"round {rec['round']}: {site} refused: {'; '.join(reasons)}")
-        for failure in rec.get("failures", []):
-            self.warn(f"round {rec['round']}: {failure}")
+        if not rec.aggregated:
+            self.warn(f"round {rec.round} not aggregated: {rec.reason}")
+        for site, reasons in rec.refusals.items():
+            self.warn(f"round {rec.round}: {site} refused: {'; '.join(reasons)}")
+        for failure in rec.failures:
+            self.warn(f"round {rec.round}: {failure}")
         if self.quiet:
             return
-        for site, s in sorted(rec["sites"].items()):
+        for site, s in sorted(rec.sites.items()):
             self.info(
                 f"  {site}: steps {s.get('steps', '-')} train loss {_num(s.get('train_loss'))} "
                 f"eval loss {_num(s.get('eval_loss'))} acc {_num(s.get('eval_accuracy'), '.3f')} "
                 f"eps {_num(s.get('epsilon'), '.3f')} sent {s.get('bytes_sent', 0):,} B"
             )
         self.info(
-            f"round {rec['round']}/{rounds}: train loss {_num(rec.get('train_loss'))} "
-            f"eval loss {_num(rec.get('eval_loss'))} "
-            f"eval acc {_num(rec.get('eval_accuracy'), '.3f')} "
-            f"({rec['wall_seconds']:.1f} s)"
+            f"round {rec.round}/{rounds}: train loss {_num(rec.train_loss)} "
+            f"eval loss {_num(rec.eval_loss)} "
+            f"eval acc {_num(rec.eval_accuracy, '.3f')} "
+            f"({rec.wall_seconds or 0.0:.1f} s)"
         )
 
 

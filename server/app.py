@@ -1,9 +1,10 @@
 """The Flower ServerApp: runs a job's rounds with ``FedSLMStrategy``.
 
-One round loop (``run_rounds``) for simulation and deployment. It calls the strategy's four
-hooks in Flower's order, as ``Strategy.start`` does, and adds what a long-running federation
-needs and ``start`` has no place for: starting from a resumed round, and sending a round
-again when sites failed (errors, timeouts) before giving up with the reason.
+The rounds of simulation and deployment are the library's one round sequence
+(``fedslm.rounds.run_round_sequence``) over a ``FlowerTransport``: the strategy's four hooks
+in Flower's order, as ``Strategy.start`` calls them. The sequence adds what a long-running
+federation needs and ``start`` has no place for: starting from a resumed round, and sending a
+round again when sites failed (errors, timeouts) before giving up with the reason.
 
 ``app`` is the deployed ServerApp (``fedslm coordinator run`` submits it to the SuperLink):
 it reads the run folder from the run config. Simulation binds a prepared job directly
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from fedslm.server.strategy import FedSLMStrategy, collect, exchange, quicker_reply_pulls, send
 from fedslm.wire.codec import state_to_arrays
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm import __version__
@@ -28,9 +29,67 @@ from fedslm.job import PreparedJob, make_coordinator
 from fedslm.messages import TrainInstruction
 from fedslm.privacy.anchors import COORDINATOR_ANCHORS_FILE
 from fedslm.progress import Reporter
+from fedslm.rounds import run_round_sequence
 
 
-def run_rounds(
+class FlowerTransport:
+    """A round's replies as Flower messages, through ``FedSLMStrategy``'s four hooks in
+    Flower's order (as ``Strategy.start`` calls them), for ``run_round_sequence``.
+
+    One message per site and round: round r's training message carries round r-1's global
+    adapter, which the site evaluates before training on it, and the reply carries both
+    (``defers_evaluation``). The last round's adapter is evaluated with a message of its own.
+    (Two messages per round, train then evaluate, cost a deployed round one more trip through
+    Flower's SuperLink and SuperNodes: about a second here.)
+    """
+
+    defers_evaluation = True
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: FedSLMStrategy,
+        config: ConfigRecord,
+        arrays: ArrayRecord,
+        timeout_s: float,
+    ) -> None:
+        self.grid, self.strategy, self.config = grid, strategy, config
+        self.arrays = arrays  # the global adapter the next message carries
+        self.timeout_s = timeout_s
+        self.replies: list[Message] = []
+
+    def train(self, round_num: int, evaluate_round: int | None) -> float:
+        """Send round ``round_num``'s training messages and collect the replies (a site that
+        does not answer within ``federation.round_timeout_s`` gets an error reply); the
+        evaluations of ``evaluate_round`` that ride on them go to ``aggregate_evaluate``."""
+        config = _copy(self.config)
+        if evaluate_round is not None:
+            config[TrainInstruction.EVALUATE_ROUND.name] = evaluate_round
+        sent = send(
+            self.grid, self.strategy.configure_train(round_num, self.arrays, config, self.grid)
+        )
+        self.replies = collect(self.grid, sent, self.timeout_s)
+        if evaluate_round is not None:
+            self.strategy.aggregate_evaluate(evaluate_round, self.replies)
+        return sent.at
+
+    def aggregate(self, round_num: int) -> bool:
+        """``aggregate_train``; the new global adapter goes out with the next message."""
+        new_arrays, _ = self.strategy.aggregate_train(round_num, self.replies)
+        if new_arrays is None:
+            return False
+        self.arrays = new_arrays
+        return True
+
+    def evaluate(self, round_num: int) -> None:
+        """The last round's evaluation: an evaluate message of its own."""
+        messages = self.strategy.configure_evaluate(
+            round_num, self.arrays, _copy(self.config), self.grid
+        )
+        self.strategy.aggregate_evaluate(round_num, exchange(self.grid, messages, self.timeout_s))
+
+
+def run_flower_rounds(
     grid: Grid,
     strategy: FedSLMStrategy,
     coordinator: Coordinator,
@@ -38,59 +97,26 @@ def run_rounds(
     config: ConfigRecord,
     first_round: int = 1,
 ) -> None:
-    """Rounds ``first_round`` .. ``federation.rounds``: train, aggregate, evaluate, record.
+    """Rounds ``first_round`` .. ``federation.rounds`` over Flower (``run_round_sequence``
+    with a ``FlowerTransport``).
 
-    One message per site and round: round r's training message carries round r-1's global
-    adapter, which the site evaluates before training on it, and the reply carries both. So
-    round r-1 is recorded (``aggregate_evaluate``, ``end_round``) when round r's replies are
-    in, and then round r is aggregated. The last round's adapter is evaluated with a message
-    of its own. (Two messages per round, train then evaluate, cost a deployed round one more
-    trip through Flower's SuperLink and SuperNodes: about a second here.)
-
-    A round that cannot be aggregated because sites failed is sent again up to
-    ``federation.round_retries`` times (not under secure aggregation); then, or at once when
+    A round that cannot be aggregated because sites failed (errors, timeouts) is sent again up
+    to ``federation.round_retries`` times (not under secure aggregation); then, or at once when
     nothing failed that a retry could mend (e.g. every site refused), the run stops with the
     round's reason. The round's record is written either way.
     """
     fed = coordinator.job.federation
-    retries = 0 if fed.secure_aggregation else fed.round_retries
-    arrays = state_to_arrays(coordinator.state)
-    # the last aggregated round, until its evaluation is in (a resumed run: the round it
-    # resumed after, when the crash came before that round's evaluation)
-    unevaluated: int | None = coordinator.pending_evaluation
-    for r in range(first_round, fed.rounds + 1):
-        for attempt in range(retries + 1):
-            train_config = _copy(config)
-            if unevaluated is not None:
-                train_config[TrainInstruction.EVALUATE_ROUND.name] = unevaluated
-            sent = send(grid, strategy.configure_train(r, arrays, train_config, grid))
-            replies = collect(grid, sent, fed.round_timeout_s)
-            if unevaluated is not None:
-                strategy.aggregate_evaluate(unevaluated, replies)
-                reporter.round_done(coordinator.end_round(), fed.rounds)
-                unevaluated = None
-            coordinator.start_round(r, started=sent.at)
-            new_arrays, _ = strategy.aggregate_train(r, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
-                coordinator.save_round()  # on disk now: its evaluation comes with round r+1
-                break
-            rec = coordinator.record
-            rec["attempts"] = attempt + 1
-            if not rec["failures"] or attempt == retries:
-                reporter.round_done(coordinator.end_round(), fed.rounds)
-                raise FederationError(
-                    f"round {r} could not be aggregated after {attempt + 1} attempt(s): "
-                    f"{rec.get('reason', 'no usable update')}; failures: "
-                    f"{'; '.join(rec['failures']) or 'none'} "
-                    f"(all recorded in {coordinator.out / 'metrics.jsonl'})"
-                )
-            reporter.warn(f"round {r} not aggregated ({rec.get('reason')}); sending it again")
-        unevaluated = r
-    if unevaluated is not None:
-        messages = strategy.configure_evaluate(unevaluated, arrays, _copy(config), grid)
-        strategy.aggregate_evaluate(unevaluated, exchange(grid, messages, fed.round_timeout_s))
-        reporter.round_done(coordinator.end_round(), fed.rounds)
+    transport = FlowerTransport(
+        grid, strategy, config, state_to_arrays(coordinator.state), fed.round_timeout_s
+    )
+    run_round_sequence(
+        coordinator,
+        transport,
+        reporter,
+        first_round=first_round,
+        retries=0 if fed.secure_aggregation else fed.round_retries,
+        stop_when_not_aggregated=True,
+    )
 
 
 def _copy(config: ConfigRecord) -> ConfigRecord:
@@ -117,7 +143,7 @@ def _run_to_end(
 ) -> dict:
     strategy.summary()
     try:
-        run_rounds(grid, strategy, coordinator, reporter, config, first_round)
+        run_flower_rounds(grid, strategy, coordinator, reporter, config, first_round)
     finally:
         summary = coordinator.finish()  # the record is written even when the run fails
     if coordinator.aggregated_rounds == 0:

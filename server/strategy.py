@@ -39,7 +39,7 @@ from fedslm.errors import FederationError
 from fedslm.messages import ROUND, SiteReport, StageInstruction, TrainInstruction, anchor_config
 from fedslm.progress import Reporter
 from fedslm.secagg.adapter import job_params, session_id, vector_size
-from fedslm.secagg.driver import Exchange, NoReply, run_rounds
+from fedslm.secagg.driver import Exchange, NoReply, run_secagg_stages
 from fedslm.secagg.messages import KeyAdvert
 
 T = TypeVar("T")
@@ -261,7 +261,7 @@ class FedSLMStrategy(Strategy):
         """The new global adapter and the round's training loss, for Flower's loop."""
         if state is None:
             return None, None
-        loss = self.coordinator.record.get("train_loss")
+        loss = self.coordinator.record.train_loss
         return state_to_arrays(state), MetricRecord(
             {"train-loss": loss if loss is not None else -1.0}
         )
@@ -293,7 +293,7 @@ class FedSLMStrategy(Strategy):
         assert grid is not None and config is not None
         seconds: dict[str, float] = {}
         start = time.perf_counter()
-        outcome = run_rounds(params, adverts, self._exchange(grid, config, seconds), length)
+        outcome = run_secagg_stages(params, adverts, self._exchange(grid, config, seconds), length)
         seconds["protocol"] = time.perf_counter() - start
         dropouts += [
             SecureDropout(names.get(d.site_id, f"node {d.site_id}"), d.stage, d.reason)
@@ -315,10 +315,10 @@ class FedSLMStrategy(Strategy):
         return self._train_result(state)
 
     def _exchange(self, grid: Grid, config: ConfigRecord, seconds: dict[str, float]) -> Exchange:
-        """The transport of ``run_rounds``: one QUERY per site and stage, its wall time noted in
-        ``seconds``. An error reply (or a timeout: no reply at all), a refusal by the site's
-        egress guard or an undecodable reply is answered as ``NoReply`` with its reason;
-        ``run_rounds`` records it as the site's dropout."""
+        """The transport of ``run_secagg_stages``: one QUERY per site and stage, its wall time
+        noted in ``seconds``. An error reply (or a timeout: no reply at all), a refusal by the
+        site's egress guard or an undecodable reply is answered as ``NoReply`` with its reason;
+        ``run_secagg_stages`` records it as the site's dropout."""
         timeout = self.coordinator.job.federation.round_timeout_s
 
         def stage_exchange(stage: str, requests: Mapping[int, object]) -> dict[int, object]:

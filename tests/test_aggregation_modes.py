@@ -11,7 +11,7 @@ import torch
 
 from fedslm.artifacts import read_jsonl
 from fedslm.config import validate_config
-from fedslm.inprocess import run_in_process
+from fedslm.inprocess import run_job_in_process
 from fedslm.job import PreparedJob, make_coordinator, prepare_job
 from fedslm.lora_math import lora_pairs
 
@@ -36,7 +36,7 @@ def _run(out: Path, tiny_bert: Path, federation: dict[str, Any], **more: Any) ->
         **more,
     }
     prepared = prepare_job(validate_config(raw), "test", out)
-    run_in_process(prepared)
+    run_job_in_process(prepared)
     return prepared
 
 

@@ -46,8 +46,8 @@ def test_round_with_too_few_sites_is_not_aggregated(tmp_path: Path) -> None:
     c = coordinator(tmp_path, min_sites=2)
     c.start_round(1)
     assert c.aggregate(1, [report("site-1", 1.0)], ["node 7: timeout"]) is None
-    assert c.record["aggregated"] is False
-    assert "min_sites is 2" in c.record["reason"]
+    assert c.record.aggregated is False
+    assert "min_sites is 2" in c.record.reason
     torch.testing.assert_close(c.state["w"], torch.zeros(2))  # global adapter unchanged
 
 
@@ -71,7 +71,7 @@ def test_weighted_by_examples_and_bad_updates_rejected(tmp_path: Path) -> None:
     out = c.aggregate(1, [report("site-1", 1.0, n=10), report("site-2", 4.0, n=30), bad], [])
     assert out is not None
     torch.testing.assert_close(out["w"], torch.full((2,), 3.25))
-    assert any("site-3" in f and "non-finite" in f for f in c.record["failures"])
+    assert any("site-3" in f and "non-finite" in f for f in c.record.failures)
 
 
 def test_privacy_summary_recomputes_and_flags_mismatch(tmp_path: Path) -> None:

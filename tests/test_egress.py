@@ -15,7 +15,7 @@ from fedslm.artifacts import read_jsonl
 from fedslm.cli import main
 from fedslm.config import validate_config
 from fedslm.egress import Payload, check, describe, tensor_record
-from fedslm.inprocess import build_site, run_in_process
+from fedslm.inprocess import build_site, run_job_in_process
 from fedslm.job import prepare_job
 from fedslm.privacy.egress_log import egress_entries, verify_egress
 from fedslm.privacy.ledger import PrivacyLedger
@@ -119,7 +119,7 @@ def test_a_hostile_job_asking_for_a_huge_adapter_is_refused(
         policy={"default": {"max_bytes_per_round": 50_000}},
     )
     prepared = prepare_job(validate_config(raw), "test", tmp_path / "run")
-    run_in_process(prepared)
+    run_job_in_process(prepared)
     (rnd,) = read_jsonl(prepared.out / "metrics.jsonl")
     assert rnd["aggregated"] is False
     reasons = rnd["refusals"]["site-1"]

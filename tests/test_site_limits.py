@@ -27,7 +27,7 @@ from fedslm.data import INTENTS, generate_bank_messages, write_rows
 from fedslm.data.sites import split_site
 from fedslm.egress import Payload, check, describe
 from fedslm.errors import FederationError
-from fedslm.inprocess import run_in_process
+from fedslm.inprocess import run_job_in_process
 from fedslm.job import plan_job, prepare_job
 from fedslm.models.registry import base_parameters, resolve_model
 from fedslm.policy import SitePolicy, load_policy
@@ -227,7 +227,7 @@ def test_a_small_evaluation_set_sends_no_figures(tmp_path: Path, tiny_bert: Path
     records why and averages the others only."""
     raw = _job(tiny_bert, policy={"sites": {"site-2": {"min_eval_records": 25}}})
     prepared = prepare_job(validate_config(raw), "test", tmp_path / "run")
-    run_in_process(prepared)
+    run_job_in_process(prepared)
     (rnd,) = read_jsonl(prepared.out / "metrics.jsonl")
     assert rnd["aggregated"] is True
     small, other = rnd["sites"]["site-2"], rnd["sites"]["site-1"]

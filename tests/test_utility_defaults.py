@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedslm.config import JobConfig, LoraConfig, ModelConfig
-from fedslm.inprocess import build_site, run_in_process
+from fedslm.inprocess import build_site, run_job_in_process
 from fedslm.job import prepare_job
 from fedslm.models import load_model
 from fedslm.models.loading import classification_head
@@ -265,7 +265,7 @@ def test_lp_lora_phases_are_one_composition_in_the_ledger_and_verify_recomputes_
     )
     out = tmp_path / "run"
     prepared = prepare_job(job, "test", out)
-    summary = run_in_process(prepared)
+    summary = run_job_in_process(prepared)
     for name, site in summary["sites"].items():
         segments = site["segments"]
         assert len({(s["q"], s["sigma"]) for s in segments}) == 2, name  # probe, then LoRA
@@ -310,7 +310,7 @@ def test_a_default_dp_job_learns_beyond_the_label_prior(
     out = tmp_path / command
     prepared = prepare_job(job, "test", out)
     if command == "simulate":
-        run_in_process(prepared)
+        run_job_in_process(prepared)
     else:
         run_centralized(prepared, Reporter(quiet=True))
     prior, accuracy = _prior_and_final_accuracy(out)

@@ -1,7 +1,7 @@
 """``fedslm audit CONFIG``: the one-run privacy audit of a simulated job, with its control.
 
 Two trainings of the job, in process, with the same ``Site`` and ``Coordinator`` code as every
-other run (``fedslm.inprocess.run_in_process``): the *audited* run (the job as configured,
+other run (``fedslm.inprocess.run_job_in_process``): the *audited* run (the job as configured,
 canaries in one site's training data) and the *control* (the same job and canaries with DP
 off). Each canary is scored by how much the final global adapter lowered its loss against the
 initial one; the highest-scoring ``r`` are guessed members; the right guesses give a lower
@@ -44,7 +44,7 @@ from fedslm.audit.canaries import Canaries, data_refusal, make_canaries, with_ca
 from fedslm.batching import Encoded, encode_classification, encode_instructions, sequential_batches
 from fedslm.config import JobConfig, load_config
 from fedslm.errors import ConfigError, FederationError
-from fedslm.inprocess import build_site, run_in_process
+from fedslm.inprocess import build_site, run_job_in_process
 from fedslm.job import JobPlan, make_coordinator, plan_job, preflight
 from fedslm.lora_math import to_site_rank
 from fedslm.models import set_adapter_state
@@ -329,7 +329,7 @@ def _train_arm(
     initial = score_losses(target, target.initial_state(), encoded)
     coordinator = make_coordinator(prepared)
     with _noise_removed() if remove_noise else contextlib.nullcontext():
-        summary = run_in_process(prepared, reporter, sites=sites, coordinator=coordinator)
+        summary = run_job_in_process(prepared, reporter, sites=sites, coordinator=coordinator)
     trained = score_losses(target, coordinator.state, encoded)
     scores = [a - b for a, b in zip(initial, trained, strict=True)]
     counts = count_correct(scores, canaries.included, r_values)

@@ -18,11 +18,12 @@ Every pair of sites is masked (Bonawitz's complete graph, not SecAgg+'s sparse o
 coordinator that follows the protocol, even together with fewer than t sites, a site's input
 stays hidden. Not covered: a coordinator that lies about who dropped or forges keys (no
 signatures or consistency round), and sites that submit harmful updates (the coordinator cannot
-screen what it cannot see). ``run_in_process`` runs a whole session for tests and benchmarks.
+screen what it cannot see). ``run_session_in_process`` runs a whole session in one process, for
+tests and benchmarks.
 """
 
 from fedslm.secagg.coordinator import SecAggCoordinator
-from fedslm.secagg.inprocess import InProcessRun, run_in_process
+from fedslm.secagg.inprocess import InProcessRun, run_session_in_process
 from fedslm.secagg.messages import (
     EncryptedShares,
     KeyAdvert,
@@ -57,6 +58,6 @@ __all__ = [
     "default_threshold",
     "encode",
     "quantize",
-    "run_in_process",
+    "run_session_in_process",
     "sum_error_bound",
 ]

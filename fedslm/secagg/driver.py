@@ -1,7 +1,8 @@
-"""The coordinator's loop over the protocol's rounds 1-3, independent of the transport.
+"""The coordinator's side of the protocol's stages 1-3 (its "rounds", not the federation's),
+independent of the transport.
 
-Round 0 (the key adverts) rides on the training replies; ``run_rounds`` then sends each later
-stage to the sites that completed the previous one through ``exchange``, a function the Flower
+Round 0 (the key adverts) rides on the training replies; ``run_secagg_stages`` then sends each
+later stage to the sites that completed the previous one through ``exchange``, a function the Flower
 ServerApp implements with ``grid.send_and_receive`` (and tests with plain ``SecAggSite``
 objects). A site whose reply is missing (error, timeout, refusal) or malformed at any stage is
 a dropout, recorded once with its stage and reason; the protocol tolerates dropouts down to the
@@ -74,13 +75,14 @@ def _sender(reply: object) -> int | None:
     return None
 
 
-def run_rounds(
+def run_secagg_stages(
     params: SecAggParams,
     adverts: Sequence[KeyAdvert],
     exchange: Exchange,
     vector_length: int | None = None,
 ) -> SessionOutcome:
-    """Run rounds 1-3 after the sites' key ``adverts``; never raises SecAggError (a failed
+    """Run the protocol's stages 1-3 (``share-keys``, ``masked-input``, ``unmask``) of one
+    federation round after the sites' key ``adverts``; never raises SecAggError (a failed
     session is an outcome, the federation goes on with the next round). A masked input that is
     not a ``vector_length`` vector of the ring dtype counts as a dropout rather than spoiling
     the sum."""

@@ -1,4 +1,5 @@
-"""The whole protocol in one process, with optional drop-outs: for tests and benchmarks."""
+"""One whole secure-aggregation session in one process, with optional drop-outs: for tests and
+benchmarks (not a federated job: ``fedslm.inprocess`` runs one of those)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class InProcessRun:
     seconds: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
-def run_in_process(
+def run_session_in_process(
     params: SecAggParams,
     updates: Sequence[np.ndarray],
     weights: Sequence[int] | None = None,

@@ -176,7 +176,7 @@ def test_dropout_round_is_released_and_accounted_short_round_is_not(tmp_path: Pa
     assert out is not None
     # site-1's delta has norm 2 > 0.5: clipped to 0.25 per coordinate; site-2's norm 0.2 kept
     torch.testing.assert_close(out["w"], torch.full((4,), (0.25 + 0.1) / 3), rtol=0, atol=0.012)
-    assert c.record["central_dp"] == {
+    assert c.record.central_dp == {
         "sites": 2,
         "clipped": 1,
         "noise_std_of_mean": pytest.approx(0.01 * 0.5 / 3),

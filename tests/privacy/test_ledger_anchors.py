@@ -90,7 +90,7 @@ def released_run(run: Path, site: str, entries: list[LedgerEntry]) -> Path:
     for r, e in enumerate(entries, start=1):
         c.start_round(r)
         assert c.aggregate(r, [_report(site, e.seq, e.hash, e.segment)], []) is not None
-        lines.append(json.dumps(c.record))
+        lines.append(json.dumps(c.record.to_dict()))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (run / "privacy.json").write_text(json.dumps(c.privacy_summary()))
     return run
@@ -242,11 +242,11 @@ def test_coordinator_refuses_a_head_behind_the_one_it_anchored(tmp_path: Path) -
     first.start_round(1)
     assert first.aggregate(1, [_report("bank", 5, "e" * 64)], []) is not None
     assert first.privacy_summary()["sites"]["bank"]["ledger_head_seq"] == 5
-    assert first.record["sites"]["bank"]["ledger_seq"] == 5
+    assert first.record.sites["bank"]["ledger_seq"] == 5
     # within the run: round 2 comes back with a shorter ledger
     first.start_round(2)
     assert first.aggregate(2, [_report("bank", 3, "f" * 64)], []) is None
-    assert any("entry seq 3 at the latest" in f for f in first.record["failures"])
+    assert any("entry seq 3 at the latest" in f for f in first.record.failures)
     first.keep_anchors()
     assert json.loads(store.read_text())["bank"]["seq"] == 5
     # another run that anchored a later head meanwhile keeps it
@@ -260,7 +260,7 @@ def test_coordinator_refuses_a_head_behind_the_one_it_anchored(tmp_path: Path) -
     second = _coordinator(tmp_path / "runs" / "two", store)
     second.start_round(1)
     assert second.aggregate(1, [_report("bank", 3, "a" * 64)], []) is None
-    failure = second.record["failures"][0]
+    failure = second.record.failures[0]
     assert "bank" in failure and "run three round 1 anchored its entry seq 7" in failure
     assert "round 1:" in second.privacy_summary()["sites"]["bank"]["refusals"][0]
     assert second.aggregate(1, [_report("bank", 8, "b" * 64)], []) is not None
@@ -268,7 +268,7 @@ def test_coordinator_refuses_a_head_behind_the_one_it_anchored(tmp_path: Path) -
     # under secure aggregation the input is in the sum already: counted, but not anchored
     second.start_round(2)
     second.aggregate_secure(2, [_report("bank", 4, "c" * 64)], [], None, None, [], "failed")
-    assert any("in the sum all the same" in f for f in second.record["failures"])
+    assert any("in the sum all the same" in f for f in second.record.failures)
     summary = second.privacy_summary()["sites"]["bank"]
     assert summary["dp_steps"] == 2 * STEPS
     assert (summary["ledger_head_seq"], summary["ledger_head"]) == (8, "b" * 64)
@@ -489,7 +489,7 @@ def test_the_site_refuses_a_rewrite_padded_past_the_coordinators_anchor(
     assert "the ledger's entry seq 5 has hash" in reason and "between seq 1 and 5" in reason
     with PrivacyLedger(ledger, create=False) as led:
         assert led.entries() == padded  # refused before anything was spent
-    assert coordinator.record["refusals"] == {"hospital": [reason]}  # type: ignore[attr-defined]
+    assert coordinator.record.refusals == {"hospital": [reason]}  # type: ignore[attr-defined]
     privacy = coordinator.privacy_summary()["sites"]["hospital"]  # type: ignore[attr-defined]
     assert privacy["refusals"] == [f"round 1: {reason}"]
 
@@ -505,8 +505,8 @@ def test_an_honest_site_extends_the_coordinators_anchor_and_trains(
     with PrivacyLedger(ledger, create=False) as led:
         last = led.entries()[-1]
     assert (last.seq, last.job_id) == (6, "job-c")
-    sites = coordinator.record["sites"]  # type: ignore[attr-defined]
-    assert sites["hospital"]["ledger_seq"] == 6 and not coordinator.record["failures"]  # type: ignore[attr-defined]
+    sites = coordinator.record.sites  # type: ignore[attr-defined]
+    assert sites["hospital"]["ledger_seq"] == 6 and not coordinator.record.failures  # type: ignore[attr-defined]
     # the next round's message carries the head this round released
     anchor = coordinator.site_anchor("hospital")  # type: ignore[attr-defined]
     assert anchor is not None and (anchor.seq, anchor.hash) == (6, last.hash)

@@ -22,7 +22,7 @@ from fedslm.secagg import (
     UnmaskRequest,
     UnmaskShares,
     encode,
-    run_in_process,
+    run_session_in_process,
     shamir,
 )
 
@@ -52,7 +52,7 @@ def test_sum_of_five_1m_updates_matches_plain_sum_within_bound(ring: int) -> Non
     p = params(5) if ring == 64 else params(5, bits=16, max_weight=1)
     assert p.ring_bits == ring
     ups = updates(5, 1_000_000)
-    result = run_in_process(p, ups).result
+    result = run_session_in_process(p, ups).result
     error = np.abs(result.weighted_sum - plain_sum(ups, [1] * 5, p)).max()
     assert result.total_weight == 5 and result.survivors == [1, 2, 3, 4, 5]
     assert error <= 5 * p.step / 2 + 1e-12 and error <= result.sum_error_bound
@@ -72,7 +72,7 @@ def test_small_random_cases_match_plain_weighted_sum(seed: int) -> None:
     )
     ups = updates(n, int(rng.integers(1, 60)), seed=seed, scale=p.clip_range)  # some clipped
     weights = [int(rng.integers(1, p.max_weight + 1)) for _ in range(n)]
-    result = run_in_process(p, ups, weights).result
+    result = run_session_in_process(p, ups, weights).result
     assert result.total_weight == sum(weights)
     error = np.abs(result.weighted_sum - plain_sum(ups, weights, p)).max()
     # the float64 reference has its own rounding, up to n ulps of a sum of magnitude W * clip
@@ -92,7 +92,7 @@ def test_weighted_mean_equals_fedavg_of_flat_states_within_bound() -> None:
     records = [120, 45, 3000, 7, 88]
     p = params(5, max_weight=4096)
     flat = [torch.cat([t.flatten() for t in s.values()]).numpy() for s in states]
-    mean = run_in_process(p, flat, records).result.mean()
+    mean = run_session_in_process(p, flat, records).result.mean()
     expected = fedavg(zip(states, [float(r) for r in records], strict=True))
     expected_flat = torch.cat([t.flatten() for t in expected.values()]).double().numpy()
     # fedavg rounds its float64 mean to float32: allow that on top of the quantisation bound
@@ -106,7 +106,7 @@ def test_weighted_mean_equals_fedavg_of_flat_states_within_bound() -> None:
 def test_site_dropping_after_sharing_keys_leaves_the_survivors_sum() -> None:
     p = params(5)
     ups = updates(5, 2000, seed=1)
-    result = run_in_process(p, ups, [1, 2, 3, 4, 5], drop_after_round1={2}).result
+    result = run_session_in_process(p, ups, [1, 2, 3, 4, 5], drop_after_round1={2}).result
     assert result.survivors == [1, 3, 4, 5] and result.dropped == [2]
     expected = plain_sum([ups[i] for i in (0, 2, 3, 4)], [1, 3, 4, 5], p)
     assert result.total_weight == 13
@@ -116,7 +116,7 @@ def test_site_dropping_after_sharing_keys_leaves_the_survivors_sum() -> None:
 def test_site_dropping_after_its_masked_input_is_still_in_the_sum() -> None:
     p = params(5)
     ups = updates(5, 2000, seed=2)
-    result = run_in_process(p, ups, drop_after_round2={4}).result
+    result = run_session_in_process(p, ups, drop_after_round2={4}).result
     assert result.survivors == [1, 2, 3, 4, 5] and result.dropped == []
     assert np.abs(result.weighted_sum - plain_sum(ups, [1] * 5, p)).max() <= result.sum_error_bound
 
@@ -125,7 +125,9 @@ def test_drop_outs_in_both_rounds_with_state_rebuilt_every_round() -> None:
     """As a ClientApp in deployment: every message in a fresh process, state from to_state()."""
     p = params(6, threshold=3)
     ups = updates(6, 500, seed=3)
-    run = run_in_process(p, ups, drop_after_round1={1, 6}, drop_after_round2={3}, via_state=True)
+    run = run_session_in_process(
+        p, ups, drop_after_round1={1, 6}, drop_after_round2={3}, via_state=True
+    )
     assert run.result.survivors == [2, 3, 4, 5] and run.result.dropped == [1, 6]
     expected = plain_sum(ups[1:5], [1] * 4, p)
     assert np.abs(run.result.weighted_sum - expected).max() <= run.result.sum_error_bound
@@ -136,12 +138,12 @@ def test_drop_outs_in_both_rounds_with_state_rebuilt_every_round() -> None:
 
 def test_fewer_than_threshold_inputs_is_an_error_naming_round_and_counts() -> None:
     with pytest.raises(SecAggError, match=r"round 2: only 2 of 5 sites .* threshold is 3"):
-        run_in_process(params(5), updates(5, 10), drop_after_round1={1, 2, 3})
+        run_session_in_process(params(5), updates(5, 10), drop_after_round1={1, 2, 3})
 
 
 def test_fewer_than_threshold_unmasking_replies_is_an_error() -> None:
     with pytest.raises(SecAggError, match=r"round 3: only 3 of 5 sites .* threshold is 4"):
-        run_in_process(params(5, threshold=4), updates(5, 10), drop_after_round2={1, 5})
+        run_session_in_process(params(5, threshold=4), updates(5, 10), drop_after_round2={1, 5})
 
 
 def test_fewer_than_threshold_advertised_keys_is_an_error() -> None:
@@ -152,7 +154,7 @@ def test_fewer_than_threshold_advertised_keys_is_an_error() -> None:
 
 def test_a_site_refuses_to_unmask_below_threshold_or_twice() -> None:
     """The sites enforce the threshold too, so a coordinator that ignores it learns nothing."""
-    run = run_in_process(params(4, threshold=3), updates(4, 10))
+    run = run_session_in_process(params(4, threshold=3), updates(4, 10))
     site = run.sites[1]
     site.stage = 3  # rewind to before its round-3 answer
     with pytest.raises(SecAggError, match="2 of 4 sites sent a masked input; threshold is 3"):
@@ -174,7 +176,7 @@ def _top_byte_chi2(values: np.ndarray, bits: int) -> float:
 def test_a_masked_input_looks_uniform_and_differs_from_the_input(ring: int) -> None:
     p = params(5) if ring == 64 else params(5, bits=16, max_weight=1)
     ups = updates(5, 200_000, seed=4, scale=0.01)
-    run = run_in_process(p, ups)
+    run = run_session_in_process(p, ups)
     masked = next(m for m in run.messages if isinstance(m, MaskedInput) and m.site_id == 1)
     plain, _ = encode(ups[0], 1, p)
     y = masked.vector.astype(np.uint64)
@@ -189,7 +191,7 @@ def test_a_masked_input_looks_uniform_and_differs_from_the_input(ring: int) -> N
 
 def test_the_coordinator_never_receives_a_plaintext_share_or_secret() -> None:
     p = params(5)
-    run = run_in_process(p, updates(5, 100, seed=5), drop_after_round1={2})
+    run = run_session_in_process(p, updates(5, 100, seed=5), drop_after_round1={2})
     states = {i: s.to_state() for i, s in run.sites.items()}
     secrets = [s[k] for s in states.values() for k in ("cipher_sk", "mask_sk", "self_seed")]
     shares = [sh for s in states.values() for k in ("seed_shares", "key_shares") for sh in s[k]]

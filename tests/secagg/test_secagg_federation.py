@@ -21,7 +21,7 @@ from fedslm.secagg import (
     SecAggParams,
     SecAggResult,
     SecAggSite,
-    run_in_process,
+    run_session_in_process,
     sum_error_bound,
 )
 from fedslm.secagg.adapter import (
@@ -32,7 +32,7 @@ from fedslm.secagg.adapter import (
     update_vector,
     vector_size,
 )
-from fedslm.secagg.driver import Dropout, NoReply, run_rounds, site_stage
+from fedslm.secagg.driver import Dropout, NoReply, run_secagg_stages, site_stage
 from fedslm.site import Site, check_secagg_weight
 
 
@@ -65,10 +65,10 @@ def test_secure_mean_equals_fedavg_within_the_quantisation_bound() -> None:
     sites = [_state(10 + i) for i in range(3)]
     weights = [120, 80, 200]
     params = SecAggParams(b"test-session", 3, clip_range=1.0, bits=24)
-    from fedslm.secagg import run_in_process
+    from fedslm.secagg import run_session_in_process
 
     deltas = [update_vector(s, g) for s in sites]
-    run = run_in_process(params, deltas, weights)
+    run = run_session_in_process(params, deltas, weights)
     new = mean_state(g, run.result)
     total = sum(weights)
     plain = {k: sum(w * s[k] for s, w in zip(sites, weights, strict=True)) / total for k in g}
@@ -136,7 +136,7 @@ def test_a_site_with_more_records_than_max_weight_cannot_take_part() -> None:
     # the protocol itself refuses a weight above the bound, before anything is masked
     params = job_params(job, b"s", 3)
     with pytest.raises(SecAggError, match="max_weight=500"):
-        run_in_process(params, [np.zeros(3)] * 3, [10, 501, 10])
+        run_session_in_process(params, [np.zeros(3)] * 3, [10, 501, 10])
 
 
 def test_validator_rejects_central_dp_and_accepts_the_linear_modes() -> None:
@@ -158,7 +158,7 @@ def test_validator_rejects_central_dp_and_accepts_the_linear_modes() -> None:
 
 
 class FakeSites:
-    """The transport of ``run_rounds`` backed by real SecAggSite logic via ``to_state``, with
+    """The transport of ``run_secagg_stages`` backed by real SecAggSite logic via ``to_state``, with
     chosen sites failing at a chosen stage (an error reply: left out of the answers)."""
 
     def __init__(self, params: SecAggParams, updates: dict[int, np.ndarray]) -> None:
@@ -199,7 +199,7 @@ def test_a_dropout_at_any_stage_above_the_threshold_still_aggregates(stage: str)
     fake = FakeSites(params, updates)
     gone = sorted(updates)[1]
     fake.fail[stage] = {gone}
-    outcome = run_rounds(params, fake.adverts, fake, vector_length=8)
+    outcome = run_secagg_stages(params, fake.adverts, fake, vector_length=8)
     assert outcome.result is not None, outcome.failure
     assert outcome.dropouts == [Dropout(gone, stage, "no reply")]  # once, at its stage
     # a site that dropped before its input arrived is not in the sum; after, it is
@@ -215,7 +215,7 @@ def test_below_the_threshold_the_round_fails_with_a_reason() -> None:
     params = SecAggParams(b"s", 3, clip_range=1.0, threshold=3)
     fake = FakeSites(params, updates)
     fake.fail["masked-input"] = {sorted(updates)[0]}
-    outcome = run_rounds(params, fake.adverts, fake, vector_length=8)
+    outcome = run_secagg_stages(params, fake.adverts, fake, vector_length=8)
     assert outcome.result is None and outcome.failure is not None
     assert "threshold is 3" in outcome.failure
     assert "unmask" not in fake.asked  # nothing more was asked of the sites
@@ -234,7 +234,7 @@ def test_the_transports_reason_for_a_missing_reply_is_kept_once() -> None:
             answers[gone] = NoReply("refused: egress guard blocked the reply")
         return answers
 
-    outcome = run_rounds(params, fake.adverts, refusing, vector_length=8)
+    outcome = run_secagg_stages(params, fake.adverts, refusing, vector_length=8)
     assert outcome.result is not None and gone not in outcome.result.survivors
     assert outcome.result.dropped == [gone]
     assert outcome.dropouts == [
@@ -249,7 +249,7 @@ def test_a_masked_input_of_the_wrong_length_is_a_dropout() -> None:
     fake = FakeSites(params, updates)
     bad = sorted(updates)[2]
     updates[bad] = np.zeros(9, dtype=np.float32)
-    outcome = run_rounds(params, fake.adverts, fake, vector_length=8)
+    outcome = run_secagg_stages(params, fake.adverts, fake, vector_length=8)
     assert outcome.result is not None and bad not in outcome.result.survivors
     assert outcome.dropouts == [Dropout(bad, "masked-input", "malformed reply")]
 
@@ -274,7 +274,7 @@ def _protocol_payloads() -> tuple[SecAggParams, list[Payload]]:
         payloads.extend(make(a) for a in answers.values())  # type: ignore[arg-type]
         return answers
 
-    assert run_rounds(params, fake.adverts, spy, 8).result is not None
+    assert run_secagg_stages(params, fake.adverts, spy, 8).result is not None
     return params, payloads
 
 
@@ -348,9 +348,9 @@ def test_aggregate_secure_adds_the_mean_update_and_accounts_every_site(tmp_path:
     assert out is not None
     torch.testing.assert_close(out["w"], torch.full((2,), 3.5))
     rec = c.record
-    assert rec["aggregated"] and rec["secure_aggregation"]["survivors"] == ["site-1", "site-2"]
-    assert rec["sites"]["site-3"]["in_secure_sum"] is False
-    assert "update_norm" not in rec["sites"]["site-1"]  # the coordinator never saw one
+    assert rec.aggregated and rec.secure_aggregation["survivors"] == ["site-1", "site-2"]
+    assert rec.sites["site-3"]["in_secure_sum"] is False
+    assert "update_norm" not in rec.sites["site-1"]  # the coordinator never saw one
     # a site that trained but dropped out spent privacy all the same
     assert set(c.privacy) == {"site-1", "site-2", "site-3"}
 
@@ -361,9 +361,9 @@ def test_aggregate_secure_keeps_the_adapter_when_the_protocol_failed(tmp_path: P
     reports = [_report("site-1", 10), _report("site-2", 30)]
     why = "secure aggregation failed: only 1 of 3 sites sent a masked input"
     assert c.aggregate_secure(1, reports, [], {}, None, [], why) is None
-    assert c.record["aggregated"] is False and c.record["reason"] == why
+    assert c.record.aggregated is False and c.record.reason == why
     torch.testing.assert_close(c.state["w"], torch.ones(2))
     c.start_round(2)
     result = SecAggResult(np.array([10.0, 10.0]), 10, [5], [], 1e-6)
     assert c.aggregate_secure(2, reports, [], {}, result, ["site-1"]) is None  # below min_sites
-    assert "min_sites is 2" in c.record["reason"]
+    assert "min_sites is 2" in c.record.reason

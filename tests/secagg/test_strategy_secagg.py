@@ -135,8 +135,8 @@ def _run(
 def test_all_sites_secure_mean_equals_the_weighted_mean(tmp_path: Path) -> None:
     s = _run(tmp_path, {})
     rec = s.coordinator.record
-    assert rec["aggregated"], rec
-    seconds = rec["secure_aggregation"]["seconds"]  # each exchange and the whole protocol
+    assert rec.aggregated, rec
+    seconds = rec.secure_aggregation["seconds"]  # each exchange and the whole protocol
     assert set(seconds) == {"share-keys", "masked-input", "unmask", "protocol"}
     exchanges = seconds["share-keys"] + seconds["masked-input"] + seconds["unmask"]
     assert 0 < exchanges <= seconds["protocol"]
@@ -151,16 +151,16 @@ def test_a_site_failing_at_a_stage_is_a_dropout(tmp_path: Path, stage: str) -> N
     gone = 2**63 + 7
     s = _run(tmp_path, {stage: gone})
     rec = s.coordinator.record
-    assert rec["aggregated"], rec
+    assert rec.aggregated, rec
     # listed once, by site name, with the stage and the transport's reason
-    assert rec["failures"] == [
+    assert rec.failures == [
         f"site-2 dropped out of secure aggregation at stage {stage!r}: error reply: site went away"
     ]
-    assert rec["secure_aggregation"]["dropouts"] == [
+    assert rec.secure_aggregation["dropouts"] == [
         {"site": "site-2", "stage": stage, "reason": "error reply: site went away"}
     ]
     kept = [n for n in NODES if n != gone or stage == "unmask"]
-    assert rec["secure_aggregation"]["survivors"] == sorted(NODES[n] for n in kept)
+    assert rec.secure_aggregation["survivors"] == sorted(NODES[n] for n in kept)
     mean = sum(WEIGHTS[n] * UPDATES[n] for n in kept) / sum(WEIGHTS[n] for n in kept)
     torch.testing.assert_close(
         s.coordinator.state["w"], torch.tensor(mean, dtype=torch.float32), atol=1e-6, rtol=0
@@ -170,13 +170,11 @@ def test_a_site_failing_at_a_stage_is_a_dropout(tmp_path: Path, stage: str) -> N
 def test_below_the_threshold_the_round_is_recorded_not_aggregated(tmp_path: Path) -> None:
     s = _run(tmp_path, {"masked-input": 11}, threshold=3)
     rec = s.coordinator.record
-    assert rec["aggregated"] is False
-    assert (
-        rec["reason"].startswith("secure aggregation failed") and "threshold is 3" in rec["reason"]
-    )
-    assert rec["secure_aggregation"]["survivors"] == []
-    assert [d["site"] for d in rec["secure_aggregation"]["dropouts"]] == ["site-1"]
-    assert set(rec["secure_aggregation"]["seconds"]) == {"share-keys", "masked-input", "protocol"}
+    assert rec.aggregated is False
+    assert rec.reason.startswith("secure aggregation failed") and "threshold is 3" in rec.reason
+    assert rec.secure_aggregation["survivors"] == []
+    assert [d["site"] for d in rec.secure_aggregation["dropouts"]] == ["site-1"]
+    assert set(rec.secure_aggregation["seconds"]) == {"share-keys", "masked-input", "protocol"}
     torch.testing.assert_close(s.coordinator.state["w"], GLOBAL["w"])
 
 
@@ -184,15 +182,15 @@ def test_a_site_refusing_a_stage_is_a_dropout_with_its_reasons(tmp_path: Path) -
     gone = 11
     s = _run(tmp_path, {}, refuse={"masked-input": gone})
     rec = s.coordinator.record
-    assert rec["aggregated"], rec
-    assert rec["secure_aggregation"]["survivors"] == ["site-2", "site-3"]
-    assert rec["secure_aggregation"]["dropouts"] == [
+    assert rec.aggregated, rec
+    assert rec.secure_aggregation["survivors"] == ["site-2", "site-3"]
+    assert rec.secure_aggregation["dropouts"] == [
         {"site": "site-1", "stage": "masked-input", "reason": f"refused: {BLOCKED}"}
     ]
-    assert rec["failures"] == [
+    assert rec.failures == [
         f"site-1 dropped out of secure aggregation at stage 'masked-input': refused: {BLOCKED}"
     ]
-    assert rec["refusals"] == {}  # it trained: a dropout, not a refusal of the round
+    assert rec.refusals == {}  # it trained: a dropout, not a refusal of the round
     kept = [n for n in NODES if n != gone]
     mean = sum(WEIGHTS[n] * UPDATES[n] for n in kept) / sum(WEIGHTS[n] for n in kept)
     torch.testing.assert_close(
@@ -209,11 +207,11 @@ def test_a_bounded_weight_fits_a_32_bit_ring_and_the_mean_stays_within_the_bound
     # 3 sites x weight <= 64 x (2**15 - 1) < 2**31: the masked vectors halve to 4 bytes
     s = _run(tmp_path, {}, secagg=secagg)
     rec = s.coordinator.record
-    assert rec["aggregated"], rec
+    assert rec.aggregated, rec
     masked = s.grid.masked  # type: ignore[attr-defined]
     assert len(masked) == 3 and {v.dtype.str for v in masked} == {dtype}
     mean = sum(WEIGHTS[n] * UPDATES[n] for n in NODES) / sum(WEIGHTS.values())
-    bound = rec["secure_aggregation"]["sum_error_bound"] / rec["secure_aggregation"]["total_weight"]
+    bound = rec.secure_aggregation["sum_error_bound"] / rec.secure_aggregation["total_weight"]
     step = s.grid.params.clip_range / (2 ** (s.grid.params.bits - 1) - 1)  # type: ignore[attr-defined]
     assert step / 2 <= bound < step  # the grid is what the job asked for
     err = (s.coordinator.state["w"].double() - torch.tensor(mean)).abs().max().item()

@@ -1,9 +1,10 @@
-"""The ServerApp's round loop (``server/app.py``, ``run_rounds``): one message per site and
-round, each training message bringing the previous round's adapter for the site to evaluate.
+"""The ServerApp's rounds (``server/app.py``, ``run_flower_rounds``: the library's round sequence
+over Flower messages): one message per site and round, each training message bringing the
+previous round's adapter for the site to evaluate.
 
 The grid here is a stand-in for Flower's transport only: it hands each message to the real
 site code (``clients/handlers.py`` on ``Site`` objects built as the simulation builds them)
-and returns the real replies. The reference is ``fedslm.inprocess.run_in_process``, which
+and returns the real replies. The reference is ``fedslm.inprocess.run_job_in_process``, which
 trains, aggregates and then evaluates each round in turn, with no messages at all.
 """
 
@@ -17,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from fedslm.clients.handlers import HANDLERS
-from fedslm.server.app import run_rounds
+from fedslm.server.app import run_flower_rounds
 from fedslm.server.strategy import FedSLMStrategy
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from fedslm.config import validate_config
 from fedslm.errors import FederationError
-from fedslm.inprocess import build_site, run_in_process
+from fedslm.inprocess import build_site, run_job_in_process
 from fedslm.job import PreparedJob, make_coordinator, prepare_job
 from fedslm.privacy.egress_log import egress_entries
 from fedslm.privacy.ledger import PrivacyLedger
@@ -121,7 +122,7 @@ def _loop(
     grid = SiteGrid(sites, fail, delay)
     config = ConfigRecord({"quiet": True})
     try:
-        run_rounds(grid, strategy, coordinator, Reporter(quiet=True), config)  # type: ignore[arg-type]
+        run_flower_rounds(grid, strategy, coordinator, Reporter(quiet=True), config)  # type: ignore[arg-type]
     finally:
         coordinator.finish()
     return grid
@@ -135,7 +136,7 @@ def test_one_message_per_round_matches_train_then_evaluate(tmp_path: Path, tiny_
     """Three rounds take three training pushes and one final evaluation, and give the adapter
     and every round's evaluation that training then evaluating each round in turn gives."""
     reference = _prepare(tmp_path, tiny_bert, "reference")
-    run_in_process(reference)
+    run_job_in_process(reference)
     joined = _prepare(tmp_path, tiny_bert, "joined")
     grid = _loop(joined)
 

@@ -105,7 +105,7 @@ def test_error_and_malformed_replies_are_failures(tmp_path: Path) -> None:
     malformed = Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=_request(3))
     arrays, _ = strategy.aggregate_train(1, [_ok(1, "site-1", 2.0), error, malformed])
     assert arrays is None  # 1 usable update < min_sites 2
-    failures = strategy.coordinator.record["failures"]
+    failures = strategy.coordinator.record.failures
     assert any("site crashed" in f for f in failures)
     assert any("malformed" in f for f in failures)
 
@@ -118,7 +118,7 @@ def test_refusals_are_recorded_with_their_reasons(tmp_path: Path) -> None:
     refusal = Message(encode_payload(payload), reply_to=_request(3))
     arrays, _ = strategy.aggregate_train(1, [_ok(1, "site-1", 2.0), _ok(2, "site-2", 4.0), refusal])
     assert arrays is not None
-    assert strategy.coordinator.record["refusals"] == {"site-3": ["over budget"]}
+    assert strategy.coordinator.record.refusals == {"site-3": ["over budget"]}
     assert strategy.coordinator.privacy["site-3"].refusals == ["round 1: over budget"]
 
 
@@ -188,13 +188,13 @@ def test_evaluations_riding_on_training_replies_are_recorded(tmp_path: Path) -> 
     ]
     strategy.aggregate_evaluate(1, replies)
     rec = strategy.coordinator.record
-    assert rec["eval_loss"] == pytest.approx(2.0)  # (1.0 * 5 + 3.0 * 5) / 10
-    assert rec["sites"]["site-1"]["eval_loss"] == 1.0 and rec["sites"]["site-2"]["eval_loss"] == 3.0
-    assert rec["failures"] == ["evaluate: node 3: refused: no"]
+    assert rec.eval_loss == pytest.approx(2.0)  # (1.0 * 5 + 3.0 * 5) / 10
+    assert rec.sites["site-1"]["eval_loss"] == 1.0 and rec.sites["site-2"]["eval_loss"] == 3.0
+    assert rec.failures == ["evaluate: node 3: refused: no"]
     # and the training parts are what aggregate_train sees
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
-    assert rec["refusals"] == {"site-2": ["budget"], "site-3": ["no"]}
+    assert rec.refusals == {"site-2": ["budget"], "site-3": ["no"]}
 
 
 def test_only_an_evaluation_encoded_with_its_prefix_joins_a_reply() -> None:
@@ -373,7 +373,7 @@ def test_a_reply_with_an_unknown_field_is_a_failure_naming_it(tmp_path: Path) ->
     odd = Message(content, reply_to=_request(2))
     arrays, _ = strategy.aggregate_train(1, [_ok(1, "site-1", 2.0), odd])
     assert arrays is not None
-    (failure,) = strategy.coordinator.record["failures"]
+    (failure,) = strategy.coordinator.record.failures
     assert "malformed" in failure and "'hostname'" in failure, failure
 
 
