@@ -725,11 +725,17 @@ def round_utility(rec: dict[str, Any], sites: Sequence[str]) -> RoundUtility:
 
 
 def find_baselines(run_dir: str | Path) -> list[tuple[str, Path]]:
-    """``RUN/baselines/NAME/`` folders that hold a metrics.jsonl, by name."""
+    """``RUN/baselines/NAME/`` folders that hold a metrics.jsonl, by name, as paths relative to
+    the run folder (``load_baseline`` reads a relative path from there, so a run named by a
+    relative path must not be joined to itself)."""
     folder = Path(run_dir) / BASELINES_DIR
     if not folder.is_dir():
         return []
-    return [(d.name, d) for d in sorted(folder.iterdir()) if (d / METRICS_FILE).is_file()]
+    return [
+        (d.name, Path(BASELINES_DIR) / d.name)
+        for d in sorted(folder.iterdir())
+        if (d / METRICS_FILE).is_file()
+    ]
 
 
 def load_baseline(name: str, path: Path, run: RunFiles, sites: Sequence[str]) -> Baseline:

@@ -459,6 +459,22 @@ def test_baselines_under_the_run_are_picked_up(copy: Path, central_run: Path) ->
     assert verify(copy) == 0
 
 
+def test_baselines_of_a_run_named_by_a_relative_path_are_found(
+    copy: Path, central_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fedslm report runs/x`` from the project folder: the baseline is RUN/baselines/NAME,
+    not RUN/RUN/baselines/NAME (found with ``fedslm audit --out runs/demo-audit``)."""
+    folder = copy / "baselines" / "pooled"
+    folder.mkdir(parents=True)
+    for name in ("metrics.jsonl", "privacy.json"):
+        shutil.copy(central_run / name, folder)
+    monkeypatch.chdir(copy.parent)
+    assert report(Path(copy.name)) == 0
+    r = Report.model_validate_json((copy / "report.json").read_text())
+    assert [(b.name, b.path) for b in r.utility.baselines] == [("pooled", "baselines/pooled")]
+    assert verify(Path(copy.name)) == 0
+
+
 # --------------------------------------------------------------------------------------------
 # The page: self-contained, offline, and rendered by a real browser
 
