@@ -107,24 +107,27 @@ def _train(
     def on_step(step: int, steps: int, loss: float) -> None:
         reporter.step(site.name, round_num, step, steps, loss)
 
-    try:
-        if releases is not None:
+    if releases is not None:
+        try:
             stored = releases.prior(site, round_num, global_state)
-            if stored is not None:
-                reporter.info(f"[{site.name}] round {round_num}: sending the stored release again")
-                return encode_payload(site.release(round_num, stored, replay=True))
-        update = site.train_round(round_num, global_state, on_step, anchor)
-        if site.job.federation.secure_aggregation:
-            payload = _start_secure(site, state, node_id, round_num, update, global_state)
-        else:
-            payload = site.release(round_num, site.train_payload(update))
-        if releases is not None:
-            # kept before the reply leaves: a retry of this round gets exactly this back
-            releases.store(site, round_num, global_state, payload)
-    except SiteRefusal as refusal:
-        reporter.warn(f"[{site.name}] refused round {round_num}: {refusal}")
-        payload = site.release(round_num, site.refusal_payload(refusal.reasons))
-    return encode_payload(payload)
+        except SiteRefusal as refusal:  # this round was released for another input
+            reporter.warn(f"[{site.name}] refused round {round_num}: {refusal}")
+            return encode_payload(site.release(round_num, site.refusal_payload(refusal.reasons)))
+        if stored is not None:
+            reporter.info(f"[{site.name}] round {round_num}: sending the stored release again")
+            return encode_payload(site.release(round_num, stored, replay=True))
+
+    def secure(update: SiteUpdate) -> Payload:
+        return _start_secure(site, state, node_id, round_num, update, global_state)
+
+    send = secure if site.job.federation.secure_aggregation else None
+    answer = site.answer_train(round_num, global_state, on_step, anchor, send=send)
+    if answer.update is None:
+        reporter.warn(f"[{site.name}] refused round {round_num}: {'; '.join(answer.reasons)}")
+    elif releases is not None:
+        # kept before the reply leaves: a retry of this round gets exactly this back
+        releases.store(site, round_num, global_state, answer.payload)
+    return encode_payload(answer.payload)
 
 
 def handle_evaluate(site: Site, content: RecordDict, state: RecordDict, node_id: int) -> RecordDict:

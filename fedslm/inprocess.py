@@ -15,7 +15,7 @@ from fedslm.job import PreparedJob, SiteSetup, make_coordinator
 from fedslm.messages import SiteEval, SiteReport
 from fedslm.progress import Reporter
 from fedslm.rounds import run_round_sequence
-from fedslm.site import Site, SiteRefusal, SiteUpdate, simulated_noise_secret
+from fedslm.site import Site, SiteUpdate, simulated_noise_secret
 
 
 def build_site(prepared: PreparedJob, setup: SiteSetup, *, with_policy: bool = True) -> Site:
@@ -77,15 +77,11 @@ class SiteCallTransport:
         def on_step(step: int, steps: int, loss: float) -> None:
             self.reporter.step(site.name, round_num, step, steps, loss)
 
-        try:
-            anchor = self.coordinator.site_anchor(site.name)
-            update = site.train_round(round_num, self.coordinator.state, on_step, anchor)
-            site.release(round_num, site.train_payload(update))
-        except SiteRefusal as refusal:
-            site.release(round_num, site.refusal_payload(refusal.reasons))
-            self.refusals[site.name] = refusal.reasons
-            return None
-        return update
+        anchor = self.coordinator.site_anchor(site.name)
+        answer = site.answer_train(round_num, self.coordinator.state, on_step, anchor)
+        if answer.update is None:
+            self.refusals[site.name] = answer.reasons
+        return answer.update
 
     def aggregate(self, round_num: int) -> bool:
         """The sites' reports and refusals, to ``Coordinator.aggregate``."""

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -351,6 +351,16 @@ class SiteUpdate:
     seconds: float  # local training
     privacy_seconds: float  # policy check, ledger read and write, every epsilon computed
     ledger_seq: int | None = None  # the seq of the entry whose hash is ledger_head
+
+
+@dataclass(frozen=True)
+class TrainAnswer:
+    """A site's answer to a training message (``Site.answer_train``): what it released, and
+    the update (None when the site refused; ``reasons`` then says why)."""
+
+    payload: Payload
+    update: SiteUpdate | None
+    reasons: list[str]
 
 
 def noise_fingerprint(job: JobConfig) -> str:
@@ -728,6 +738,32 @@ class Site:
         """A refusal: the site's name and its own reasons; no tensors, no metrics."""
         metrics, fields = Refusal(self.name, reasons).wire_values()
         return Payload("refusal", {}, metrics, fields)
+
+    def answer_train(
+        self,
+        round_num: int,
+        global_state: dict[str, torch.Tensor],
+        on_step: StepCallback | None = None,
+        anchor: Anchor | None = None,
+        *,
+        send: Callable[[SiteUpdate], Payload] | None = None,
+    ) -> TrainAnswer:
+        """Answer a training message, as every path does (Flower's ClientApp, the site
+        daemon's worker, the in-process run): train round ``round_num`` on ``global_state``
+        and release the update (``send``: how, by default the plain training reply), or, when
+        the site's policy, ledger or egress guard refuses, release the refusal instead. What
+        leaves is checked and logged by ``release`` either way."""
+        try:
+            update = self.train_round(round_num, global_state, on_step, anchor)
+            payload = (
+                send(update)
+                if send is not None
+                else self.release(round_num, self.train_payload(update))
+            )
+        except SiteRefusal as refusal:
+            refused = self.release(round_num, self.refusal_payload(refusal.reasons))
+            return TrainAnswer(refused, None, refusal.reasons)
+        return TrainAnswer(payload, update, [])
 
     def release(
         self,
