@@ -12,42 +12,28 @@ import math
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedslm.aggregation import weighted_mean
-from fedslm.artifacts import (
-    append_jsonl,
-    jsonl_line,
-    library_versions,
-    write_json,
-    write_text,
-    write_torch,
-)
+from fedslm.artifacts import write_json
 from fedslm.config import JobConfig
 from fedslm.errors import FederationError
 from fedslm.messages import SiteEval, SiteReport
-from fedslm.models.adapter import AdapterState, export_adapter
-from fedslm.privacy.accounting import (
-    ACCOUNTANT_NAMES,
-    EPSILON_TOLERANCE,
-    Segment,
-    calibrate_noise,
-    epsilon,
-    gaussian_epsilon,
-)
+from fedslm.models.adapter import AdapterState
+from fedslm.privacy.accounting import calibrate_noise
 from fedslm.privacy.anchors import Anchor
-from fedslm.privacy.central import WEIGHTING_TEXT, noised_mean_update, site_weight
+from fedslm.privacy.central import noised_mean_update, site_weight
+from fedslm.privacy_summary import SitePrivacy, central_epsilon, privacy_summary
 from fedslm.robust import clip_update, coordinate_median, trimmed_mean
 from fedslm.rounds import RoundRecord
+from fedslm.run_outputs import ResumeState, RunOutputs
 from fedslm.secagg.adapter import mean_state
 from fedslm.secagg.messages import SecAggResult
 from fedslm.server_opt import make_server_optimizer
-
-RESUME_STATE = "coordinator_state.pt"
 
 
 @dataclass(frozen=True)
@@ -66,24 +52,10 @@ class SecureDropout:
         return f"{self.site} dropped out of {where}: {self.reason}"
 
 
-@dataclass
-class _SitePrivacy:
-    segments: list[Segment] = field(default_factory=list)
-    reported_epsilon: float | None = None
-    delta: float | None = None
-    accountant: str | None = None
-    max_grad_norm: float | None = None
-    lifetime_epsilon: float | None = None
-    ledger_head: str | None = None
-    ledger_seq: int | None = None
-    records: int = 0
-    rounds: int = 0
-    refusals: list[str] = field(default_factory=list)
-
-
 class Coordinator:
-    """Holds the global adapter and writes ``metrics.jsonl``, checkpoints, ``adapter/`` and
-    ``privacy.json`` under ``out_dir``."""
+    """Holds the global adapter, aggregates each round and keeps the round's record; its
+    ``outputs`` (``fedslm.run_outputs``) write ``metrics.jsonl``, checkpoints, ``adapter/`` and
+    ``privacy.json`` (described by ``fedslm.privacy_summary``) under ``out_dir``."""
 
     def __init__(
         self,
@@ -96,10 +68,9 @@ class Coordinator:
     ) -> None:
         self.job = job
         self.out = out_dir
-        self.model = export_model
+        self.outputs = RunOutputs(out_dir, export_model, metadata)
         self.state = initial_state
-        self.metadata = metadata
-        self.privacy: dict[str, _SitePrivacy] = {}
+        self.privacy: dict[str, SitePrivacy] = {}
         self.aggregated_rounds = 0
         self.record: RoundRecord | None = None  # the current round, as it will be written
         # (site, round) pairs already accounted: a retried round whose sites replay the same
@@ -107,7 +78,6 @@ class Coordinator:
         self._accounted: set[tuple[str, int]] = set()
         self._aggregated_at: float | None = None  # when the round in hand was aggregated
         self._counted_until: float | None = None  # the end of the last round's wall time
-        self._saved_round: int | None = None  # the round whose metrics line is on disk
         central = job.privacy.central
         self.central_sigma: float | None = None
         if central.enabled:
@@ -265,7 +235,7 @@ class Coordinator:
         rec.failures = list(failures)
         rec.refusals = dict(refusals or {})
         for site, reasons in rec.refusals.items():
-            self.privacy.setdefault(site, _SitePrivacy()).refusals.append(
+            self.privacy.setdefault(site, SitePrivacy()).refusals.append(
                 f"round {round_num}: {'; '.join(reasons)}"
             )
         return rec
@@ -344,7 +314,7 @@ class Coordinator:
         rec.wall_seconds = (self._aggregated_at or time.perf_counter()) - self._counted_until
         rec.evaluated = False
         self._write_round(rec)
-        write_json(self.out / "privacy.json", self.privacy_summary())
+        self.outputs.write_privacy(self.privacy_summary())
 
     def end_round(self) -> RoundRecord:
         """Write this round's checkpoint and its line of ``metrics.jsonl``; return the round.
@@ -370,25 +340,14 @@ class Coordinator:
         rec.finished_at = round(time.time(), 3)  # when the round was recorded (Unix time)
         rec.epsilon = {s: p.reported_epsilon for s, p in self.privacy.items()}
         if self.central_sigma is not None:
-            rec.central_epsilon = self._central_epsilon(self.job.privacy.accountant)
-        metrics = self.out / "metrics.jsonl"
-        if rec.aggregated and self._saved_round != rec.round:
-            checkpoint = self.out / "checkpoints" / f"round-{rec.round}"
-            meta = self.metadata | {"round": rec.round}
-            export_adapter(self.model, self.state, checkpoint, meta)
-            # a resumed run continues the server optimizer exactly; the metrics line written
-            # last is what marks the round (and its checkpoint) complete
-            write_torch(checkpoint / "server_optimizer.pt", self.server_optimizer.state_dict())
-            write_torch(checkpoint / RESUME_STATE, self._resume_state())
-        if self._saved_round == rec.round:
-            lines = _complete_lines(metrics)
-            if lines and lines[-1].get("round") == rec.round:
-                lines[-1] = rec.to_dict()
-                write_text(metrics, "".join(jsonl_line(r) for r in lines))
-                self.keep_anchors()
-                return
-        append_jsonl(metrics, rec.to_dict())
-        self._saved_round = rec.round
+            rec.central_epsilon = central_epsilon(
+                self.job, self.central_sigma, self.aggregated_rounds, self.job.privacy.accountant
+            )
+        if self.outputs.needs_checkpoint(rec):
+            self.outputs.write_checkpoint(
+                rec.round, self.state, self.server_optimizer.state_dict(), self._resume_state()
+            )
+        self.outputs.write_line(rec)
         self.keep_anchors()
 
     def keep_anchors(self) -> None:
@@ -417,7 +376,7 @@ class Coordinator:
         reason = f"{r.site}: {conflict}{consequence}"
         rec = self._round()
         rec.failures.append(f"update rejected: {reason}")
-        self.privacy.setdefault(r.site, _SitePrivacy()).refusals.append(
+        self.privacy.setdefault(r.site, SitePrivacy()).refusals.append(
             f"round {rec.round}: {reason}"
         )
         return False
@@ -439,18 +398,16 @@ class Coordinator:
             return Anchor(p.ledger_seq, p.ledger_head, "an earlier round of this run")
         return self.anchors.get(site)
 
-    def _resume_state(self) -> dict[str, Any]:
-        """What ``resume`` needs beyond the exported adapter: the exact float32 global state,
-        the per-site privacy record, and the central noise generator (coordinator-private:
-        whoever holds it could predict the next round's noise)."""
-        return {
-            "round": self._round().round,
-            "state": {k: v.detach().clone() for k, v in self.state.items()},
-            "aggregated_rounds": self.aggregated_rounds,
-            "privacy": {name: _privacy_to_dict(p) for name, p in self.privacy.items()},
-            "accounted": sorted([list(x) for x in self._accounted]),
-            "noise": self._noise.get_state(),
-        }
+    def _resume_state(self) -> ResumeState:
+        """What ``resume`` needs beyond the exported adapter (``fedslm.run_outputs``)."""
+        return ResumeState(
+            round=self._round().round,
+            state=self.state,
+            aggregated_rounds=self.aggregated_rounds,
+            privacy=self.privacy,
+            accounted=self._accounted,
+            noise=self._noise.get_state(),
+        )
 
     def resume(self) -> int:
         """Continue from the last completed round in ``out_dir``; return its number (0: none).
@@ -461,33 +418,21 @@ class Coordinator:
         round is run again from the same global adapter, so a site asked again replays what it
         released instead of spending.
         """
-        metrics = self.out / "metrics.jsonl"
-        # a round recorded as not aggregated is where a failed run stopped: run it again
-        done = [r for r in _complete_lines(metrics) if r.get("aggregated")]
+        done = self.outputs.aggregated_lines()
         if not done:
             return 0
         last = int(done[-1]["round"])
-        checkpoint = self.out / "checkpoints" / f"round-{last}"
-        try:
-            saved = torch.load(checkpoint / RESUME_STATE, weights_only=True)
-            optimizer = torch.load(checkpoint / "server_optimizer.pt", weights_only=True)
-        except FileNotFoundError as exc:
-            raise FederationError(
-                f"{checkpoint}: round {last} is complete in metrics.jsonl but its checkpoint "
-                f"is missing ({exc.filename}); the run cannot be resumed"
-            ) from None
-        if int(saved["round"]) != last:
-            raise FederationError(f"{checkpoint}: holds round {saved['round']}, expected {last}")
-        self.state = dict(saved["state"])
+        saved, optimizer = self.outputs.read_checkpoint(last)
+        self.state = saved.state
         self.server_optimizer.load_state_dict(optimizer)
-        self.aggregated_rounds = int(saved["aggregated_rounds"])
-        self.privacy = {n: _privacy_from_dict(d) for n, d in saved["privacy"].items()}
-        self._accounted = {(str(s), int(r)) for s, r in saved["accounted"]}
-        self._noise.set_state(saved["noise"])
+        self.aggregated_rounds = saved.aggregated_rounds
+        self.privacy = saved.privacy
+        self._accounted = saved.accounted
+        self._noise.set_state(saved.noise)
         if done[-1].get("evaluated") is False:
             # killed before the round's evaluation came back: its line is completed by the
             # evaluation that rides on the next round's messages (``pending_evaluation``)
-            self.record, self._saved_round = RoundRecord.from_dict(done[-1]), last
+            self.record, self.outputs.saved_round = RoundRecord.from_dict(done[-1]), last
         return last
 
     @property
@@ -503,151 +448,27 @@ class Coordinator:
         """Export the final adapter (only when a round trained one: an untrained adapter
         must not pass for a result) and write ``privacy.json``; return the privacy summary."""
         if self.aggregated_rounds:
-            export_adapter(self.model, self.state, self.out / "adapter", self.metadata)
+            self.outputs.export_final(self.state)
         summary = self.privacy_summary(finished=True)
-        write_json(self.out / "privacy.json", summary)
+        self.outputs.write_privacy(summary)
         return summary
 
     def privacy_summary(self, finished: bool = False) -> dict[str, Any]:
-        """Per site: epsilon as the site reported it, and recomputed here from its segments;
-        and how far the run got (``run``; ``finished``: the run has stopped)."""
-        sites: dict[str, Any] = {}
-        for name, p in sorted(self.privacy.items()):
-            entry: dict[str, Any] = {
-                "records": p.records,
-                "rounds": p.rounds,
-                "dp_enabled": bool(p.segments),
-                "refusals": p.refusals,
-            }
-            if p.segments and p.delta is not None:
-                pld = epsilon(p.segments, p.delta, "pld")
-                rdp = epsilon(p.segments, p.delta, "rdp")
-                reported = p.reported_epsilon
-                ok = (
-                    reported is not None
-                    and math.isfinite(pld)
-                    and abs(reported - pld) <= EPSILON_TOLERANCE * max(pld, 1e-9)
-                )
-                seg0 = p.segments[0]
-                entry.update(
-                    epsilon=reported,
-                    accountant=p.accountant,
-                    accountant_detail=ACCOUNTANT_NAMES.get(p.accountant or "", p.accountant),
-                    epsilon_recomputed_pld=pld,
-                    epsilon_rdp=rdp,
-                    epsilon_check="ok" if ok else "MISMATCH",
-                    delta=p.delta,
-                    noise_multiplier=seg0.sigma,
-                    max_grad_norm=p.max_grad_norm,
-                    sample_rate=seg0.q,
-                    dp_steps=sum(s.steps for s in p.segments),
-                    segments=[s.to_dict() for s in p.segments],
-                    lifetime_epsilon_site_reported=p.lifetime_epsilon,
-                    ledger_head=p.ledger_head,
-                    ledger_head_seq=p.ledger_seq,
-                )
-            sites[name] = entry
-        return {
-            "central": self._central_summary(),
-            "privacy_unit": "record (one row of a site's training data), add/remove neighbours",
-            "mechanism": "DP-SGD: Poisson sampling, per-example clipping, Gaussian noise (Opacus)",
-            "target_epsilon": self.job.privacy.target_epsilon if self.job.privacy.enabled else None,
-            "sites": sites,
-            "job_fingerprint": self.job.fingerprint(),
-            "run": self._run_status(finished),
-            "versions": library_versions(),
-            "caveats": [
-                "Opacus secure_mode (cryptographically secure noise) was not used: it "
-                "needs torchcsprng, which has no release for this torch version.",
-                *(
-                    [
-                        "Central DP noise comes from torch's Mersenne Twister generator "
-                        "seeded from the operating system's CSPRNG; the generator itself is "
-                        "not cryptographically secure."
-                    ]
-                    if self.central_sigma is not None
-                    else []
-                ),
-            ],
-        }
-
-    def _run_status(self, finished: bool) -> dict[str, Any]:
-        """How far the run got: ``complete`` when its last round was recorded aggregated. A
-        file written after a round while others remain says ``incomplete`` and not
-        ``stopped``: read after a crash, it is what was on disk when the run was killed."""
-        planned, rec = self.job.federation.rounds, self.record
-        # no round started yet: the run stopped in round 1
-        current = rec.round if rec is not None else 1
-        aggregated = bool(rec is not None and rec.aggregated)
-        recorded = current - (0 if aggregated else 1)
-        complete = finished and recorded >= planned and aggregated
-        if complete:
-            note = f"all {planned} rounds recorded"
-        elif finished:
-            reason = rec.reason if rec is not None else None
-            note = f"stopped in round {current} of {planned}: " + str(reason or "see metrics.jsonl")
-        else:
-            note = f"written when round {recorded} of {planned} finished, while the run went on"
-        return {
-            "status": "complete" if complete else "incomplete",
-            "stopped": finished,
-            "rounds_planned": planned,
-            "rounds_finished": recorded,
-            "rounds_aggregated": self.aggregated_rounds,
-            "adapter": bool(finished and self.aggregated_rounds),
-            "note": note,
-        }
-
-    def _central_epsilon(self, accountant: str) -> float:
-        c = self.job.privacy.central
-        assert self.central_sigma is not None
-        segment = Segment(1.0, self.central_sigma, self.aggregated_rounds)
-        return epsilon([segment], c.delta, accountant)  # type: ignore[arg-type]
-
-    def _central_summary(self) -> dict[str, Any] | None:
-        """Site-level DP figures, or None when central DP is off."""
-        c = self.job.privacy.central
-        if self.central_sigma is None or c.clip_norm is None:
-            return None
-        accountant = self.job.privacy.accountant
-        reported = self._central_epsilon(accountant)
-        exact = gaussian_epsilon(self.central_sigma, self.aggregated_rounds, c.delta)
-        # inf (beyond the accountant's range, see accounting.epsilon) is a valid if empty bound
-        ok = math.isinf(reported) or abs(reported - exact) <= EPSILON_TOLERANCE * max(exact, 1e-9)
-        roster = len(self.job.federation.site_names)
-        return {
-            "privacy_unit": "site: everything one site contributes (all of its records), "
-            "zero-out neighbours (its update replaced by nothing)",
-            "mechanism": "Gaussian mechanism on the sum of site updates, each clipped to L2 "
-            "norm clip_norm and weighted by at most 1, divided by the number of sites on the "
-            "roster; every site is asked every round, so no sampling amplification (q = 1)",
-            "covers": "every global adapter the coordinator releases (each round's and the "
-            "final one); not the per-round metrics in metrics.jsonl",
-            "weighting": WEIGHTING_TEXT[c.weighting],
-            "records_cap": c.records_cap,
-            "denominator": roster,
-            "clip_norm": c.clip_norm,
-            "noise_multiplier": self.central_sigma,
-            "noise_std_of_mean": self.central_sigma * c.clip_norm / roster,
-            "target_epsilon": c.target_epsilon,
-            "rounds_released": self.aggregated_rounds,
-            "delta": c.delta,
-            "epsilon": reported,
-            "accountant": accountant,
-            "accountant_detail": ACCOUNTANT_NAMES[accountant],
-            "epsilon_recomputed_pld": self._central_epsilon("pld"),
-            "epsilon_rdp": self._central_epsilon("rdp"),
-            "epsilon_analytic": exact,
-            "epsilon_analytic_detail": "closed form for composed Gaussian mechanisms "
-            "(Balle and Wang 2018), fedslm.privacy.accounting.gaussian_epsilon",
-            "epsilon_check": "ok" if ok else "MISMATCH",
-        }
+        """``privacy.json`` as of now (``fedslm.privacy_summary.privacy_summary``)."""
+        return privacy_summary(
+            self.job,
+            self.privacy,
+            self.record,
+            self.aggregated_rounds,
+            self.central_sigma,
+            finished,
+        )
 
     def _account(self, r: SiteReport, round_num: int, anchor: bool = True) -> None:
         if (r.site, round_num) in self._accounted:
             return  # the same release, sent again for a retried or resumed round
         self._accounted.add((r.site, round_num))
-        p = self.privacy.setdefault(r.site, _SitePrivacy())
+        p = self.privacy.setdefault(r.site, SitePrivacy())
         p.records = r.num_examples
         p.rounds += 1
         if r.segment is not None:
@@ -660,30 +481,6 @@ class Coordinator:
             if anchor and r.ledger_head and r.ledger_seq is not None:
                 where = f"run {self.out.name} round {round_num}"
                 self.anchors[r.site] = Anchor(r.ledger_seq, r.ledger_head, where)
-
-
-def _complete_lines(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of ``metrics.jsonl``; a line torn by a crash while it was being
-    appended is cut off (its round is not complete and will run again)."""
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        write_text(path, text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def _privacy_to_dict(p: _SitePrivacy) -> dict[str, Any]:
-    d = dict(p.__dict__)
-    d["segments"] = [[s.q, s.sigma, s.steps] for s in p.segments]
-    return d
-
-
-def _privacy_from_dict(d: dict[str, Any]) -> _SitePrivacy:
-    d = dict(d)
-    d["segments"] = [Segment(float(q), float(sigma), int(n)) for q, sigma, n in d["segments"]]
-    return _SitePrivacy(**d)
 
 
 def _site_record(r: SiteReport) -> dict[str, Any]:

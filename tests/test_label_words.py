@@ -230,7 +230,7 @@ def test_a_federated_dp_round_by_label_words_and_the_adapter_reloads_in_plain_pe
     theirs = score_rows(plain, data.prompts, words.responses, CPU)
     torch.testing.assert_close(theirs, score_rows(ours, data.prompts, words.responses, CPU))
     torch.testing.assert_close(
-        theirs, score_rows(coordinator.model, data.prompts, words.responses, CPU)
+        theirs, score_rows(coordinator.outputs.model, data.prompts, words.responses, CPU)
     )
 
 

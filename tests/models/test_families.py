@@ -283,7 +283,7 @@ def test_one_dp_round_and_the_adapter_reloads_in_plain_peft(
         plain = AutoModelForCausalLM.from_pretrained(base)
     if not isinstance(plain, PeftModel):
         plain = PeftModel.from_pretrained(plain, adapter).eval()
-    ours = coordinator.model.eval()
+    ours = coordinator.outputs.model.eval()  # the model the adapter was exported from
     batch = collate(sites[0].eval_data, list(range(min(4, len(sites[0].eval_data)))), CPU)
     batch.pop("labels")
     with torch.no_grad():
