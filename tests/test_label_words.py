@@ -284,7 +284,7 @@ def test_jobs_without_label_words_keep_their_fingerprint() -> None:
     )
     assert len({job.fingerprint(), words.fingerprint(), asked.fingerprint()}) == 3
     # the report's job-identity check hashes job.json's copy of the config the same way
-    from fedslm.report.checks import job_config_sha256
+    from fedslm.report.checks.files import job_config_sha256
 
     for j in (job, words, asked):
         assert job_config_sha256(j.model_dump(mode="json")) == j.fingerprint()

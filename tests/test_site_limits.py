@@ -251,7 +251,7 @@ def test_the_guard_blocks_figures_of_too_few_evaluation_records() -> None:
 
 
 def test_the_trust_model_states_the_minimums() -> None:
-    from fedslm.report.build import _minimums_trust
+    from fedslm.report.sections.summary import _minimums_trust
 
     def ctx(*policies: dict[str, Any] | None) -> Any:
         sites = {f"s{i}": SimpleNamespace(policy=p) for i, p in enumerate(policies)}

@@ -2,9 +2,10 @@
 
 ``fedslm report RUN`` writes ``report.html`` (one self-contained page) and ``report.json`` (the
 same figures, typed: :class:`fedslm.report.model.Report`) for the federation and for each site;
-``fedslm verify`` recomputes them. Modules: ``runfiles`` reads a run folder, ``build`` computes
-every figure, ``checks`` holds the checks, ``plots`` and ``render`` draw the page, ``verify``
-compares a report with its run.
+``fedslm verify`` recomputes them. Modules: ``runfiles`` reads a run folder, ``sections``
+computes every figure (one module per section), ``checks`` holds the checks (one module per
+group, the registry in the package), ``build`` assembles a report, ``plots`` and ``render``
+draw the page, ``verify`` compares a report with its run.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedslm.artifacts import write_text
-from fedslm.report.build import collect, find_baselines, now_utc
+from fedslm.report.build import collect, now_utc
 from fedslm.report.model import SCHEMA_VERSION, Report, json_schema
 from fedslm.report.render import render_html
 from fedslm.report.runfiles import ReportInputError, RunContext, load_run
+from fedslm.report.sections.utility import find_baselines
 from fedslm.report.signing import SITE_KEY_FILE, sign_site_report
 
 REPORT_JSON = "report.json"

@@ -45,8 +45,9 @@ from fedslm import __version__
 from fedslm.artifacts import write_text
 from fedslm.errors import FedSLMError
 from fedslm.privacy.accounting import Segment, epsilon
-from fedslm.report.build import figure, now_utc, round_utility
-from fedslm.report.checks import Discrepancy, eps_close, job_config_sha256
+from fedslm.report.build import now_utc
+from fedslm.report.checks.base import Discrepancy, eps_close
+from fedslm.report.checks.files import job_config_sha256
 from fedslm.report.model import (
     Budget,
     CheckResult,
@@ -64,6 +65,8 @@ from fedslm.report.runfiles import (
     read_json,
     read_metrics,
 )
+from fedslm.report.sections.privacy import figure
+from fedslm.report.sections.utility import round_utility
 from fedslm.report.signing import SIGNATURE_FILE, TrustedKey, check_site_signature
 from fedslm.report.site_report import SiteReport, read_model, read_site_report
 

@@ -21,7 +21,7 @@ from typing import Any
 from fedslm import keys
 from fedslm.artifacts import write_text
 from fedslm.keys import SiteKeyError
-from fedslm.report.checks import Discrepancy
+from fedslm.report.checks.base import Discrepancy
 
 SIGNATURE_FILE = "report.sig"
 SITE_KEY_FILE = "site.key"  # the site's private key, in its own folder of the run

@@ -30,8 +30,8 @@ from fedslm.policy import SitePolicy, load_policy
 from fedslm.privacy.accounting import epsilon
 from fedslm.privacy.egress_log import EgressEntry
 from fedslm.privacy.ledger import LedgerEntry, format_time
-from fedslm.report.build import egress_message, figure, now_utc
-from fedslm.report.checks import Discrepancy
+from fedslm.report.build import now_utc
+from fedslm.report.checks.base import Discrepancy
 from fedslm.report.model import (
     Budget,
     CheckResult,
@@ -42,6 +42,8 @@ from fedslm.report.model import (
     epsilon_text,
 )
 from fedslm.report.runfiles import LedgerView, ReportInputError, read_ledger
+from fedslm.report.sections.egress import egress_message
+from fedslm.report.sections.privacy import figure
 
 SITE_FORMAT = "fedslm-site-report"
 M = TypeVar("M", bound=_Model)

@@ -37,7 +37,8 @@ from pydantic import ValidationError
 
 from fedslm.report import REPORT_HTML, REPORT_JSON, checks
 from fedslm.report.build import collect
-from fedslm.report.checks import Discrepancy, first_failure
+from fedslm.report.checks import first_failure
+from fedslm.report.checks.base import Discrepancy
 from fedslm.report.model import VOLATILE_FIELDS, Report
 from fedslm.report.render import render_html
 from fedslm.report.runfiles import PRIVACY_FILE, ReportInputError, RunContext, load_run

@@ -28,7 +28,7 @@ from fedslm.keys import fingerprint, generate_key, load_public_key
 from fedslm.privacy.accounting import Segment, epsilon
 from fedslm.privacy.egress_log import record_egress
 from fedslm.privacy.ledger import PrivacyLedger
-from fedslm.report.checks import job_config_sha256
+from fedslm.report.checks.files import job_config_sha256
 from fedslm.report.federation import (
     add_site_report,
     pseudonym,

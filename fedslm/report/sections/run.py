@@ -1,0 +1,29 @@
+"""Which run a report is about: its folder, kind (federated or centralized), job and sites."""
+
+from __future__ import annotations
+
+from fedslm.report.model import RunInfo
+from fedslm.report.runfiles import RunContext, RunFiles
+
+POOLED = "pooled"  # the single site of a `fedslm centralized` run
+
+
+def run_kind(run: RunFiles) -> str:
+    """``centralized`` for a ``fedslm centralized`` run (one pooled site), else ``federated``."""
+    return "centralized" if list(run.privacy["sites"]) == [POOLED] else "federated"
+
+
+def run_info(ctx: RunContext) -> RunInfo:
+    """Which run this is."""
+    run, config = ctx.run, ctx.run.config or {}
+    return RunInfo(
+        run_dir=str(run.root.resolve()),
+        kind=run_kind(run),  # type: ignore[arg-type]
+        job_id=run.job_id,
+        config_source=(run.manifest or {}).get("source"),
+        manifest_present=run.manifest is not None,
+        rounds_planned=(config.get("federation") or {}).get("rounds"),
+        rounds_recorded=len(run.metrics),
+        sites=ctx.site_names(),
+        incomplete=run.incomplete,
+    )
