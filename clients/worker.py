@@ -527,7 +527,7 @@ class Worker:
             raise RequestError(f"config 'job' is not a valid job: {'; '.join(problems)}") from None
 
     def _build_site(self, job: JobConfig, job_id: str, model_sha: str) -> Site:
-        from fedslm.site import Site
+        from fedslm.site import Site, SiteInputs
 
         reasons = self._job_refusal(job)
         if reasons:
@@ -538,20 +538,16 @@ class Worker:
         try:
             train, held, dataset = self._split_data(job, job_id)
             assert self._secret is not None, "start() makes the secret"
-            site = Site(
-                job,
+            inputs = SiteInputs(
                 self.name,
-                model,
-                labels,
                 train,
                 held,
-                ledger=self.ledger_path,
-                job_id=job_id,
+                self.ledger_path,
                 policy=self.policy,
-                source=f"job {job_id}",
                 dataset=dataset,
                 noise_secret=self._secret,
             )
+            site = Site(job, model, labels, inputs, job_id=job_id, source=f"job {job_id}")
         except ConfigError as exc:
             raise Refused([f"the site cannot run this job: {exc}"]) from None
         except (DataError, ModelError) as exc:

@@ -140,9 +140,10 @@ def _run(args: argparse.Namespace) -> int:
     from fedslm.config import is_empty_config, load_config
     from fedslm.job import plan_job, preflight
     from fedslm.privacy.ledger import simulated_ledger_dir
+    from fedslm.privacy.private_training import check_delta
     from fedslm.progress import Reporter
     from fedslm.runfolder import check_output_folder, clear_run, write_marker
-    from fedslm.site import check_delta, check_secagg_weight
+    from fedslm.site import check_secagg_weight
 
     job = load_config(args.config, args.overrides)
     reporter = Reporter(quiet=args.quiet)
@@ -219,7 +220,7 @@ def _print_plan(prepared: PreparedJob, command: str, reporter: Reporter) -> None
     """Each site's plan (phases, q, steps, sigma, noise on the averaged gradient) and a warning
     for every site where noise will swamp the signal, before round 1."""
     from fedslm.plan import describe_plan, trainable_parameters, unused_lora_keys
-    from fedslm.site import plan_privacy
+    from fedslm.privacy.private_training import plan_privacy
 
     job = prepared.job
     trainable = trainable_parameters(job, prepared.model.path, len(prepared.labels or []))

@@ -15,7 +15,7 @@ from fedslm.job import PreparedJob, SiteSetup, make_coordinator
 from fedslm.messages import SiteEval, SiteReport
 from fedslm.progress import Reporter
 from fedslm.rounds import run_round_sequence
-from fedslm.site import Site, SiteUpdate, simulated_noise_secret
+from fedslm.site import Site, SiteInputs, SiteUpdate, simulated_noise_secret
 
 
 def build_site(prepared: PreparedJob, setup: SiteSetup, *, with_policy: bool = True) -> Site:
@@ -26,18 +26,21 @@ def build_site(prepared: PreparedJob, setup: SiteSetup, *, with_policy: bool = T
     machine, where a secret would hide nothing, and a simulation must be reproducible from its
     config. A real site's secret is random and stays at the site (``fedslm site start``).
     """
-    return Site(
-        prepared.job,
+    inputs = SiteInputs(
         setup.name,
-        prepared.model,
-        prepared.labels,
         setup.files.train,
         setup.files.eval,
-        ledger=setup.ledger,
-        job_id=prepared.job_id,
+        setup.ledger,
         policy=setup.policy if with_policy else None,
-        source=prepared.source,
         noise_secret=simulated_noise_secret(prepared.job),
+    )
+    return Site(
+        prepared.job,
+        prepared.model,
+        prepared.labels,
+        inputs,
+        job_id=prepared.job_id,
+        source=prepared.source,
     )
 
 

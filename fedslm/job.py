@@ -207,7 +207,8 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
     run could not train at all.
     """
     from fedslm.privacy.anchors import anchor_refusal
-    from fedslm.site import job_refusal, measure_adapter, plan_privacy, site_lora
+    from fedslm.privacy.private_training import plan_privacy
+    from fedslm.site import job_refusal, measure_adapter, site_lora
 
     job, refusals, faults = plan.job, [], []
     owners: dict[Path, tuple[str, str]] = {}  # ledger file -> (site, data set) using it

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedslm.config import JobConfig
-from fedslm.site import Phase, PrivacyPlan
+from fedslm.privacy.private_training import Phase, PrivacyPlan
 
 # Above this ratio of a phase's accumulated noise to the largest signal its steps can add up
 # to, a site learns next to nothing. Half, not 1: a real averaged gradient is a fraction of

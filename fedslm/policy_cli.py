@@ -107,14 +107,8 @@ def _cost_job(
     from fedslm.errors import DataError
     from fedslm.models.registry import resolve_model
     from fedslm.plan import describe_plan, trainable_parameters
-    from fedslm.site import (
-        check_delta,
-        check_secagg_weight,
-        job_refusal,
-        measure_adapter,
-        plan_privacy,
-        site_lora,
-    )
+    from fedslm.privacy.private_training import check_delta, plan_privacy
+    from fedslm.site import check_secagg_weight, job_refusal, measure_adapter, site_lora
 
     job = load_config(job_path)
     name = policy.daemon.name if policy.daemon is not None else "site"

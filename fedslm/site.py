@@ -14,10 +14,9 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -48,18 +47,16 @@ from fedslm.policy import (
     check_round,
     max_adapter_params,
 )
-from fedslm.privacy.accounting import Segment, calibrate_noise, epsilon
+from fedslm.privacy.accounting import Segment
 from fedslm.privacy.anchors import Anchor, anchor_refusal
-from fedslm.privacy.dp_sgd import per_sample_module
 from fedslm.privacy.egress_log import record_egress
 from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger
+from fedslm.privacy.private_training import Phase, PrivacyPlan, make_private
 from fedslm.schedule import Schedule
 from fedslm.secagg.messages import EncryptedShares, KeyAdvert, MaskedInput, UnmaskShares
 from fedslm.training import (
-    DPSettings,
     EvalResult,
     Proximal,
-    ScaledHead,
     StepCallback,
     TrainResult,
     encode_features,
@@ -68,131 +65,6 @@ from fedslm.training import (
     make_optimizer,
     train_steps,
 )
-
-
-@dataclass(frozen=True)
-class Phase:
-    """Consecutive rounds that train the same thing with the same DP parameters.
-
-    ``trains`` is 'head' (a linear probe on frozen features) or 'lora' (LoRA factors and head).
-    """
-
-    trains: Literal["head", "lora"]
-    first_round: int
-    rounds: int
-    batch_size: int  # expected logical batch, q * records
-    sample_rate: float
-    steps_per_round: int
-    noise_multiplier: float
-
-    @property
-    def total_steps(self) -> int:
-        """Every step of this phase, over all its rounds."""
-        return self.steps_per_round * self.rounds
-
-    def segment(self, steps: int | None = None) -> Segment:
-        """The DP event of ``steps`` of this phase's steps (default: all of them)."""
-        return Segment(self.sample_rate, self.noise_multiplier, steps or self.total_steps)
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """What a site trains and with which DP parameters, every round of the job, fixed before
-    round 1. lp-lora has two phases (probe, then LoRA); the others one."""
-
-    enabled: bool
-    records: int
-    phases: tuple[Phase, ...]
-    max_grad_norm: float
-    delta: float
-    accountant: str
-    target_epsilon: float | None
-
-    def phase(self, round_num: int) -> Phase:
-        """The phase ``round_num`` belongs to."""
-        for ph in self.phases:
-            if round_num < ph.first_round + ph.rounds:
-                return ph
-        return self.phases[-1]
-
-    def segments(self) -> list[Segment]:
-        """The job's DP events, one per phase (empty without DP)."""
-        return [ph.segment() for ph in self.phases] if self.enabled else []
-
-    @property
-    def total_steps(self) -> int:
-        """Every local step of the job."""
-        return sum(ph.total_steps for ph in self.phases)
-
-    # The last (for lora and head: the only) phase's figures, for single-phase callers.
-    @property
-    def sample_rate(self) -> float:
-        """q of the last phase."""
-        return self.phases[-1].sample_rate
-
-    @property
-    def steps_per_round(self) -> int:
-        """Local steps per round of the last phase."""
-        return self.phases[-1].steps_per_round
-
-    @property
-    def noise_multiplier(self) -> float:
-        """Noise multiplier of the last phase."""
-        return self.phases[-1].noise_multiplier
-
-    @property
-    def min_noise_multiplier(self) -> float:
-        """The smallest noise multiplier of any phase (what a site policy's floor checks)."""
-        return min(ph.noise_multiplier for ph in self.phases)
-
-
-def plan_privacy(job: JobConfig, records: int, source: str) -> PrivacyPlan:
-    """Phases, sampling rates, steps and noise for a site with ``records`` training rows.
-
-    The noise is calibrated so that all of the job's local steps together meet
-    ``privacy.target_epsilon``. With lp-lora the probe rounds alone are calibrated to
-    ``train.probe.epsilon_share`` of the target and the LoRA rounds to what brings the
-    composition of both to the target. ``source`` names the config file in errors.
-    """
-    p, t = job.privacy, job.train
-    rounds = job.federation.rounds
-    mode = job.train_mode
-    shapes: list[tuple[Literal["head", "lora"], int, int, float | None]] = []
-    probe_batch = t.probe.logical_batch(p.enabled)
-    if mode == "head":
-        shapes.append(("head", rounds, probe_batch, t.probe.local_epochs))
-    elif mode == "lp-lora":
-        shapes.append(("head", t.probe.rounds, probe_batch, t.probe.local_epochs))
-        shapes.append(("lora", rounds - t.probe.rounds, t.logical_batch(p.enabled), None))
-    else:
-        shapes.append(("lora", rounds, t.logical_batch(p.enabled), None))
-    if p.enabled:
-        check_delta(job, records, source)
-    phases: list[Phase] = []
-    first = 1
-    for i, (trains, n, batch, epochs) in enumerate(shapes):
-        q = min(1.0, batch / records)
-        steps = max(1, round(epochs / q)) if epochs is not None else t.steps_per_round(q)
-        sigma = 0.0
-        if p.enabled and p.noise_multiplier is not None:
-            sigma = p.noise_multiplier
-        elif p.enabled:
-            assert p.target_epsilon is not None
-            last = i == len(shapes) - 1
-            target = p.target_epsilon if last else p.target_epsilon * t.probe.epsilon_share
-            prior = [ph.segment() for ph in phases]
-            sigma = calibrate_noise(target, p.delta, q, steps * n, p.accountant, prior=prior)
-        phases.append(Phase(trains, first, n, max(1, round(q * records)), q, steps, sigma))
-        first += n
-    return PrivacyPlan(
-        p.enabled,
-        records,
-        tuple(phases),
-        p.max_grad_norm,
-        p.delta,
-        p.accountant,
-        p.target_epsilon if p.enabled else None,
-    )
 
 
 def site_lora(job: JobConfig, site: str, policy: SitePolicy | None) -> LoraConfig:
@@ -294,17 +166,6 @@ def measure_adapter(
     return adapter_size(get_adapter_state(loaded.model), base_parameters(model.path))
 
 
-def check_delta(job: JobConfig, records: int, source: str) -> None:
-    """Refuse a delta that is not below 1/N: it would allow leaking whole records."""
-    delta = job.privacy.delta
-    if job.privacy.enabled and delta >= 1.0 / records:
-        raise ConfigError(
-            f"{source}: privacy.delta={delta:g} must be below 1/N = {1 / records:.3g} "
-            f"for a site with N={records} training records; use at most "
-            f"{min(1e-5, 1 / (10 * records)):.3g}"
-        )
-
-
 def check_secagg_weight(job: JobConfig, records: int, source: str) -> None:
     """Under secure aggregation a site's weight in the sum is its training records, which
     must not exceed ``federation.secagg.max_weight`` (the bound that sizes the ring)."""
@@ -397,11 +258,13 @@ def simulated_noise_secret(job: JobConfig) -> bytes:
     return hashlib.sha256(f"fedslm/simulated-site-noise/{job.seed}".encode()).digest()
 
 
-class Site:
-    """A site's model, data, policy and ledger for one job. ``policy=None`` (the pooled
-    baseline) checks nothing but still records its DP spend in the ledger.
+@dataclass(frozen=True)
+class SiteInputs:
+    """What a site brings to a job, besides the job itself: its name, its data, its privacy
+    ledger and policy, and the secrets and anchors that stay on its side.
 
-    ``dataset`` is the identity the ledger charges (default: the fingerprint of
+    ``policy=None`` (the pooled baseline) checks nothing, but the spend is still recorded in
+    the ledger. ``dataset`` is the identity the ledger charges (default: the fingerprint of
     ``train_file``); a deployed site passes the fingerprint of its whole data file, so that two
     jobs splitting it differently still spend from one lifetime budget.
 
@@ -417,40 +280,54 @@ class Site:
     that no longer extends one of them is refused.
     """
 
+    name: str
+    train_file: Path
+    eval_file: Path
+    ledger: Path
+    policy: SitePolicy | None = None
+    dataset: DatasetFingerprint | None = None
+    noise_secret: bytes | None = None
+    anchors: tuple[Anchor, ...] = ()
+
+
+class Site:
+    """A site's model, data, policy and ledger for one job, built once per process and reused
+    for every round.
+
+    Built in this order: the model with the site's LoRA shape (``site_lora``), its data
+    encoded, then the DP setup (``fedslm.privacy.private_training.make_private``: the job's
+    privacy plan, and Opacus' hooks attached once). ``job_id`` names the job in the ledger;
+    ``source`` names the job's config in errors.
+    """
+
     def __init__(
         self,
         job: JobConfig,
-        name: str,
         model: ResolvedModel,
         labels: list[str],
-        train_file: Path,
-        eval_file: Path,
+        inputs: SiteInputs,
         *,
-        ledger: Path,
         job_id: str,
-        policy: SitePolicy | None = None,
         source: str = "<job config>",
-        dataset: DatasetFingerprint | None = None,
-        noise_secret: bytes | None = None,
-        anchors: Sequence[Anchor] = (),
     ) -> None:
         self.job = job
-        self.name = name
+        self.name = inputs.name
         self.labels = labels
         self.model = model
         self.model_sha256 = model.sha256
-        self.policy = policy
+        self.policy = policy = inputs.policy
         self.job_id = job_id
-        self.ledger_path = ledger
-        self.anchors = tuple(anchors)  # heads released earlier, besides the ledger's journal
-        self.dataset = dataset if dataset is not None else DatasetFingerprint.of_file(train_file)
-        if noise_secret is not None and len(noise_secret) < 16:
+        self.ledger_path = inputs.ledger
+        self.anchors = inputs.anchors  # heads released earlier, besides the ledger's journal
+        self.dataset = inputs.dataset or DatasetFingerprint.of_file(inputs.train_file)
+        secret = inputs.noise_secret
+        if secret is not None and len(secret) < 16:
             raise ValueError("noise_secret must be at least 16 bytes")
-        self._noise_secret = noise_secret if noise_secret is not None else os.urandom(32)
+        self._noise_secret = secret if secret is not None else os.urandom(32)
         self._noise_fingerprint = noise_fingerprint(job)
         self._job_refusal: list[str] | None = None
         device = _device(job)
-        self.lora = site_lora(job, name, policy)
+        self.lora = site_lora(job, self.name, policy)
         if job.task.label_words:
             check_decoder(model.path)
         self.loaded: LoadedModel = load_model(
@@ -473,24 +350,18 @@ class Site:
         self.max_reply_params = (
             max_adapter_params(policy, self.adapter.base_params) if policy is not None else None
         )
-        self.train_data = self._encode(train_file)
+        self.train_data = self._encode(inputs.train_file)
         # label words score the held-out rows by the label the model writes
-        self.eval_words = self._encode_words(eval_file) if self.words is not None else None
-        self.eval_data = self.eval_words.encoded if self.eval_words else self._encode(eval_file)
-        self.plan = plan_privacy(job, len(self.train_data), source)
+        self.eval_words = self._encode_words(inputs.eval_file) if self.words is not None else None
+        self.eval_data = (
+            self.eval_words.encoded if self.eval_words else self._encode(inputs.eval_file)
+        )
+        self.private = make_private(self.loaded.model, job, len(self.train_data), source)
+        self.plan = self.private.plan
         check_secagg_weight(job, len(self.train_data), source)
         self._features: torch.Tensor | None = None  # the frozen model's, for probe rounds
         # the held-out features and the encoder tensors they were computed under
         self._eval_cache: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
-        self.module: torch.nn.Module = self.loaded.model
-        if all(ph.trains == "head" for ph in self.plan.phases):
-            # a pure probe: LoRA stays at its (no-op) initialisation and is never trained
-            for name_, param in self.loaded.model.named_parameters():
-                if ".lora_" in name_:
-                    param.requires_grad_(False)
-        elif self.plan.enabled:
-            # Opacus hooks are attached once, after LoRA and before any optimizer exists
-            self.module = per_sample_module(self.loaded.model)
 
     def _encode(self, path: Path) -> Encoded:
         d, tok, n = self.job.data, self.loaded.tokenizer, self.job.train.max_length
@@ -557,9 +428,9 @@ class Site:
             return self._job_refusal
         job_eps = lifetime_eps = 0.0
         if plan.enabled:
-            seg = self._segment(round_num)
-            job_eps = self._epsilon([*mine, seg])
-            lifetime_eps = self._epsilon([*others, *mine, seg]) if others else job_eps
+            seg = plan.round_segment(round_num)
+            job_eps = plan.epsilon([*mine, seg])
+            lifetime_eps = plan.epsilon([*others, *mine, seg]) if others else job_eps
         return check_round(
             self.policy,
             bytes_to_send=self.adapter_bytes,
@@ -594,22 +465,20 @@ class Site:
                 self.dataset,
                 self.job_id,
                 round_num,
-                self._segment(round_num),
+                plan.round_segment(round_num),
                 plan.delta,
-                plan.accountant,  # type: ignore[arg-type]
+                plan.accountant,
             )
             recorded = ledger.entries(self.dataset)
         if plan.enabled:
             entry = recorded_entry
             job_segments = [e.segment for e in recorded if e.job_id == self.job_id]
             alone = len(job_segments) == len(recorded)
-            job_eps = entry.epsilon if alone else self._epsilon(job_segments)
+            job_eps = entry.epsilon if alone else plan.epsilon(job_segments)
         privacy_seconds = time.perf_counter() - checked
         set_adapter_state(self.loaded.model, self._at_own_rank(global_state))
         phase = plan.phase(round_num)
-        dp = None
-        if plan.enabled:
-            dp = DPSettings(phase.noise_multiplier, plan.max_grad_norm, phase.batch_size)
+        dp = self.private.dp_settings(phase)
         # dropout draws from the global generator; seeding it makes a round reproducible
         seed = self._seed(round_num, adapter_sha256(global_state))
         torch.manual_seed(seed)
@@ -617,7 +486,7 @@ class Site:
         first_step = (round_num - phase.first_round) * phase.steps_per_round
         start = time.perf_counter()
         if phase.trains == "head":
-            result = self._train_probe(phase, dp, seed, first_step, on_step)
+            result = self._train_probe(phase, seed, first_step, on_step)
         else:
             params = [p for p in self.loaded.model.parameters() if p.requires_grad]
             lr = t.peak_lr(plan.enabled)
@@ -633,7 +502,7 @@ class Site:
                 t.schedule,
             )
             result = train_steps(
-                self.module,
+                self.private.module,
                 self.train_data,
                 steps=phase.steps_per_round,
                 sample_rate=phase.sample_rate,
@@ -812,7 +681,6 @@ class Site:
     def _train_probe(
         self,
         phase: Phase,
-        dp: DPSettings | None,
         seed: int,
         first_step: int,
         on_step: StepCallback | None,
@@ -821,8 +689,7 @@ class Site:
 
         The features are computed once per site (LoRA is still at its no-op initialisation in
         every probe round), so a step costs a matrix product instead of a pass through the
-        model. A copy of the head trains under its own Opacus hooks and is written back: hooks
-        on the model's own head would fire for the LoRA phase's per-sample module too.
+        model. A copy of the head trains (``PrivateTraining.probe_module``) and is written back.
         """
         probe, device = self.job.train.probe, self.loaded.device
         if self._features is None:
@@ -834,10 +701,7 @@ class Site:
         target = classification_head(self.loaded.model)
         head = torch.nn.Linear(target.in_features, target.out_features).to(device)
         head.load_state_dict(target.state_dict())
-        # Per-example clipping even without DP (noise 0): the probe's learning rate is chosen
-        # for clipped gradients, and unclipped ones through scaled logits are ten times larger.
-        dp = dp or DPSettings(0.0, self.plan.max_grad_norm, phase.batch_size)
-        module = per_sample_module(ScaledHead(head, self.job.model.logit_scale))
+        module, dp = self.private.probe_module(head, self.job.model.logit_scale, phase)
         optimizer = make_optimizer(
             list(head.parameters()), "sgd", probe.learning_rate, 0.0, momentum=probe.momentum
         )
@@ -867,13 +731,6 @@ class Site:
         # exact aggregation sends factors of the global rank; each site takes the best
         # approximation at its own rank (the other rules send the state as the site trains it)
         return self.job.federation.rule.to_site(state, self.job.lora.alpha, self.lora.r)
-
-    def _segment(self, round_num: int) -> Segment:
-        phase = self.plan.phase(round_num)
-        return phase.segment(phase.steps_per_round)
-
-    def _epsilon(self, segments: list[Segment]) -> float:
-        return epsilon(segments, self.plan.delta, self.plan.accountant)  # type: ignore[arg-type]
 
     def _ledger(self) -> PrivacyLedger:
         return PrivacyLedger(self.ledger_path, self.dataset)

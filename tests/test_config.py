@@ -8,7 +8,7 @@ import pytest
 
 from fedslm.config import JobConfig, load_config
 from fedslm.errors import ConfigError
-from fedslm.site import check_delta
+from fedslm.privacy.private_training import check_delta
 
 ROOT = Path(__file__).resolve().parents[1]
 

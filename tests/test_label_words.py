@@ -292,7 +292,7 @@ def test_jobs_without_label_words_keep_their_fingerprint() -> None:
 
 def test_the_plan_counts_no_head_for_label_words(models: dict[str, Path]) -> None:
     from fedslm.plan import describe_plan, trainable_parameters
-    from fedslm.site import plan_privacy
+    from fedslm.privacy.private_training import plan_privacy
 
     job = JobConfig.model_validate(_job(models["gemma3_text"]))
     trainable = trainable_parameters(job, models["gemma3_text"], len(LABELS))

@@ -12,7 +12,7 @@ from fedslm.config import validate_config
 from fedslm.job import PreparedJob, prepare_job
 from fedslm.privacy.accounting import epsilon
 from fedslm.privacy.ledger import PrivacyLedger
-from fedslm.site import Site, SiteRefusal
+from fedslm.site import Site, SiteInputs, SiteRefusal
 
 
 def _prepare(out: Path, tiny_bert: Path, **privacy: Any) -> PreparedJob:
@@ -33,17 +33,8 @@ def _prepare(out: Path, tiny_bert: Path, **privacy: Any) -> PreparedJob:
 
 def _site(p: PreparedJob, job_id: str, ledger: Path) -> Site:
     s = p.sites[0]
-    return Site(
-        p.job,
-        s.name,
-        p.model,
-        p.labels,
-        s.files.train,
-        s.files.eval,
-        ledger=ledger,
-        job_id=job_id,
-        policy=s.policy,
-    )
+    inputs = SiteInputs(s.name, s.files.train, s.files.eval, ledger, policy=s.policy)
+    return Site(p.job, p.model, p.labels, inputs, job_id=job_id)
 
 
 @pytest.mark.integration

@@ -33,7 +33,7 @@ from fedslm.models.registry import base_parameters, resolve_model
 from fedslm.policy import SitePolicy, load_policy
 from fedslm.privacy.egress_log import egress_entries
 from fedslm.privacy.ledger import DatasetFingerprint, PrivacyLedger
-from fedslm.site import Site
+from fedslm.site import Site, SiteInputs
 
 LABELS = sorted(INTENTS)
 # the head of issue 15: every dense and LayerNorm weight of every BERT layer
@@ -130,10 +130,10 @@ def test_the_site_checks_its_own_adapter_and_guards_every_reply(
 ) -> None:
     prepared = prepare_job(validate_config(_job(tiny_bert)), "test", tmp_path / "run")
     setup = prepared.sites[0]
-    site = Site(
-        prepared.job, setup.name, prepared.model, prepared.labels, setup.files.train,
-        setup.files.eval, ledger=setup.ledger, job_id=prepared.job_id, policy=setup.policy,
-    )  # fmt: skip
+    inputs = SiteInputs(
+        setup.name, setup.files.train, setup.files.eval, setup.ledger, policy=setup.policy
+    )
+    site = Site(prepared.job, prepared.model, prepared.labels, inputs, job_id=prepared.job_id)
     assert site.adapter.params * 4 == site.adapter_bytes
     assert site.max_reply_params == int(0.1 * base_parameters(tiny_bert))
     assert site.refusal(1) == []
@@ -188,11 +188,11 @@ def test_policy_check_and_the_site_give_the_same_answer_on_a_rank(
     train, held = split_site(len(data), [r["label"] for r in data], job.data, job.seed, "site")
     write_rows([data[i] for i in train], tmp_path / "train.jsonl")
     write_rows([data[i] for i in held], tmp_path / "eval.jsonl")
-    site = Site(
-        job, "site", resolve_model(job.model), LABELS, tmp_path / "train.jsonl",
-        tmp_path / "eval.jsonl", ledger=tmp_path / "ledger.db", job_id="j", policy=policy,
-        dataset=DatasetFingerprint.of_file(folder / "data.jsonl"),
+    inputs = SiteInputs(
+        "site", tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "ledger.db",
+        policy=policy, dataset=DatasetFingerprint.of_file(folder / "data.jsonl"),
     )  # fmt: skip
+    site = Site(job, resolve_model(job.model), LABELS, inputs, job_id="j")
     assert "; ".join(site.refusal(1)) == refused
     # with exact aggregation the site trains at its cap instead, and both accept
     fed = {"sites": ["site"], "rounds": 2, "aggregation": "exact"}

@@ -20,8 +20,8 @@ from fedslm.models.loading import classification_head
 from fedslm.models.pooled import label_name_rows
 from fedslm.plan import describe_plan, phase_noise, unused_lora_keys
 from fedslm.privacy.accounting import calibrate_noise, epsilon
+from fedslm.privacy.private_training import plan_privacy
 from fedslm.schedule import Schedule, lr_factor
-from fedslm.site import plan_privacy
 
 pytestmark = pytest.mark.integration
 

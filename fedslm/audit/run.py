@@ -48,9 +48,10 @@ from fedslm.inprocess import build_site, run_job_in_process
 from fedslm.job import JobPlan, make_coordinator, plan_job, preflight
 from fedslm.lora_math import to_site_rank
 from fedslm.models import set_adapter_state
+from fedslm.privacy.private_training import check_delta
 from fedslm.progress import Reporter
 from fedslm.runfolder import is_inside, read_marker, write_marker
-from fedslm.site import Site, check_delta
+from fedslm.site import Site
 
 CONTROL_DIR = Path("baselines") / "control"
 COMMAND = "audit"

@@ -205,7 +205,7 @@ def test_the_site_refuses_the_job_before_round_one(site: Path, tiny_bert: Path) 
     from fedslm.config import load_config
     from fedslm.models.registry import resolve_model
     from fedslm.policy import load_policy
-    from fedslm.site import Site
+    from fedslm.site import Site, SiteInputs
 
     policy = load_policy(site / "site.yaml")
     job = load_config(site.parent / "job.yaml")
@@ -215,11 +215,9 @@ def test_the_site_refuses_the_job_before_round_one(site: Path, tiny_bert: Path) 
     write_rows(generate_bank_messages(["a"], 40, seed=2, skew=1.0), eval_file)
     labels = sorted({json.loads(x)["label"] for x in train.read_text().splitlines()})
 
-    def new_site(**kw: object) -> Site:
-        return Site(
-            job, "hospital", resolve_model(job.model), labels, train, eval_file,
-            ledger=ledger, job_id="job-c", policy=policy, **kw,  # type: ignore[arg-type]
-        )  # fmt: skip
+    def new_site(anchors: tuple[Anchor, ...] = ()) -> Site:
+        inputs = SiteInputs("hospital", train, eval_file, ledger, policy=policy, anchors=anchors)
+        return Site(job, resolve_model(job.model), labels, inputs, job_id="job-c")
 
     assert any("lifetime budget" in r for r in new_site().refusal(1))  # intact: over budget
     delete_job_and_rehash(ledger, "job-a")
@@ -228,7 +226,7 @@ def test_the_site_refuses_the_job_before_round_one(site: Path, tiny_bert: Path) 
     journal_path(ledger).unlink()
     assert new_site().refusal(1) == []  # nothing left to anchor it: the limit of a journal
     anchors = read_anchors(site.parent / "run-b")
-    reasons = new_site(anchors=anchors).refusal(1)
+    reasons = new_site(anchors=tuple(anchors)).refusal(1)
     assert len(reasons) == 1 and "ledger has only 2 entries" in reasons[0], reasons
 
 
@@ -417,7 +415,7 @@ def _anchored_round(site: Path, tiny_bert: Path, pad: bool) -> tuple[object, obj
     from fedslm.models.registry import resolve_model
     from fedslm.policy import load_policy
     from fedslm.progress import Reporter
-    from fedslm.site import Site
+    from fedslm.site import Site, SiteInputs
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     ledger, train = site / "privacy" / "ledger.db", site / "train.jsonl"
@@ -451,10 +449,10 @@ def _anchored_round(site: Path, tiny_bert: Path, pad: bool) -> tuple[object, obj
     policy = {"data": "train.jsonl", "ledger": "privacy/ledger.db"}
     policy["privacy"] = {"lifetime_epsilon": 100, "max_epsilon_per_job": 50}  # type: ignore[assignment]
     (site / "site.yaml").write_text(yaml.safe_dump(policy))
-    the_site = Site(
-        job, "hospital", resolve_model(job.model), labels, train, eval_file, ledger=ledger,
-        job_id="job-c", policy=load_policy(site / "site.yaml"),
-    )  # fmt: skip
+    inputs = SiteInputs(
+        "hospital", train, eval_file, ledger, policy=load_policy(site / "site.yaml")
+    )
+    the_site = Site(job, resolve_model(job.model), labels, inputs, job_id="job-c")
     state = the_site.initial_state()
     coordinator = Coordinator(job, runs / "now", torch.nn.Module(), state, {}, store)
     strategy = FedSLMStrategy(coordinator, 1, Reporter(quiet=True), 0, roster={NODE: "hospital"})
