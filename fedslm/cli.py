@@ -137,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from fedslm.acceptance import check_secagg_weight
     from fedslm.config import is_empty_config, load_config
     from fedslm.job import plan_job, preflight
     from fedslm.privacy.ledger import simulated_ledger_dir
     from fedslm.privacy.private_training import check_delta
     from fedslm.progress import Reporter
     from fedslm.runfolder import check_output_folder, clear_run, write_marker
-    from fedslm.site import check_secagg_weight
 
     job = load_config(args.config, args.overrides)
     reporter = Reporter(quiet=args.quiet)

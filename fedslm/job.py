@@ -206,9 +206,9 @@ def preflight(plan: JobPlan, ledgers: Path) -> list[str]:
     it. Raises it too when too few sites would be left for ``federation.min_sites``: such a
     run could not train at all.
     """
+    from fedslm.acceptance import job_refusal, measure_adapter, site_lora
     from fedslm.privacy.anchors import anchor_refusal
     from fedslm.privacy.private_training import plan_privacy
-    from fedslm.site import job_refusal, measure_adapter, site_lora
 
     job, refusals, faults = plan.job, [], []
     owners: dict[Path, tuple[str, str]] = {}  # ledger file -> (site, data set) using it

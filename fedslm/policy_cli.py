@@ -102,13 +102,13 @@ def check_text(
 def _cost_job(
     policy: Any, job_path: Path, data: Path, records: int, spent: list[Segment]
 ) -> tuple[list[str], list[str]]:
+    from fedslm.acceptance import check_secagg_weight, job_refusal, measure_adapter, site_lora
     from fedslm.config import load_config
     from fedslm.data import duplicate_warning, read_site_file, split_site
     from fedslm.errors import DataError
     from fedslm.models.registry import resolve_model
     from fedslm.plan import describe_plan, trainable_parameters
     from fedslm.privacy.private_training import check_delta, plan_privacy
-    from fedslm.site import check_secagg_weight, job_refusal, measure_adapter, site_lora
 
     job = load_config(job_path)
     name = policy.daemon.name if policy.daemon is not None else "site"

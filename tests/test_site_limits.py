@@ -103,7 +103,7 @@ def test_a_rank_256_adapter_on_a_64_wide_model_is_refused(tiny_bert: Path, ledge
     text = _preflight_refusals(_job(tiny_bert, lora={"r": 256, "alpha": 512}), ledgers)
     assert "LoRA rank 256; the site allows at most 64" in text
     assert "max_trainable_fraction 0.1" in text
-    from fedslm.site import measure_adapter
+    from fedslm.acceptance import measure_adapter
 
     job = validate_config(_job(tiny_bert, lora={"r": 256, "alpha": 512}))
     size = measure_adapter(job, resolve_model(job.model), LABELS, "site-1", SitePolicy())

@@ -320,9 +320,9 @@ def test_a_default_dp_job_learns_beyond_the_label_prior(
 def test_a_low_noise_phase_cannot_hide_behind_a_noisier_one() -> None:
     """A job could put its low-noise rounds in one phase and show a site's floor only the
     other's: the site's policy checks the smallest noise multiplier of every phase."""
+    from fedslm.acceptance import job_refusal
     from fedslm.models.registry import resolve_model
     from fedslm.policy import AdapterSize, SitePolicy
-    from fedslm.site import job_refusal
 
     job = _job(train={"mode": "lp-lora", "probe": {"epsilon_share": 0.9}})
     plan = plan_privacy(job, 2000, "test")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedslm.acceptance import check_secagg_weight
 from fedslm.config import JobConfig
 from fedslm.coordinator import Coordinator, SiteReport
 from fedslm.egress import Payload, RingSpec, check, describe
@@ -33,7 +34,7 @@ from fedslm.secagg.adapter import (
     vector_size,
 )
 from fedslm.secagg.driver import Dropout, NoReply, run_secagg_stages, site_stage
-from fedslm.site import Site, check_secagg_weight
+from fedslm.site import Site
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
