@@ -26,7 +26,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Create ``path`` through ``write`` on a temporary file, fsynced, then renamed into place:
     a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,7 @@ def collate(data: Encoded, index: list[int], device: torch.device) -> dict[str, 
         lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         for j, i in enumerate(index):
             t = data.targets[i]
+            assert isinstance(t, list)  # the first row's labels are a list: every row's are
             lab[j, : len(t)] = torch.tensor(t)
         batch["labels"] = lab
     return {k: v.to(device) for k, v in batch.items()}

@@ -173,7 +173,7 @@ def check(
                 f"{max_bytes:,} per round"
             )
         return problems + _size_problems(record, max_params)
-    problems: list[str] = []
+    problems = []
     if record.get("vectors"):
         problems.append(f"a {kind} message carries no ring vectors")
     fields = record["fields"]

@@ -149,8 +149,8 @@ def _cost_job(
     warnings = noise_warnings + warnings
     if plan.enabled:
         planned = plan.segments()
-        job_eps = epsilon(planned, plan.delta, plan.accountant)  # type: ignore[arg-type]
-        after = epsilon([*spent, *planned], plan.delta, plan.accountant)  # type: ignore[arg-type]
+        job_eps = epsilon(planned, plan.delta, plan.accountant)
+        after = epsilon([*spent, *planned], plan.delta, plan.accountant)
         lines += [
             f"  DP-SGD on {records} records{held_out}, clipping {plan.max_grad_norm:g}:",
             *plan_lines[1:],

@@ -87,7 +87,7 @@ class RunOutputs:
     def needs_checkpoint(self, rec: RoundRecord) -> bool:
         """A round gets its checkpoint once, when it was aggregated (a round not aggregated
         trained nothing new; a line being completed already has its checkpoint)."""
-        return rec.aggregated and self.saved_round != rec.round
+        return rec.aggregated is True and self.saved_round != rec.round
 
     def write_checkpoint(
         self,

@@ -59,6 +59,7 @@ from fedslm.training import (
     encode_features,
     evaluate,
     evaluate_head,
+    inner_model,
     make_optimizer,
     train_steps,
 )
@@ -657,7 +658,7 @@ class Site:
         """The held-out rows' features under the adapter just set, reused while its encoder
         tensors are unchanged: a probe round moves the head alone, so evaluating it is a
         matrix product instead of a pass through the model. None without a separate head."""
-        inner = self.loaded.model.get_base_model()
+        inner = inner_model(self.loaded.model)
         if not hasattr(inner, "features"):
             return None
         encoder = {k: v for k, v in state.items() if not _is_head(k)}

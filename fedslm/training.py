@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -234,13 +235,20 @@ class ScaledHead(torch.nn.Module):
         return self.scale * self.linear(features)
 
 
+def inner_model(model: Any) -> Any:
+    """The model inside PEFT's wrapper (``model`` itself when unwrapped). Typed ``Any``: what
+    it holds (the mean-pooling classifier's ``features``/``head``, a family's classifier) is
+    known only at run time."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @torch.no_grad()
 def encode_features(
     model: torch.nn.Module, data: Encoded, batch_size: int, device: torch.device
 ) -> torch.Tensor:
     """The features a mean-pooling classifier's head reads, for every row of ``data``, in eval
     mode (no dropout): ``[rows, hidden]`` on ``device``."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = inner_model(model)
     if not hasattr(inner, "features"):
         raise ValueError("a linear probe needs model.pooling 'mean'")
     was_training = inner.training
@@ -260,7 +268,7 @@ def evaluate_head(
     """``evaluate`` of a mean-pooling classifier from its encoder's ``features`` of ``data``
     (``encode_features``): the same batches and sums, the head alone. Equal to ``evaluate``
     bit for bit while the encoder is the one that computed the features."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = inner_model(model)
     inner.eval()
     labels = torch.tensor(data.targets, device=features.device)
     total_loss = 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from fedslm.job import PreparedJob
 from fedslm.progress import Reporter
@@ -29,7 +30,7 @@ def simulate(prepared: PreparedJob, reporter: Reporter) -> None:
     sites = len(prepared.sites)
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count()
-    backend_config = {
+    backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": min(1.0, gpus / sites) if gpus else 0.0},
         "init_args": {
             "num_cpus": max(1, min(cores, sites)),

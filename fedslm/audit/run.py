@@ -390,11 +390,11 @@ def _noise_removed() -> Iterator[None]:
     def silent(optimizer, noise_multiplier, max_grad_norm, expected_batch_size, generator):
         return dp_sgd.dp_optimizer(optimizer, 0.0, max_grad_norm, expected_batch_size, generator)
 
-    training.dp_optimizer = silent  # type: ignore[assignment]
+    training.dp_optimizer = silent
     try:
         yield
     finally:
-        training.dp_optimizer = real  # type: ignore[assignment]
+        training.dp_optimizer = real
 
 
 def _canary_record(canaries: Canaries, audited: Arm, control: Arm) -> dict[str, Any]:

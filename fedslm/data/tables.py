@@ -418,7 +418,8 @@ def _cell(path: Path, where: str, column: str, value: Any) -> str:
     elif isinstance(value, int | float | decimal.Decimal | _dt.date | _dt.time | _dt.timedelta):
         text = str(value)
     else:
-        kind = {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+        kinds: dict[type, str] = {dict: "an object", list: "a list"}
+        kind = kinds.get(type(value), type(value).__name__)
         raise DataError(
             f"{path}: {where}: column '{column}' holds {kind}, not text; store a plain "
             "string (or number) in this column"

@@ -263,7 +263,7 @@ def wait_for_tls(
         if proc is not None and proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log else []
             raise CoordinatorError(
-                f"{Path(str(proc.args[0])).name} exited with code {proc.returncode} before "
+                f"{_program(proc)} exited with code {proc.returncode} before "
                 f"serving {host}:{port}" + (f"; {log}: " + " / ".join(tail) if tail else "")
             )
         try:
@@ -349,9 +349,16 @@ def _refuse_second_instance(paths: Paths) -> None:
         raise CoordinatorError(f"a coordinator (pid {pid}) is already running on {paths.state}")
 
 
+def _program(proc: subprocess.Popen[Any]) -> str:
+    """The file name of the program ``proc`` runs (for messages)."""
+    args = proc.args
+    first = args[0] if isinstance(args, list | tuple) else args
+    return Path(str(first)).name
+
+
 def _spawn(
-    start: Callable[..., subprocess.Popen[bytes]], log: Path, settings: CoordinatorSettings
-) -> subprocess.Popen[bytes]:
+    start: Callable[..., subprocess.Popen[Any]], log: Path, settings: CoordinatorSettings
+) -> subprocess.Popen[Any]:
     """``start(**popen_options)`` with output appended to ``log``, Flower's environment, and a
     session of its own (a Ctrl-C at the terminal reaches only the coordinator, which stops it)."""
     log.parent.mkdir(parents=True, exist_ok=True)

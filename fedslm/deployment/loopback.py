@@ -146,7 +146,7 @@ class LoopbackDeployment:
             "--rows-per-site", str(self.rows_per_site),
              "--seed", str(seed))  # fmt: skip
         shutil.copy(self.root / "coordinator" / "certs" / "ca.crt", folder / "ca.crt")
-        policy = {
+        policy: dict[str, Any] = {
             "data": "data.csv",
             "ledger": "ledger.db",
             "privacy": {"lifetime_epsilon": 100.0, "max_epsilon_per_job": 10.0},

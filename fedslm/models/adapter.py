@@ -87,7 +87,8 @@ def export_adapter(
     never by this machine's path; ``fedslm_adapter.json`` records what PEFT does not.
     """
     set_adapter_state(model, state)
-    peft_config = model.peft_config["default"]
+    peft: Any = model  # PEFT's wrapper: its config and save_pretrained exist at run time
+    peft_config = peft.peft_config["default"]
     original = peft_config.base_model_name_or_path
     peft_config.base_model_name_or_path = metadata["base_model"]["name"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def export_adapter(
             # PEFT looks for the base model's config under the portable name to see whether the
             # vocabulary changed; it did not (embeddings are frozen), so its warning is noise.
             warnings.filterwarnings("ignore", message="Could not find a config file")
-            model.save_pretrained(tmp)
+            peft.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         if out.exists():
             old = out.with_name(f".{out.name}-old")
@@ -121,6 +122,7 @@ def load_exported(adapter_dir: Path, base_dir: Path) -> torch.nn.Module:
 
     quiet_transformers()  # its "classifier MISSING" report is expected: the adapter holds it
     meta = json.loads((Path(adapter_dir) / METADATA_FILE).read_text())
+    base: Any  # a transformers model: its config is typed only at run time
     if meta["task"] == "classification" and meta.get("pooling") == "mean":
         from fedslm.models.pooled import MeanPoolClassifier
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from fedslm.models.families import (
     uses_conv1d,
 )
 from fedslm.models.pooled import build_mean_pool_classifier, label_name_rows
+from fedslm.training import inner_model
 
 # No code path may reach a model hub; this makes transformers fail fast instead of trying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,7 +43,7 @@ class LoadedModel:
     """
 
     model: torch.nn.Module  # peft.PeftModel
-    tokenizer: object  # transformers.PreTrainedTokenizerBase
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
     task: str
     labels: list[str]
     device: torch.device
@@ -96,23 +98,21 @@ def load_model(
     defaults = resolve_defaults(family, task, tokenizer, lora, options, path)
     options = options or ModelConfig()
     torch.manual_seed(seed)
+    model: Any  # a transformers model, then PEFT's wrapper of it
     if task == "classification" and options.pooling == "mean":
         model, info = build_mean_pool_classifier(path, len(labels), options.logit_scale)
         task_type = None  # a custom module: PEFT's generic PeftModel
     elif task == "classification":
-        model, info = AutoModelForSequenceClassification.from_pretrained(
+        model, info = _from_pretrained(
+            AutoModelForSequenceClassification,
             path,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
-            local_files_only=True,
-            output_loading_info=True,
         )
         task_type = TaskType.SEQ_CLS
     else:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, output_loading_info=True
-        )
+        model, info = _from_pretrained(AutoModelForCausalLM, path)
         task_type = TaskType.CAUSAL_LM
     # decoders' classification heads find each row's last token by the pad id
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -124,7 +124,7 @@ def load_model(
     peft_config = PeftLoraConfig(
         task_type=task_type,
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # annotated int; PEFT scales by alpha / r
         lora_dropout=lora.dropout,
         target_modules=targets,
         fan_in_fan_out=defaults.fan_in_fan_out,
@@ -146,10 +146,17 @@ def load_model(
     )
 
 
+def _from_pretrained(auto_class: Any, path: Path, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """``auto_class`` loaded from the local folder ``path`` (never the Hub), with transformers'
+    loading report (its ``missing_keys``: head weights the checkpoint did not have)."""
+    return auto_class.from_pretrained(
+        path, local_files_only=True, output_loading_info=True, **kwargs
+    )
+
+
 def classification_head(model: torch.nn.Module) -> torch.nn.Linear:
     """The trained copy of the mean-pooling classifier's linear layer inside a PEFT model."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = inner.classifier
+    head = inner_model(model).classifier
     # PEFT's ModulesToSaveWrapper: the copy that trains and is saved with the adapter
     return head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
 
@@ -166,7 +173,7 @@ def init_head(
     """
     if how == "random":
         return
-    inner = model.get_base_model()
+    inner = inner_model(model)
     if hasattr(inner, "features"):
         head = classification_head(model)
     else:

@@ -12,6 +12,7 @@ class (docs/models.md shows it whole); ``fedslm.models.adapter.load_exported`` d
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,9 @@ class MeanPoolClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, num_labels: int, logit_scale: float) -> None:
         super().__init__()
         self.encoder = encoder
-        self.config = encoder.config  # PEFT and transformers utilities look for it
-        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        config: Any = encoder.config
+        self.config = config  # PEFT and transformers utilities look for it
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.logit_scale = logit_scale
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -56,9 +58,7 @@ def build_mean_pool_classifier(
     """The base model at ``path`` under a new mean-pooling head, and transformers' load report."""
     from transformers import AutoModel
 
-    encoder, info = AutoModel.from_pretrained(
-        path, local_files_only=True, output_loading_info=True
-    )
+    encoder, info = AutoModel.from_pretrained(path, local_files_only=True, output_loading_info=True)
     return MeanPoolClassifier(encoder, num_labels, logit_scale), info
 
 

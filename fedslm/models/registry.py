@@ -59,7 +59,7 @@ def resolve_model(cfg: ModelConfig, models: Mapping[str, str] | None = None) -> 
             )
         return ResolvedModel(path, name=f"local:{path.name}", sha256=weights_sha256(path))
     name = cfg.name
-    if models and name in models:
+    if models and name is not None and name in models:
         path = Path(models[name])
         if not (path / "config.json").is_file():
             raise ModelError(

@@ -20,8 +20,12 @@ import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 VERSION = "v2"  # bump when the recipe changes, so old caches are not reused
 # The family models' own recipe version, separate so that changing them never rebuilds (or
@@ -61,6 +65,8 @@ def build_tiny_model(name: str, out: Path, seed: int = 0) -> None:
 
     corpus = corpus_for_tokenizer(seed=seed)
     torch.manual_seed(seed)
+    model: PreTrainedModel
+    config: PretrainedConfig
     if name == "tiny-bert":
         from transformers import BertConfig, BertModel
 
@@ -145,7 +151,7 @@ def _tiny_mobilebert(corpus: list[str]):
     return MobileBertModel(config), tok
 
 
-def _decoder_config_ids(tok) -> dict[str, int | None]:
+def _decoder_config_ids(tok) -> dict[str, Any]:
     return {
         "vocab_size": len(tok),
         "bos_token_id": tok.bos_token_id,

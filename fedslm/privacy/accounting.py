@@ -289,7 +289,7 @@ def _prv_class() -> type:
     from opacus.accountants import PRVAccountant
     from opacus.accountants.analysis.prv import Domain
 
-    class CachedDomainPRVAccountant(PRVAccountant):  # type: ignore[misc]
+    class CachedDomainPRVAccountant(PRVAccountant):
         """Opacus' PRV accountant; only the domain bound reuses cached RDP values."""
 
         def _get_domain(

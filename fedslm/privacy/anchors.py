@@ -212,7 +212,8 @@ def _privacy_anchors(path: Path, sites: dict[str, Any], site: str | None) -> lis
 
 def _site_report_anchors(path: Path, data: dict[str, Any], site: str | None) -> list[Anchor]:
     """The head a deployed site's own report covers (``fedslm site report``)."""
-    head = data.get("ledger") if isinstance(data.get("ledger"), dict) else {}
+    ledger = data.get("ledger")
+    head = ledger if isinstance(ledger, dict) else {}
     name, digest, seq = data.get("site"), head.get("entries_hash"), head.get("entries_seq")
     if not isinstance(digest, str) or (site is not None and name != site):
         return []

@@ -47,4 +47,5 @@ def fill_empty_grad_samples(params: list[torch.nn.Parameter]) -> None:
     and the optimizer adds its noise.
     """
     for p in params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        # Opacus reads per-sample gradients from this attribute, which torch does not declare
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]

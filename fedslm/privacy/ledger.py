@@ -323,7 +323,7 @@ def _close(a: float, b: float, rel: float) -> bool:
 def _check_accountant(accountant: str) -> Accountant:
     if accountant not in ACCOUNTANTS:
         raise LedgerError(f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
-    return accountant  # type: ignore[return-value]
+    return accountant
 
 
 def _check_delta(delta: float) -> float:
@@ -570,7 +570,7 @@ class PrivacyLedger:
             try:
                 segs = by_dataset.setdefault(e.dataset, [])
                 segs.append(e.segment)
-                eps = accounting.epsilon(segs, e.delta, e.accountant)  # type: ignore[arg-type]
+                eps = accounting.epsilon(segs, e.delta, e.accountant)
                 eps_pld = eps if e.accountant == "pld" else accounting.epsilon(segs, e.delta, "pld")
             except ValueError as exc:
                 return [f"entry seq {e.seq}: invalid segment or delta: {exc}"]
@@ -830,7 +830,7 @@ class PrivacyLedger:
                 )
             seq = 1 if last is None else int(last[0]) + 1
             prev = GENESIS_HASH if last is None else str(last[1])
-            body = {
+            body: dict[str, Any] = {
                 "seq": seq,
                 "dataset": key,
                 "job_id": job_id,

@@ -39,7 +39,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from fedslm import __version__
 from fedslm.artifacts import write_text
@@ -70,7 +70,7 @@ from fedslm.report.sections.utility import round_utility
 from fedslm.report.signing import SIGNATURE_FILE, TrustedKey, check_site_signature
 from fedslm.report.site_report import SiteReport, read_model, read_site_report
 
-DEPLOYED_FORMAT = "fedslm-deployed-report"
+DEPLOYED_FORMAT: Final = "fedslm-deployed-report"
 SITE_REPORTS_DIR = "site-reports"
 GOVERNANCE_DIR = "governance"
 COORDINATOR = "coordinator"  # the signer named in a governance summary's report.sig
@@ -632,7 +632,8 @@ def full_report_discrepancy(
 
     run_dir = report_path.parent
     run = _load(run_dir)
-    checked, unchecked = [], []
+    checked: list[str] = []
+    unchecked: list[str] = []
     for site in _roster(run):
         path = site_report_path(run_dir, site)
         if not path.is_file():

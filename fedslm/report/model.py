@@ -14,13 +14,13 @@ Every figure is a field here; ``fedslm.report.build`` fills them from a run fold
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedslm.audit.report import EmpiricalCheck
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 AccountantName = Literal["prv", "pld", "rdp", "analytic"]
 

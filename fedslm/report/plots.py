@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import io
 import re
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 from fedslm.report.model import Report
 
 # No display, ever: Figure objects render through Agg/SVG canvases without pyplot's state.
 matplotlib.use("Agg")
 
-_RC = {
+_RC: dict[RcKeyType, Any] = {
     "svg.hashsalt": "fedslm-report",
     "svg.fonttype": "none",
     "font.size": 9,
@@ -66,7 +71,7 @@ def epsilon_plot(report: Report) -> str | None:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=f"{sp.site} ({acc.upper()})")
             life = sp.lifetime.spent if sp.lifetime else None
             job_eps = pts[-1][1] if pts else None
-            if life and life.epsilon is not None and pts and life.epsilon > job_eps * 1.0001:
+            if life and life.epsilon is not None and job_eps and life.epsilon > job_eps * 1.0001:
                 # earlier jobs on the same data set: show what the budget is measured against
                 ax.plot(
                     [pts[-1][0]],
@@ -96,7 +101,9 @@ def epsilon_plot(report: Report) -> str | None:
         ax.set_xlabel("round")
         ax.set_ylabel("epsilon spent by this job")
         ax.set_ylim(bottom=0)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        locator = ax.xaxis.get_major_locator()
+        assert isinstance(locator, MaxNLocator)  # matplotlib's default AutoLocator is one
+        locator.set_params(integer=True)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         ax.set_title("Privacy spent per round (δ as in the table)")
     return _svg(fig, "plot-epsilon")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import ValidationError
 
@@ -45,7 +45,7 @@ from fedslm.report.runfiles import LedgerView, ReportInputError, read_ledger
 from fedslm.report.sections.egress import egress_message
 from fedslm.report.sections.privacy import figure
 
-SITE_FORMAT = "fedslm-site-report"
+SITE_FORMAT: Final = "fedslm-site-report"
 M = TypeVar("M", bound=_Model)
 _SLACK = 1 + 1e-9  # as the policy compares a spend with its limit
 # messages that carry a training update: the adapter, or its masked vector under secure
@@ -198,7 +198,8 @@ def build_site_report(
         dataset = view.bound_dataset or (entries[-1].dataset if entries else None)
     mine = [e for e in entries if e.dataset == dataset]
     first: dict[str, float] = {}
-    for x in [*mine, *messages]:  # jobs in the order they first touched the site
+    touched: list[LedgerEntry | EgressEntry] = [*mine, *messages]
+    for x in touched:  # jobs in the order they first touched the site
         first[x.job_id] = min(first.get(x.job_id, x.time), x.time)
     job_ids = sorted(first, key=lambda j: (first[j], j))
     if job_id is not None and job_id not in job_ids:

@@ -139,7 +139,7 @@ def _verify_report_file(report_path: Path, sigs: Signatures, allow_unsigned: boo
     ctx = RunContext(load_run(root))
     sites = [stored.scope.site] if stored.scope.site else ctx.site_names()
     if stored.scope.site and stored.scope.site not in ctx.site_names():
-        found = Discrepancy(
+        outside = Discrepancy(
             str(report_path),
             None,
             "scope.site",
@@ -147,7 +147,7 @@ def _verify_report_file(report_path: Path, sigs: Signatures, allow_unsigned: boo
             ctx.site_names(),
             expected_label="the run's sites are",
         )
-        return _fail("report", found)
+        return _fail("report", outside)
     inconclusive: list[str] = []
     failed = first_failure(ctx, sites, inconclusive)
     if failed is not None:
