@@ -109,7 +109,6 @@ def site_entry(p: SitePrivacy) -> dict[str, Any]:
         and math.isfinite(pld)
         and abs(reported - pld) <= EPSILON_TOLERANCE * max(pld, 1e-9)
     )
-    seg0 = p.segments[0]
     entry.update(
         epsilon=reported,
         accountant=p.accountant,
@@ -118,9 +117,11 @@ def site_entry(p: SitePrivacy) -> dict[str, Any]:
         epsilon_rdp=rdp,
         epsilon_check="ok" if ok else "MISMATCH",
         delta=p.delta,
-        noise_multiplier=seg0.sigma,
+        # a job of two phases (lp-lora) has two: the figures a policy's limits are checked
+        # against are the least noise and the largest sampling rate of any round
+        noise_multiplier=min(s.sigma for s in p.segments),
         max_grad_norm=p.max_grad_norm,
-        sample_rate=seg0.q,
+        sample_rate=max(s.q for s in p.segments),
         dp_steps=sum(s.steps for s in p.segments),
         segments=[s.to_dict() for s in p.segments],
         lifetime_epsilon_site_reported=p.lifetime_epsilon,

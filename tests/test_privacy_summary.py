@@ -64,3 +64,14 @@ def test_central_summary_only_with_central_dp() -> None:
     whole = privacy_summary(job, {}, _rec(3, True), 3, 2.0, finished=True)
     assert whole["central"] == summary
     assert any("Mersenne Twister" in c for c in whole["caveats"])
+
+
+def test_a_two_phase_jobs_figures_are_its_least_noise_and_largest_sampling_rate() -> None:
+    """lp-lora's probe and LoRA rounds differ: a policy's noise floor holds only if its least
+    noisy round meets it, whichever phase comes first."""
+    probe, lora = Segment(0.02, 3.0, 5), Segment(0.1, 0.8, 30)
+    segments = [probe, probe, lora, lora]
+    honest = epsilon(segments, 1e-5, "pld")
+    entry = site_entry(SitePrivacy(segments, honest, 1e-5, "prv", records=500, rounds=4))
+    assert (entry["noise_multiplier"], entry["sample_rate"]) == (0.8, 0.1)
+    assert entry["dp_steps"] == 70 and len(entry["segments"]) == 4

@@ -43,8 +43,8 @@ def check_segments(ctx: RunContext, sites: Sequence[str]) -> Discrepancy | None:
             continue
         figures = {
             "dp_steps": sum(e.steps for e in entries),
-            "noise_multiplier": entries[0].sigma,
-            "sample_rate": entries[0].q,
+            "noise_multiplier": min(e.sigma for e in entries),
+            "sample_rate": max(e.q for e in entries),
             "delta": entries[-1].delta,
             "accountant": entries[-1].accountant,
             "rounds": len(entries),
