@@ -30,9 +30,8 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="YAML job config")
-    p.add_argument("--out", type=Path, help="output folder (default: runs/<config name>)")
+def add_overrides(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE``, repeatable: overrides of the job config (``load_config``)."""
     p.add_argument(
         "--set",
         dest="overrides",
@@ -41,6 +40,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.batch_size=16 (repeatable)",
     )
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML job config")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/<config name>)")
+    add_overrides(p)
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -13,6 +13,7 @@ from fedslm.audit import (
     EXIT_VIOLATION,
     MIN_CONTROL_EPSILON,
 )
+from fedslm.cli import add_overrides
 
 
 def audit_cmd(args: argparse.Namespace) -> int:
@@ -62,14 +63,7 @@ def add_cli(subparsers: Any) -> None:
     )
     p.add_argument("config", type=Path, help="YAML job config (simulated data)")
     p.add_argument("--out", type=Path, help="audit folder (default: runs/<config name>-audit)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
+    add_overrides(p)
     p.add_argument(
         "--canaries",
         type=int,
