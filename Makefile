@@ -16,12 +16,14 @@ demo: $(STAMP)
 
 test: $(STAMP) chromium nginx
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest
 
 # The unit tier alone (under a minute): pure logic, no training, no process started. While
 # developing; `make test` (all three tiers) is what CI runs. docs/testing.md lists the tiers.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -m unit
 
 # The privacy report is rendered in Debian's headless Chromium by one test. Installed here when
@@ -50,6 +52,7 @@ nginx:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run_all

@@ -124,7 +124,7 @@ def load_model(
     peft_config = PeftLoraConfig(
         task_type=task_type,
         r=lora.r,
-        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # annotated int; PEFT scales by alpha / r
+        lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
         fan_in_fan_out=defaults.fan_in_fan_out,
