@@ -189,7 +189,7 @@ def test_evaluations_riding_on_training_replies_are_recorded(tmp_path: Path) -> 
     strategy.aggregate_evaluate(1, replies)
     rec = strategy.coordinator.record
     assert rec.eval_loss == pytest.approx(2.0)  # (1.0 * 5 + 3.0 * 5) / 10
-    assert rec.sites["site-1"]["eval_loss"] == 1.0 and rec.sites["site-2"]["eval_loss"] == 3.0
+    assert rec.sites["site-1"].eval_loss == 1.0 and rec.sites["site-2"].eval_loss == 3.0
     assert rec.failures == ["evaluate: node 3: refused: no"]
     # and the training parts are what aggregate_train sees
     arrays, _ = strategy.aggregate_train(1, replies)
