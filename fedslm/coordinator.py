@@ -122,7 +122,9 @@ class Coordinator:
         failures: list[str],
         refusals: dict[str, list[str]] | None = None,
     ) -> AdapterState | None:
-        """Check each update, then FedAvg them weighted by training records.
+        """Screen each update, then combine the accepted ones (``_combine``: the job's
+        aggregation rule weighted by training records, or a robust rule; under central DP the
+        clipped and noised mean) and step the server optimizer.
 
         ``refusals`` are sites whose policy refused the round (they trained nothing). A round
         with fewer than ``federation.min_sites`` good updates is not aggregated: the global
