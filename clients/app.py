@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
 if TYPE_CHECKING:
@@ -33,19 +33,19 @@ _SITES: dict[tuple[str, str], Site] = {}
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the received global adapter, or a refusal."""
-    return Message(content=_answer("train", msg, context), reply_to=msg)
+    return Message(content=_answer(MessageType.TRAIN, msg, context), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this site's held-out split."""
-    return Message(content=_answer("evaluate", msg, context), reply_to=msg)
+    return Message(content=_answer(MessageType.EVALUATE, msg, context), reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """One later stage of secure aggregation (share-keys, masked-input, unmask)."""
-    return Message(content=_answer("query", msg, context), reply_to=msg)
+    return Message(content=_answer(MessageType.QUERY, msg, context), reply_to=msg)
 
 
 def _answer(kind: str, msg: Message, context: Context) -> RecordDict:
@@ -81,9 +81,10 @@ def _site_failure(msg: Message, context: Context, exc: Exception) -> Exception:
 
     from fedslm.errors import FedSLMError
     from fedslm.job import PreparedJob
+    from fedslm.messages import MANIFEST
 
     try:
-        prepared = PreparedJob.load(Path(str(msg.content["config"]["manifest"])))
+        prepared = PreparedJob.load(Path(str(msg.content["config"][MANIFEST.name])))
         name = prepared.sites[int(context.node_config["partition-id"])].name
     except Exception:  # the manifest itself may be what failed
         name = f"partition {context.node_config.get('partition-id')}"
@@ -99,6 +100,7 @@ def _site(msg: Message, context: Context) -> Site:
     from fedslm.errors import FedSLMError
     from fedslm.inprocess import build_site
     from fedslm.job import PreparedJob
+    from fedslm.messages import MANIFEST
 
     if "partition-id" not in context.node_config:
         raise FedSLMError(
@@ -106,12 +108,12 @@ def _site(msg: Message, context: Context) -> Site:
             "start`) nor a simulated partition (node_config 'partition-id')"
         )
     config = msg.content["config"]
-    if "manifest" not in config:
+    if MANIFEST.name not in config:
         raise FedSLMError(
-            "a simulated site needs the job manifest (config 'manifest'); this message is "
-            "for a deployed site, whose SuperNode must be started by `fedslm site start`"
+            f"a simulated site needs the job manifest (config {MANIFEST.name!r}); this message "
+            "is for a deployed site, whose SuperNode must be started by `fedslm site start`"
         )
-    manifest = Path(str(config["manifest"]))
+    manifest = Path(str(config[MANIFEST.name]))
     prepared = PreparedJob.load(manifest)
     setup = prepared.sites[int(context.node_config["partition-id"])]
     key = (str(manifest), setup.name)

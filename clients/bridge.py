@@ -13,10 +13,12 @@ Wire format (the same for a request and its reply), all integers big-endian::
 
 ``content`` and ``state`` are Flower ``RecordDict`` objects serialised with Flower's own
 protobuf serde (``flwr.common.serde.recorddict_to_proto``); nothing is ever pickled. A request
-header is ``{"protocol": 1, "kind": "train"|"evaluate"|"query", "node_id": int, "run_id": int}``;
-a reply header is ``{"protocol": 1, "ok": true}`` or ``{"protocol": 1, "ok": false, "code":
-"bad-request"|"busy"|"failed", "error": "what went wrong"}`` (then content and state are empty).
-Every frame is bounded (``MAX_HEADER_BYTES``, ``MAX_FRAME_BYTES``) on both sides.
+header is ``{"protocol": 1, "kind": "train"|"evaluate"|"query", "node_id": int, "run_id": int}``
+(the kind is the Flower message type the ClientApp received, ``KINDS``); a reply header is
+``{"protocol": 1, "ok": true}`` or ``{"protocol": 1, "ok": false, "code":
+"bad-request"|"busy"|"failed", "error": "what went wrong"}`` (``ErrorCode``; then content and
+state are empty). Every frame is bounded (``MAX_HEADER_BYTES``, ``MAX_FRAME_BYTES``) on both
+sides.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import contextlib
 import json
 import socket
 import struct
+from enum import StrEnum
 from typing import Any
 
-from flwr.app import RecordDict
+from flwr.app import MessageType, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from google.protobuf.message import DecodeError
@@ -36,7 +39,8 @@ from fedslm.errors import FedSLMError
 
 PROTOCOL = 1
 MAGIC = b"FSW1"
-KINDS = ("train", "evaluate", "query")
+# the messages a site answers, by Flower's names (the coordinator sends them by these too)
+KINDS = (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY)
 # A training request carries the global adapter and its reply the site's update: a few MB for
 # LoRA on a small model. The bound keeps a broken or hostile peer from making the other side
 # allocate without limit; raise it for adapters larger than a few hundred MB.
@@ -47,10 +51,18 @@ _LENGTH = struct.Struct(">Q")
 _U64 = 2**64
 
 
+class ErrorCode(StrEnum):
+    """The ``code`` of an error reply: why the worker did not answer."""
+
+    BAD_REQUEST = "bad-request"  # malformed, or a request that cannot be answered as asked
+    BUSY = "busy"  # another request held the site longer than this one could wait
+    FAILED = "failed"  # answering it failed at the site (the error says how)
+
+
 class WorkerError(FedSLMError):
     """The worker could not be reached, or answered with an error (its message says which)."""
 
-    def __init__(self, message: str, code: str = "failed") -> None:
+    def __init__(self, message: str, code: str = ErrorCode.FAILED) -> None:
         super().__init__(message)
         self.code = code
 
@@ -59,7 +71,7 @@ class FrameError(WorkerError):
     """A message on the socket is malformed: wrong magic, a frame too large, bad header."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, "bad-request")
+        super().__init__(message, ErrorCode.BAD_REQUEST)
 
 
 def encode_records(records: RecordDict) -> bytes:
@@ -223,6 +235,6 @@ def call_worker(
     finally:
         sock.close()
     if not header.get("ok"):
-        code = str(header.get("code", "failed"))
+        code = str(header.get("code", ErrorCode.FAILED))
         raise WorkerError(f"site worker ({code}): {header.get('error', 'no reason given')}", code)
     return decode_records(reply, "reply content"), decode_records(reply_state, "reply state")

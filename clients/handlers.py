@@ -33,7 +33,7 @@ from fedslm.wire.codec import (
     join_replies,
     to_wire,
 )
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 from fedslm.artifacts import write_torch
 from fedslm.egress import Payload, RingSpec
@@ -223,10 +223,11 @@ def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: in
     return encode_payload(payload)
 
 
+# by the Flower message type the site received (``fedslm.clients.bridge.KINDS``)
 HANDLERS: dict[str, Handler] = {
-    "train": handle_train,
-    "evaluate": handle_evaluate,
-    "query": handle_query,
+    MessageType.TRAIN: handle_train,
+    MessageType.EVALUATE: handle_evaluate,
+    MessageType.QUERY: handle_query,
 }
 
 

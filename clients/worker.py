@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from fedslm.clients.bridge import (
     MAX_FRAME_BYTES,
     PROTOCOL,
+    ErrorCode,
     FrameError,
     decode_records,
     encode_records,
@@ -49,7 +50,7 @@ from fedslm.clients.bridge import (
     send_message,
     validate_request_header,
 )
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 from fedslm import __version__ as FEDSLM_VERSION
 from fedslm.errors import ConfigError, DataError, FedSLMError, ModelError
@@ -69,7 +70,6 @@ READ_TIMEOUT_S = 60.0  # to receive a whole request once connected
 MAX_CONNECTIONS = 8  # requests reading or waiting at once; more are turned away
 _MAX_SECRET_STATES = 16
 _SOCKET_PATH_MAX = 107  # sockaddr_un.sun_path, less the terminating NUL
-REQUIRED_CONFIG = ("round", "job", "job-id", "model-sha256", "fedslm-version", "flwr-version")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 Log = Callable[[str], None]
@@ -90,7 +90,7 @@ class Refused(FedSLMError):
 
 @dataclass(frozen=True)
 class _Failure:
-    code: str  # "bad-request" or "failed"
+    code: ErrorCode  # BAD_REQUEST or FAILED
     error: str
 
 
@@ -271,7 +271,9 @@ class Worker:
                 time.sleep(0.5)
                 continue
             if not self._slots.acquire(blocking=False):
-                self._reply_error(conn, "busy", "the site worker has too many requests open")
+                self._reply_error(
+                    conn, ErrorCode.BUSY, "the site worker has too many requests open"
+                )
                 conn.close()
                 continue
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
@@ -288,7 +290,7 @@ class Worker:
                 state = decode_records(raw_state, "state")
             except FrameError as exc:
                 self.log(f"bad request refused: {exc}")
-                self._reply_error(conn, "bad-request", str(exc))
+                self._reply_error(conn, ErrorCode.BAD_REQUEST, str(exc))
                 return
             except (ConnectionError, OSError) as exc:
                 self.log(f"a connection ended before its request was read: {exc}")
@@ -297,7 +299,7 @@ class Worker:
                 busy = time.monotonic() - self._started_at
                 self._reply_error(
                     conn,
-                    "busy",
+                    ErrorCode.BUSY,
                     f"the site is busy with {self._current or 'another request'} (for "
                     f"{busy:.0f} s); waited {self.wait_s:.0f} s for it",
                 )
@@ -330,17 +332,17 @@ class Worker:
         """``handle`` with its timing logged; an exception becomes a ``_Failure``."""
         start = time.perf_counter()
         what = _describe_request(kind, content)
-        if kind == "train":
+        if kind == MessageType.TRAIN:
             self.log(f"{what}: started")  # a round can take long: say so before it ends
         try:
             reply, new_state = self.handle(kind, node_id, run_id, content, state)
         except RequestError as exc:
             self.log(f"{what} {time.perf_counter() - start:.2f} s: bad request: {exc}")
-            return _Failure("bad-request", str(exc))
+            return _Failure(ErrorCode.BAD_REQUEST, str(exc))
         except Exception as exc:  # a bug, or a failure the ClientApp must report as an error
             self.log(f"{what} {time.perf_counter() - start:.2f} s: failed: {exc!r}")
             self.log(traceback.format_exc().rstrip())
-            return _Failure("failed", f"{type(exc).__name__}: {exc}")
+            return _Failure(ErrorCode.FAILED, f"{type(exc).__name__}: {exc}")
         self.log(f"{what} {time.perf_counter() - start:.2f} s: {self._outcome(reply)}")
         return reply, new_state
 
@@ -355,7 +357,7 @@ class Worker:
         return "sent"
 
     @staticmethod
-    def _reply_error(conn: socket.socket, code: str, error: str) -> None:
+    def _reply_error(conn: socket.socket, code: ErrorCode, error: str) -> None:
         header = {"protocol": PROTOCOL, "ok": False, "code": code, "error": error}
         try:
             conn.settimeout(5)
@@ -376,39 +378,48 @@ class Worker:
         """
         from fedslm.clients.handlers import HANDLERS, SECRET_STATE_KEYS, handle_train
 
-        from fedslm.messages import config_anchor
+        from fedslm.messages import (
+            ROUND,
+            DeployedJob,
+            StageInstruction,
+            TrainInstruction,
+            config_anchor,
+        )
 
         self._last_replay = False
         config = content.get("config")
         if not isinstance(config, ConfigRecord):
             raise RequestError("the message has no 'config' ConfigRecord")
-        round_num = config.get("round")
+        round_num = config.get(ROUND.name)
         if isinstance(round_num, bool) or not isinstance(round_num, int) or round_num < 0:
-            raise RequestError(f"config 'round' must be an integer >= 0, got {round_num!r}")
-        evaluated = config.get("evaluate-round")
+            raise RequestError(f"config {ROUND.name!r} must be an integer >= 0, got {round_num!r}")
+        evaluate = TrainInstruction.EVALUATE_ROUND.name
+        evaluated = config.get(evaluate)
         if evaluated is not None and (
-            kind != "train"
+            kind != MessageType.TRAIN
             or isinstance(evaluated, bool)
             or not isinstance(evaluated, int)
             or not 0 < evaluated < round_num
         ):
             raise RequestError(
-                f"config 'evaluate-round' ({evaluated!r}) belongs in a train message only, as "
-                f"an earlier round than 'round' ({round_num})"
+                f"config {evaluate!r} ({evaluated!r}) belongs in a train message only, as "
+                f"an earlier round than {ROUND.name!r} ({round_num})"
             )
-        if kind == "train":
+        if kind == MessageType.TRAIN:
             try:
                 config_anchor(config, round_num)
             except ValueError as exc:
                 raise RequestError(str(exc)) from None
-        if kind == "query" and not isinstance(config.get("stage"), str):
-            raise RequestError("a query message needs config 'stage' (secure aggregation)")
-        if kind in ("train", "evaluate") and not isinstance(content.get("arrays"), ArrayRecord):
+        stage = StageInstruction.STAGE.name
+        if kind == MessageType.QUERY and not isinstance(config.get(stage), str):
+            raise RequestError(f"a query message needs config {stage!r} (secure aggregation)")
+        needs_adapter = kind in (MessageType.TRAIN, MessageType.EVALUATE)
+        if needs_adapter and not isinstance(content.get("arrays"), ArrayRecord):
             raise RequestError(f"a {kind} message needs the global adapter ('arrays')")
         try:
             job = self._job(config)
         except Refused as refusal:
-            job_id = str(config.get("job-id", ""))
+            job_id = str(config.get(DeployedJob.JOB_ID.name, ""))
             return self._refusal(job_id, round_num, refusal.reasons), _public(state)
         # the secure-aggregation state lives here: never taken from, nor given to, the
         # ClientApp process (a state it sent could carry keys the coordinator knows)
@@ -416,7 +427,7 @@ class Worker:
         merged = RecordDict({k: v for k, v in state.items() if k not in SECRET_STATE_KEYS})
         for k, v in self._secret_states.get(key, {}).items():
             merged[k] = v
-        if kind == "train":
+        if kind == MessageType.TRAIN:
             if self._releases is None:
                 from fedslm.clients.handlers import ReleaseStore
 
@@ -461,33 +472,32 @@ class Worker:
 
     def _job(self, config: ConfigRecord) -> _Job:
         """The loaded site for the job in ``config`` (built on its first message)."""
-        if "manifest" in config and "job" not in config:
+        from fedslm.messages import MANIFEST, DeployedJob
+
+        job_key, id_key = DeployedJob.JOB.name, DeployedJob.JOB_ID.name
+        if MANIFEST.name in config and job_key not in config:
             raise RequestError(
-                "this is a simulation message (config 'manifest'); a deployed site needs the "
-                "job itself (config 'job', 'job-id', ...) from a deployed coordinator"
+                f"this is a simulation message (config {MANIFEST.name!r}); a deployed site "
+                f"needs the job itself (config {job_key!r}, {id_key!r}, ...) from a deployed "
+                "coordinator"
             )
-        missing = [k for k in REQUIRED_CONFIG if k not in config]
-        if missing:
-            raise RequestError(f"the message config lacks {missing} (a deployed job sends them)")
-        values = {k: config[k] for k in REQUIRED_CONFIG if k != "round"}
-        wrong = [k for k, v in values.items() if not isinstance(v, str)]
-        if wrong:
-            raise RequestError(f"config {wrong} must be strings")
+        try:
+            deployed = DeployedJob.from_config(config)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
         # versions first: another version's job may not even parse here
         reasons = version_refusal(
-            str(config["fedslm-version"]),
-            str(config["flwr-version"]),
-            self.settings.accept_versions,
+            deployed.fedslm_version, deployed.flwr_version, self.settings.accept_versions
         )
         if reasons:
             raise Refused(reasons)
-        job_id, text = str(config["job-id"]), str(config["job"])
+        job_id, text = deployed.job_id, deployed.job
         if not _JOB_ID.fullmatch(job_id):
             raise RequestError(
                 f"job id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-' (it names "
                 "folders at the site)"
             )
-        model_sha = str(config["model-sha256"])
+        model_sha = deployed.model_sha256
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         cached = self._jobs.get(job_id)
         if cached is not None:
@@ -646,11 +656,14 @@ def _public(state: RecordDict) -> RecordDict:
 
 
 def _describe_request(kind: str, content: RecordDict) -> str:
+    from fedslm.messages import ROUND, DeployedJob, StageInstruction
+
     config = content.get("config")
     if not isinstance(config, ConfigRecord):
         return kind
-    stage = f" {config.get('stage')}" if kind == "query" else ""
-    return f"job {config.get('job-id', '?')} round {config.get('round', '?')} {kind}{stage}"
+    stage = f" {config.get(StageInstruction.STAGE.name)}" if kind == MessageType.QUERY else ""
+    job_id, round_num = config.get(DeployedJob.JOB_ID.name, "?"), config.get(ROUND.name, "?")
+    return f"job {job_id} round {round_num} {kind}{stage}"
 
 
 def _warm_up() -> None:

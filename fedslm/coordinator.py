@@ -29,7 +29,7 @@ from fedslm.privacy.anchors import Anchor
 from fedslm.privacy.central import noised_mean_update, site_weight
 from fedslm.privacy_summary import SitePrivacy, central_epsilon, privacy_summary
 from fedslm.robust import clip_update, coordinate_median, trimmed_mean
-from fedslm.rounds import RoundRecord
+from fedslm.rounds import RoundRecord, SiteRound
 from fedslm.run_outputs import ResumeState, RunOutputs
 from fedslm.secagg.adapter import mean_state
 from fedslm.secagg.messages import SecAggResult
@@ -122,7 +122,9 @@ class Coordinator:
         failures: list[str],
         refusals: dict[str, list[str]] | None = None,
     ) -> AdapterState | None:
-        """Check each update, then FedAvg them weighted by training records.
+        """Screen each update, then combine the accepted ones (``_combine``: the job's
+        aggregation rule weighted by training records, or a robust rule; under central DP the
+        clipped and noised mean) and step the server optimizer.
 
         ``refusals`` are sites whose policy refused the round (they trained nothing). A round
         with fewer than ``federation.min_sites`` good updates is not aggregated: the global
@@ -146,7 +148,7 @@ class Coordinator:
                 continue
             good.append(r)
             self._account(r, round_num)
-            rec.sites[r.site] = _site_record(r) | {"update_norm": screening.norms.get(r.site)}
+            rec.sites[r.site] = _site_record(r, update_norm=screening.norms.get(r.site))
         needed = self.job.federation.required_sites
         rec.train_loss = weighted_mean((r.train_loss, r.num_examples) for r in good)
         rec.bytes_sent = {r.site: r.bytes_sent for r in good}
@@ -202,9 +204,9 @@ class Coordinator:
             # but its head does not replace the anchored one
             anchored = self._anchored(r, "; its masked input is in the sum all the same")
             self._account(r, round_num, anchor=anchored)
-            rec.sites[r.site] = _site_record(r) | {
-                "in_secure_sum": r.site in set(survivors) and result is not None
-            }
+            rec.sites[r.site] = _site_record(
+                r, in_secure_sum=r.site in set(survivors) and result is not None
+            )
         needed = self.job.federation.required_sites
         rec.train_loss = weighted_mean((r.train_loss, r.num_examples) for r in good)
         rec.bytes_sent = {r.site: r.bytes_sent for r in reports}
@@ -286,13 +288,13 @@ class Coordinator:
         """Fold the sites' evaluations of the global adapter into this round's record."""
         rec = self._round()
         for e in evals:
-            site = rec.sites.setdefault(e.site, {})
+            site = rec.sites.setdefault(e.site, SiteRound())
             if e.withheld is not None:
-                site["eval_withheld"] = e.withheld
+                site.eval_withheld = e.withheld
             else:
-                site.update(
-                    eval_loss=e.loss, eval_accuracy=e.accuracy, eval_examples=e.num_examples
-                )
+                site.evaluation_in = True
+                site.eval_loss, site.eval_accuracy = e.loss, e.accuracy
+                site.eval_examples = e.num_examples
         rec.failures.extend(f"evaluate: {f}" for f in failures)
         shown = [e for e in evals if e.withheld is None]
         rec.eval_loss = weighted_mean((e.loss, e.num_examples) for e in shown)
@@ -432,7 +434,14 @@ class Coordinator:
         if done[-1].get("evaluated") is False:
             # killed before the round's evaluation came back: its line is completed by the
             # evaluation that rides on the next round's messages (``pending_evaluation``)
-            self.record, self.outputs.saved_round = RoundRecord.from_dict(done[-1]), last
+            try:
+                self.record = RoundRecord.from_dict(done[-1])
+            except ValueError as exc:
+                raise FederationError(
+                    f"{self.outputs.metrics}: cannot resume from its last line ({exc}): "
+                    "resume the run with the fedslm release that wrote it"
+                ) from None
+            self.outputs.saved_round = last
         return last
 
     @property
@@ -483,20 +492,25 @@ class Coordinator:
                 self.anchors[r.site] = Anchor(r.ledger_seq, r.ledger_head, where)
 
 
-def _site_record(r: SiteReport) -> dict[str, Any]:
-    """What ``metrics.jsonl`` keeps of one site's training reply."""
-    return {
-        "train_loss": r.train_loss,
-        "steps": r.steps,
-        "num_examples": r.num_examples,
-        "seconds": r.seconds,
-        "privacy_seconds": r.privacy_seconds,
-        "bytes_sent": r.bytes_sent,
-        "epsilon": r.epsilon,
-        # the head the site released this round: anchors its ledger (fedslm.privacy.anchors)
-        "ledger_seq": r.ledger_seq,
-        "ledger_head": r.ledger_head,
-    }
+def _site_record(
+    r: SiteReport, *, update_norm: float | None = None, in_secure_sum: bool | None = None
+) -> SiteRound:
+    """What ``metrics.jsonl`` keeps of one site's training reply, and of how its update was
+    seen: its norm (plain aggregation) or whether it reached the secure sum."""
+    return SiteRound(
+        trained=True,
+        train_loss=r.train_loss,
+        steps=r.steps,
+        num_examples=r.num_examples,
+        seconds=r.seconds,
+        privacy_seconds=r.privacy_seconds,
+        bytes_sent=r.bytes_sent,
+        epsilon=r.epsilon,
+        ledger_seq=r.ledger_seq,
+        ledger_head=r.ledger_head,
+        update_norm=update_norm,
+        in_secure_sum=in_secure_sum,
+    )
 
 
 def read_site_anchors(path: Path | None) -> dict[str, Anchor]:

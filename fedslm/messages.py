@@ -9,7 +9,10 @@ plain dictionaries that go into the records:
 - ``SiteEval``: an evaluation reply, or the evaluation a training reply carries;
 - ``Refusal``: a site's refusal, with its own policy reasons;
 - ``TrainInstruction``, ``EvalInstruction``, ``StageInstruction``: what the coordinator's
-  train, evaluate and secure-aggregation messages carry in their config for the round.
+  train, evaluate and secure-aggregation messages carry in their config for the round;
+- ``DeployedJob``: the job, its id, its base model's hash and the coordinator's versions,
+  which every message of a deployed job carries in its config (a simulated job's messages
+  carry its manifest instead, ``MANIFEST``).
 
 The site's egress guard derives its allow-lists from these declarations
 (``fedslm.egress.ALLOWED_METRICS`` / ``ALLOWED_FIELDS``), and the coordinator refuses a
@@ -526,3 +529,48 @@ class StageInstruction:
             str(config[cls.STAGE.name]),
             bool(config.get(QUIET.name, False)),
         )
+
+
+# a simulated job's messages name the job's manifest (``fedslm.job.PreparedJob``) instead
+MANIFEST = WireKey("manifest", (str,), "path of the simulated job's manifest")
+
+
+@dataclass(frozen=True)
+class DeployedJob:
+    """What every message of a deployed job carries in its config besides the round's own
+    keys: the job itself (each site validates it against its own policy), its id, the base
+    model's hash and the coordinator's versions (``server.app.deployed_config`` sends it, the
+    site worker reads it: ``fedslm.clients.worker``)."""
+
+    job: str  # the JobConfig as JSON
+    job_id: str
+    model_sha256: str
+    fedslm_version: str
+    flwr_version: str
+
+    JOB: ClassVar[WireKey] = WireKey("job", (str,), "the job config as JSON")
+    JOB_ID: ClassVar[WireKey] = WireKey("job-id", (str,), "the job's id (it names folders)")
+    CONFIG: ClassVar[dict[str, WireKey]] = _keys(
+        JOB,
+        JOB_ID,
+        WireKey("model-sha256", (str,), "sha256 of the coordinator's base model weights"),
+        WireKey("fedslm-version", (str,), "the coordinator's fedslm version"),
+        WireKey("flwr-version", (str,), "the coordinator's Flower version"),
+    )
+
+    def to_config(self) -> dict[str, Any]:
+        """The config entries of a deployed job's messages."""
+        values = (self.job, self.job_id, self.model_sha256, self.fedslm_version, self.flwr_version)
+        return dict(zip(self.CONFIG, values, strict=True))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DeployedJob:
+        """Read from a message's config; ``ValueError`` naming the keys that are missing, or
+        that are not strings."""
+        missing = [k for k in cls.CONFIG if k not in config]
+        if missing:
+            raise ValueError(f"the message config lacks {missing} (a deployed job sends them)")
+        wrong = [k for k in cls.CONFIG if not isinstance(config[k], str)]
+        if wrong:
+            raise ValueError(f"config {wrong} must be strings")
+        return cls(*(str(config[k]) for k in cls.CONFIG))

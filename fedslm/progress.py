@@ -56,9 +56,10 @@ class Reporter:
             return
         for site, s in sorted(rec.sites.items()):
             self.info(
-                f"  {site}: steps {s.get('steps', '-')} train loss {_num(s.get('train_loss'))} "
-                f"eval loss {_num(s.get('eval_loss'))} acc {_num(s.get('eval_accuracy'), '.3f')} "
-                f"eps {_num(s.get('epsilon'), '.3f')} sent {s.get('bytes_sent', 0):,} B"
+                f"  {site}: steps {'-' if s.steps is None else s.steps} "
+                f"train loss {_num(s.train_loss)} "
+                f"eval loss {_num(s.eval_loss)} acc {_num(s.eval_accuracy, '.3f')} "
+                f"eps {_num(s.epsilon, '.3f')} sent {s.bytes_sent or 0:,} B"
             )
         self.info(
             f"round {rec.round}/{rounds}: train loss {_num(rec.train_loss)} "

@@ -15,19 +15,94 @@ A round is:
    deferred, the round is saved (``Coordinator.save_round``) until its evaluation comes with
    the next round's replies. The last round's evaluation gets an exchange of its own.
 
-``RoundRecord`` is the typed record of one round, the line ``metrics.jsonl`` keeps of it.
+``RoundRecord`` is the typed record of one round, the line ``metrics.jsonl`` keeps of it, and
+``SiteRound`` what that line keeps of each site.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from fedslm.errors import FederationError
 
 if TYPE_CHECKING:
     from fedslm.coordinator import Coordinator
     from fedslm.progress import Reporter
+
+
+@dataclass
+class SiteRound:
+    """One site in a round's line of ``metrics.jsonl`` (``RoundRecord.sites[site]``).
+
+    Its keys come in groups, each in the line only when it happened to the site this round
+    (``to_dict``); within a group a None is written as null:
+
+    - training (``trained``: the coordinator kept the site's training reply): ``train_loss``
+      .. ``ledger_head``, what the reply said (``epsilon``, ``ledger_seq`` and ``ledger_head``
+      are None without DP), and how the coordinator saw the update: ``update_norm`` (plain
+      aggregation: the norm screening measured) or ``in_secure_sum`` (secure aggregation:
+      whether the site's masked input reached the sum);
+    - evaluation (``evaluation_in``): ``eval_loss``, ``eval_accuracy``, ``eval_examples``;
+    - ``eval_withheld``: the site sent its evaluation without numbers, and why.
+    """
+
+    trained: bool = False
+    train_loss: float | None = None
+    steps: int | None = None
+    num_examples: int | None = None
+    seconds: float | None = None
+    privacy_seconds: float | None = None
+    bytes_sent: int | None = None
+    epsilon: float | None = None
+    # the head the site released this round: anchors its ledger (fedslm.privacy.anchors)
+    ledger_seq: int | None = None
+    ledger_head: str | None = None
+    update_norm: float | None = None
+    in_secure_sum: bool | None = None
+    evaluation_in: bool = False
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    eval_examples: int | None = None
+    eval_withheld: str | None = None
+
+    TRAINING: ClassVar[tuple[str, ...]] = (
+        "train_loss",
+        "steps",
+        "num_examples",
+        "seconds",
+        "privacy_seconds",
+        "bytes_sent",
+        "epsilon",
+        "ledger_seq",
+        "ledger_head",
+    )
+    EVALUATION: ClassVar[tuple[str, ...]] = ("eval_loss", "eval_accuracy", "eval_examples")
+    # written when not None: the one way the coordinator saw the update, or a withheld evaluation
+    WHEN_SET: ClassVar[tuple[str, ...]] = ("update_norm", "in_secure_sum", "eval_withheld")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The site's entry in the round's line."""
+        groups = ((self.trained, self.TRAINING), (self.evaluation_in, self.EVALUATION))
+        d = {k: getattr(self, k) for happened, keys in groups if happened for k in keys}
+        return d | {k: v for k in self.WHEN_SET if (v := getattr(self, k)) is not None}
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> SiteRound:
+        """A site's entry read back (a resumed run). A group is in when any of its keys is: a
+        key of it that an earlier fedslm did not write (``ledger_seq``) reads as None. A key
+        no group declares is a ``ValueError`` naming it."""
+        declared = {f.name for f in fields(cls)} - {"trained", "evaluation_in"}
+        unknown = sorted(set(entry) - declared)
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is not a key of a site's record (it has {', '.join(entry)})"
+            )
+        return cls(
+            trained=any(k in entry for k in cls.TRAINING),
+            evaluation_in=any(k in entry for k in cls.EVALUATION),
+            **entry,
+        )
 
 
 @dataclass
@@ -41,7 +116,7 @@ class RoundRecord:
     """
 
     round: int
-    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sites: dict[str, SiteRound] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     # set when aggregation begins (``Coordinator._begin_aggregation``): with ``aggregated``
     refusals: dict[str, list[str]] = field(default_factory=dict)
@@ -67,7 +142,11 @@ class RoundRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The round's line of ``metrics.jsonl`` (keys are sorted when it is written)."""
-        d: dict[str, Any] = {"round": self.round, "sites": self.sites, "failures": self.failures}
+        d: dict[str, Any] = {
+            "round": self.round,
+            "sites": {name: site.to_dict() for name, site in self.sites.items()},
+            "failures": self.failures,
+        }
         if self.aggregated is not None:
             d |= {
                 "refusals": self.refusals,
@@ -96,7 +175,14 @@ class RoundRecord:
         """A round read back from its ``metrics.jsonl`` line (a resumed run); keys it does not
         declare are the aggregation rule's."""
         d = dict(line)
-        rec = cls(round=int(d.pop("round")), sites=d.pop("sites"), failures=d.pop("failures"))
+        num = int(d.pop("round"))
+        sites: dict[str, SiteRound] = {}
+        for name, entry in d.pop("sites").items():
+            try:
+                sites[name] = SiteRound.from_dict(entry)
+            except ValueError as exc:
+                raise ValueError(f"round {num}: sites.{name}: {exc}") from None
+        rec = cls(round=num, sites=sites, failures=d.pop("failures"))
         if "aggregated" in d:
             rec.aggregated = bool(d.pop("aggregated"))
             rec.refusals = d.pop("refusals", {})

@@ -26,7 +26,7 @@ from fedslm import __version__
 from fedslm.coordinator import Coordinator
 from fedslm.errors import FederationError
 from fedslm.job import PreparedJob, make_coordinator
-from fedslm.messages import TrainInstruction
+from fedslm.messages import MANIFEST, QUIET, DeployedJob, TrainInstruction
 from fedslm.privacy.anchors import COORDINATOR_ANCHORS_FILE
 from fedslm.progress import Reporter
 from fedslm.rounds import run_round_sequence
@@ -128,7 +128,7 @@ def run_job(grid: Grid, manifest: Path, reporter: Reporter) -> dict:
     prepared = PreparedJob.load(manifest)
     coordinator = make_coordinator(prepared)
     strategy = FedSLMStrategy(coordinator, len(prepared.sites), reporter, job_id=prepared.job_id)
-    config = ConfigRecord({"manifest": str(manifest), "quiet": reporter.quiet})
+    config = ConfigRecord({MANIFEST.name: str(manifest), QUIET.name: reporter.quiet})
     return _run_to_end(grid, strategy, coordinator, reporter, config, prepared.out)
 
 
@@ -168,16 +168,14 @@ def make_server_app(manifest: Path, reporter: Reporter) -> ServerApp:
 def deployed_config(prepared: PreparedJob) -> ConfigRecord:
     """What every message of a deployed job carries: the job itself (each site validates it
     against its own policy), its id, the base model's hash and the coordinator's versions."""
-    return ConfigRecord(
-        {
-            "job": json.dumps(prepared.job.model_dump(mode="json"), sort_keys=True),
-            "job-id": prepared.job_id,
-            "model-sha256": prepared.model.sha256,
-            "fedslm-version": __version__,
-            "flwr-version": version("flwr"),
-            "quiet": False,
-        }
+    job = DeployedJob(
+        job=json.dumps(prepared.job.model_dump(mode="json"), sort_keys=True),
+        job_id=prepared.job_id,
+        model_sha256=prepared.model.sha256,
+        fedslm_version=__version__,
+        flwr_version=version("flwr"),
     )
+    return ConfigRecord({**job.to_config(), QUIET.name: False})
 
 
 def run_deployed(grid: Grid, run_dir: Path, resume: bool, reporter: Reporter) -> dict:

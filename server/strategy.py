@@ -123,7 +123,23 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Me
 
 
 class FedSLMStrategy(Strategy):
-    """Send the global adapter to all sites, FedAvg the replies through the coordinator."""
+    """fedslm's Flower strategy: the four hooks of ``flwr.serverapp.strategy.Strategy``, each
+    a translation between Flower messages and the ``Coordinator``, which decides and records.
+
+    - ``configure_train``: a train message to every site with the global adapter (and the
+      earlier round to evaluate first, and the site's anchored ledger head);
+    - ``aggregate_train``: the replies decoded and sorted into updates, failures and refusals,
+      then handed to the coordinator, which screens the updates and combines them by the job's
+      aggregation rule (``federation.aggregation``, one of ``fedslm.aggregation_rules``; or
+      ``federation.robust``'s median or trimmed mean; or, under central DP, a clipped and
+      noised mean) and moves the global adapter through its server optimizer. Under secure
+      aggregation the protocol's later stages run here, and the coordinator gets only the sum;
+    - ``configure_evaluate`` / ``aggregate_evaluate``: the sites' evaluations of the global
+      adapter, folded into the round's record.
+
+    The rounds are not driven by ``Strategy.start`` but by the library's one round sequence
+    (``fedslm.rounds.run_round_sequence`` over ``fedslm.server.app.FlowerTransport``).
+    """
 
     def __init__(
         self,
@@ -248,7 +264,8 @@ class FedSLMStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode replies, let the coordinator check and average them."""
+        """Decode the replies and hand them to the coordinator, which screens the updates and
+        combines them (``Coordinator.aggregate``, ``aggregate_secure``)."""
         if self.coordinator.job.federation.secure_aggregation:
             return self._aggregate_secure(server_round, replies)
         reports, failures, refusals = _sort_replies(

@@ -21,8 +21,17 @@ from typing import Any
 
 import pytest
 import torch
-from fedslm.clients.bridge import MAGIC, WorkerError, call_worker
+from fedslm.clients.bridge import (
+    KINDS,
+    MAGIC,
+    ErrorCode,
+    WorkerError,
+    call_worker,
+    request_header,
+    validate_request_header,
+)
 from fedslm.clients.handlers import (
+    HANDLERS,
     SECRET_STATE_KEYS,
     STATE_KEY,
     handle_evaluate,
@@ -37,7 +46,7 @@ from fedslm.wire.codec import (
     decode_update,
     state_to_arrays,
 )
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from fedslm import __version__
 from fedslm.config import JobConfig, validate_config
@@ -367,6 +376,17 @@ def test_wrong_model_or_versions_are_refused_with_both_named(deployment: Deploym
     with PrivacyLedger(d.worker.ledger_path, create=False) as ledger:
         kinds = {e.job_id: e.kind for e in egress_entries(ledger)}
     assert {kinds[j] for j in ("job-m", "job-v", "job-f", "job-s")} == {"refusal"}
+
+
+def test_the_protocol_names_its_kinds_and_error_codes_once() -> None:
+    """A request's kind is the Flower message type the coordinator sent (each has its
+    handler), and travels as its plain name; an error reply's code is an ``ErrorCode``."""
+    assert KINDS == (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY)
+    assert set(HANDLERS) == set(KINDS)
+    header = json.loads(json.dumps(request_header(MessageType.QUERY, 3, 4)))
+    assert header["kind"] == "query" and validate_request_header(header) == ("query", 3, 4)
+    assert [str(c) for c in ErrorCode] == ["bad-request", "busy", "failed"]
+    assert WorkerError("x").code == ErrorCode.FAILED == "failed"
 
 
 def test_accepted_versions() -> None:

@@ -240,7 +240,7 @@ def test_coordinator_refuses_a_head_behind_the_one_it_anchored(tmp_path: Path) -
     first.start_round(1)
     assert first.aggregate(1, [_report("bank", 5, "e" * 64)], []) is not None
     assert first.privacy_summary()["sites"]["bank"]["ledger_head_seq"] == 5
-    assert first.record.sites["bank"]["ledger_seq"] == 5
+    assert first.record.sites["bank"].ledger_seq == 5
     # within the run: round 2 comes back with a shorter ledger
     first.start_round(2)
     assert first.aggregate(2, [_report("bank", 3, "f" * 64)], []) is None
@@ -504,7 +504,7 @@ def test_an_honest_site_extends_the_coordinators_anchor_and_trains(
         last = led.entries()[-1]
     assert (last.seq, last.job_id) == (6, "job-c")
     sites = coordinator.record.sites  # type: ignore[attr-defined]
-    assert sites["hospital"]["ledger_seq"] == 6 and not coordinator.record.failures  # type: ignore[attr-defined]
+    assert sites["hospital"].ledger_seq == 6 and not coordinator.record.failures  # type: ignore[attr-defined]
     # the next round's message carries the head this round released
     anchor = coordinator.site_anchor("hospital")  # type: ignore[attr-defined]
     assert anchor is not None and (anchor.seq, anchor.hash) == (6, last.hash)

@@ -350,8 +350,8 @@ def test_aggregate_secure_adds_the_mean_update_and_accounts_every_site(tmp_path:
     torch.testing.assert_close(out["w"], torch.full((2,), 3.5))
     rec = c.record
     assert rec.aggregated and rec.secure_aggregation["survivors"] == ["site-1", "site-2"]
-    assert rec.sites["site-3"]["in_secure_sum"] is False
-    assert "update_norm" not in rec.sites["site-1"]  # the coordinator never saw one
+    assert rec.sites["site-3"].in_secure_sum is False
+    assert "update_norm" not in rec.sites["site-1"].to_dict()  # the coordinator never saw one
     # a site that trained but dropped out spent privacy all the same
     assert set(c.privacy) == {"site-1", "site-2", "site-3"}
 

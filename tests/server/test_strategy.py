@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedslm.server.app import deployed_config
 from fedslm.server.strategy import FedSLMStrategy, exchange
 from fedslm.wire.codec import (
     EVAL_PREFIX,
@@ -21,10 +22,13 @@ from fedslm.wire.codec import (
 )
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedslm.config import JobConfig
+from fedslm.config import JobConfig, validate_config
 from fedslm.coordinator import Coordinator
 from fedslm.egress import Payload
+from fedslm.job import prepare_job
 from fedslm.messages import (
+    QUIET,
+    DeployedJob,
     EvalInstruction,
     Refusal,
     SiteEval,
@@ -189,7 +193,7 @@ def test_evaluations_riding_on_training_replies_are_recorded(tmp_path: Path) -> 
     strategy.aggregate_evaluate(1, replies)
     rec = strategy.coordinator.record
     assert rec.eval_loss == pytest.approx(2.0)  # (1.0 * 5 + 3.0 * 5) / 10
-    assert rec.sites["site-1"]["eval_loss"] == 1.0 and rec.sites["site-2"]["eval_loss"] == 3.0
+    assert rec.sites["site-1"].eval_loss == 1.0 and rec.sites["site-2"].eval_loss == 3.0
     assert rec.failures == ["evaluate: node 3: refused: no"]
     # and the training parts are what aggregate_train sees
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -327,6 +331,32 @@ def test_instructions_round_trip_through_a_config_record() -> None:
     config = ConfigRecord(stage.to_config())
     assert set(config) == set(StageInstruction.CONFIG)
     assert StageInstruction.from_config(config) == stage
+
+
+def test_the_worker_reads_the_job_config_a_deployed_coordinator_sends(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    """``deployed_config`` (the coordinator) and the site worker name the job's keys once:
+    ``DeployedJob``; a config without one, or with one that is not a string, is refused
+    naming it."""
+    raw = {
+        "model": {"path": str(tiny_bert)},
+        "federation": {"sites": 2, "rounds": 1},
+        "data": {"synthetic": {"rows_per_site": 20}},
+    }
+    prepared = prepare_job(validate_config(raw), "test", tmp_path / "run")
+    config = deployed_config(prepared)
+    wire = ["job", "job-id", "model-sha256", "fedslm-version", "flwr-version", QUIET.name]
+    assert list(config) == wire  # the keys a site of an earlier release reads
+    job = DeployedJob.from_config(config)
+    assert (job.job_id, job.model_sha256) == (prepared.job_id, prepared.model.sha256)
+    assert JobConfig.model_validate_json(job.job) == prepared.job
+    assert DeployedJob.from_config(ConfigRecord(job.to_config())) == job
+    without = {k: v for k, v in config.items() if k != "job-id"}
+    with pytest.raises(ValueError, match=r"lacks \['job-id'\] \(a deployed job sends them\)"):
+        DeployedJob.from_config(without)
+    with pytest.raises(ValueError, match=r"config \['flwr-version'\] must be strings"):
+        DeployedJob.from_config({**config, "flwr-version": 1})
 
 
 def _tampered(content: RecordDict, record: str, drop: str = "", **extra: object) -> RecordDict:
