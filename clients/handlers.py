@@ -44,6 +44,7 @@ from fedslm.progress import Reporter
 from fedslm.secagg import KeyRoster, SecAggParams, SecAggSite, ShareInbox, UnmaskRequest
 from fedslm.secagg.adapter import job_params, session_id, update_vector
 from fedslm.secagg.driver import site_stage
+from fedslm.secagg.messages import EncryptedShares, MaskedInput, UnmaskShares
 from fedslm.site import Site, SiteRefusal, SiteUpdate, adapter_sha256
 
 # State keys: the secure-aggregation state and the pending update of this node. They hold
@@ -165,6 +166,18 @@ def _start_secure(
     return payload
 
 
+def _stage_payload(reply: object) -> Payload:
+    """What a secure-aggregation stage's reply sends (``site_stage`` answers each stage with
+    its own message type)."""
+    if isinstance(reply, EncryptedShares):
+        return Site.shares_payload(reply)
+    if isinstance(reply, MaskedInput):
+        return Site.masked_payload(reply)
+    if isinstance(reply, UnmaskShares):
+        return Site.unmask_payload(reply)
+    raise FedSLMError(f"secure aggregation answered with an unknown {type(reply).__name__}")
+
+
 def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: int) -> RecordDict:
     """One later stage of secure aggregation (share-keys, masked-input, unmask).
 
@@ -208,13 +221,8 @@ def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: in
     state[STATE_KEY] = ConfigRecord(
         {**{k: to_wire(v) for k, v in saved.items()}, "round": round_num, "weight": weight}
     )
-    make = {
-        "share-keys": site.shares_payload,
-        "masked-input": site.masked_payload,
-        "unmask": site.unmask_payload,
-    }[stage]
     try:
-        payload = site.release(round_num, make(reply), ring)  # type: ignore[arg-type]
+        payload = site.release(round_num, _stage_payload(reply), ring)
     except SiteRefusal as refusal:
         Reporter(quiet=order.quiet).warn(
             f"[{site.name}] refused secure aggregation {stage} in round {round_num}: {refusal}"

@@ -661,8 +661,9 @@ def _describe_request(kind: str, content: RecordDict) -> str:
     config = content.get("config")
     if not isinstance(config, ConfigRecord):
         return kind
-    stage = f" {config.get(StageInstruction.STAGE.name)}" if kind == MessageType.QUERY else ""
-    job_id, round_num = config.get(DeployedJob.JOB_ID.name, "?"), config.get(ROUND.name, "?")
+    stage = f" {config.get(StageInstruction.STAGE.name)!s}" if kind == MessageType.QUERY else ""
+    job_id = str(config.get(DeployedJob.JOB_ID.name, "?"))
+    round_num = str(config.get(ROUND.name, "?"))
     return f"job {job_id} round {round_num} {kind}{stage}"
 
 

@@ -101,7 +101,7 @@ class Coordinator:
 
     # -- per round --------------------------------------------------------------------------
 
-    def _round(self) -> RoundRecord:
+    def round_in_hand(self) -> RoundRecord:
         """The round in hand (``start_round`` began it, or ``resume`` read it back)."""
         if self.record is None:
             raise FederationError("the coordinator has no round in hand: call start_round first")
@@ -223,7 +223,7 @@ class Coordinator:
         """Move the global adapter to ``aggregated`` through the server optimizer."""
         self.state = self.server_optimizer.step(self.state, aggregated)
         self.aggregated_rounds += 1
-        self._round().aggregated = True
+        self.round_in_hand().aggregated = True
         self._aggregated_at = time.perf_counter()
         return self.state
 
@@ -232,7 +232,7 @@ class Coordinator:
     ) -> RoundRecord:
         """Start the round's record with its failures and refusals (kept per site too); it
         says not aggregated until ``_apply`` moves the global adapter."""
-        rec = self._round()
+        rec = self.round_in_hand()
         rec.aggregated = False
         rec.failures = list(failures)
         rec.refusals = dict(refusals or {})
@@ -257,7 +257,7 @@ class Coordinator:
             return trimmed_mean(states, fed.robust.trim_fraction)
         lora = self.job.lora
         combined = fed.rule.combine(states, weights, rank=lora.r, alpha=lora.alpha)
-        self._round().rule.update(combined.record)
+        self.round_in_hand().rule.update(combined.record)
         return combined.state
 
     def _bounded(self, state: AdapterState, bound: float) -> AdapterState:
@@ -277,7 +277,7 @@ class Coordinator:
             denominator=roster,
             generator=self._noise,
         )
-        self._round().central_dp = {
+        self.round_in_hand().central_dp = {
             "sites": result.sites,
             "clipped": result.clipped,
             "noise_std_of_mean": result.noise_std / roster,
@@ -286,7 +286,7 @@ class Coordinator:
 
     def record_evaluation(self, evals: list[SiteEval], failures: list[str]) -> dict[str, float]:
         """Fold the sites' evaluations of the global adapter into this round's record."""
-        rec = self._round()
+        rec = self.round_in_hand()
         for e in evals:
             site = rec.sites.setdefault(e.site, SiteRound())
             if e.withheld is not None:
@@ -309,7 +309,7 @@ class Coordinator:
         incomplete. Flower's round loop evaluates a round with the next round's messages, so
         without this a run killed in round r+1 would leave nothing of round r. ``end_round``
         later completes the line with the evaluation."""
-        rec = self._round()
+        rec = self.round_in_hand()
         assert rec.aggregated, "save_round of a round that was not aggregated"
         assert self._counted_until is not None, "save_round before start_round"
         # provisional: end_round recounts the last round up to its own evaluation
@@ -321,7 +321,7 @@ class Coordinator:
     def end_round(self) -> RoundRecord:
         """Write this round's checkpoint and its line of ``metrics.jsonl``; return the round.
         A round that was not aggregated trained nothing new: it gets its line, no checkpoint."""
-        rec = self._round()
+        rec = self.round_in_hand()
         # The round's share of the run's wall time: from the previous round's aggregation (the
         # first round in this process: from its start) to its own. Each round's messages carry
         # the previous round's evaluation, so that is where evaluating is counted; the last
@@ -376,7 +376,7 @@ class Coordinator:
         if conflict is None:
             return True
         reason = f"{r.site}: {conflict}{consequence}"
-        rec = self._round()
+        rec = self.round_in_hand()
         rec.failures.append(f"update rejected: {reason}")
         self.privacy.setdefault(r.site, SitePrivacy()).refusals.append(
             f"round {rec.round}: {reason}"
@@ -403,7 +403,7 @@ class Coordinator:
     def _resume_state(self) -> ResumeState:
         """What ``resume`` needs beyond the exported adapter (``fedslm.run_outputs``)."""
         return ResumeState(
-            round=self._round().round,
+            round=self.round_in_hand().round,
             state=self.state,
             aggregated_rounds=self.aggregated_rounds,
             privacy=self.privacy,

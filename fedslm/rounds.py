@@ -281,7 +281,7 @@ def run_round_sequence(
                 transport.evaluate(r)
                 reporter.round_done(coordinator.end_round(), rounds)
                 break
-            rec = coordinator.record
+            rec = coordinator.round_in_hand()
             rec.attempts = attempt + 1
             if not rec.failures or attempt == retries:
                 reporter.round_done(coordinator.end_round(), rounds)

@@ -42,7 +42,8 @@ from fedslm.secagg.adapter import job_params, session_id, vector_size
 from fedslm.secagg.driver import Exchange, NoReply, run_secagg_stages
 from fedslm.secagg.messages import KeyAdvert
 
-T = TypeVar("T")
+# a decoded training reply: a plain update, or (node, (update, key advert)) under secure aggregation
+Update = TypeVar("Update", SiteReport, tuple[int, tuple[SiteReport, KeyAdvert]])
 
 # How often replies are polled for. Flower's send_and_receive waits 3 s between polls, which
 # adds 1.5 s on average to every message of a deployed round; a poll is one small request to
@@ -64,7 +65,7 @@ def quicker_reply_pulls() -> None:
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
     from flwr.superlink.grid import http_grid
 
-    http_grid.pull_objects = partial(  # type: ignore[attr-defined]
+    http_grid.pull_objects = partial(
         pull_objects, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S
     )
 
@@ -278,7 +279,7 @@ class FedSLMStrategy(Strategy):
         """The new global adapter and the round's training loss, for Flower's loop."""
         if state is None:
             return None, None
-        loss = self.coordinator.record.train_loss
+        loss = self.coordinator.round_in_hand().train_loss
         return state_to_arrays(state), MetricRecord(
             {"train-loss": loss if loss is not None else -1.0}
         )
@@ -415,7 +416,7 @@ class FedSLMStrategy(Strategy):
                 continue
             evals.append(ev)
         metrics = self.coordinator.record_evaluation(evals, failures)
-        return MetricRecord(metrics) if metrics else None
+        return MetricRecord({**metrics}) if metrics else None
 
 
 # Flower's simulation wraps what a ClientApp raised into a Ray task error: its text is a
@@ -426,7 +427,7 @@ _CLIENT_APP_MESSAGE = "occurred. Message: "
 def error_reason(reply: Message) -> str:
     """The reason of an error reply, without the traceback Flower's simulation wraps around
     an exception the ClientApp raised (its message names the site and what went wrong)."""
-    reason = reply.error.reason
+    reason = reply.error.reason or ""
     if _CLIENT_APP_MESSAGE in reason:
         reason = reason.rsplit(_CLIENT_APP_MESSAGE, 1)[1].strip().removesuffix("'>").strip()
     return reason
@@ -442,14 +443,14 @@ def _decode_secure(content: RecordDict, node: int) -> tuple[int, tuple[SiteRepor
 
 def _sort_replies(
     replies: Iterable[Message],
-    decode: Callable[[RecordDict, int], T],
+    decode: Callable[[RecordDict, int], Update],
     identity: Callable[[int, str], str | None],
     label: Callable[[int], str] = lambda node: f"node {node}",
-) -> tuple[list[T], list[str], dict[str, list[str]]]:
+) -> tuple[list[Update], list[str], dict[str, list[str]]]:
     """Training replies sorted into decoded updates, failures (error, malformed, or speaking
     for another site than the node's key) and policy refusals. ``decode`` takes the content
     and the sender's node id; ``identity`` says why a node may not speak for a site."""
-    decoded: list[T] = []
+    decoded: list[Update] = []
     failures: list[str] = []
     refusals: dict[str, list[str]] = {}
     for reply in replies:
