@@ -113,7 +113,7 @@ def test_a_run_folder_written_before_the_server_optimizer_rename_resumes(
     uninterrupted = {k: v.clone() for k, v in original.state.items()}
 
     # what the earlier version wrote
-    manifest = json.loads((job.out / "job.json").read_text())
+    manifest = json.loads(job.save().read_text())
     opt = manifest["config"]["federation"]["server_optimizer"]
     assert opt["name"] == "adam" and "proximal_mu" not in opt
     opt |= {"name": "fedadam", "proximal_mu": None}
