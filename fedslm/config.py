@@ -739,8 +739,10 @@ def upgrade_legacy(raw: Any) -> Any:
     under ``server_optimizer`` is how an earlier fedslm wrote out every job; it is dropped.
     Raises ValueError when the old and the new spelling of the proximal strength are both set.
     """
-    fed = raw.get("federation") if isinstance(raw, Mapping) else None
-    old = fed.get("server_optimizer") if isinstance(fed, Mapping) else None
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("federation"), Mapping):
+        return raw
+    fed: Mapping[str, Any] = raw["federation"]
+    old = fed.get("server_optimizer")
     if not isinstance(old, Mapping) or not (
         "proximal_mu" in old or old.get("name") in (*RENAMED_SERVER_OPTIMIZERS, "fedprox")
     ):
@@ -792,7 +794,7 @@ def _warn_renamed(old: str, new: str) -> None:
     )
 
 
-def legacy_form(config: dict[str, Any]) -> dict[str, Any]:
+def legacy_form(config: Mapping[str, Any]) -> Mapping[str, Any]:
     """``config`` (JSON form, as ``model_dump(mode="json")`` gives it) as the fedslm before the
     server-optimizer rename wrote it, for hashing; ``config`` is not changed.
 
@@ -805,11 +807,11 @@ def legacy_form(config: dict[str, Any]) -> dict[str, Any]:
     returned as it is.
     """
     fed, train = config.get("federation"), config.get("train")
-    opt = fed.get("server_optimizer") if isinstance(fed, Mapping) else None
-    old_names = {new: old for old, new in RENAMED_SERVER_OPTIMIZERS.items()}
-    if not isinstance(opt, Mapping) or not isinstance(train, Mapping):
+    if not isinstance(fed, Mapping) or not isinstance(train, Mapping):
         return config
-    if opt.get("name") not in old_names:
+    opt = fed.get("server_optimizer")
+    old_names = {new: old for old, new in RENAMED_SERVER_OPTIMIZERS.items()}
+    if not isinstance(opt, Mapping) or opt.get("name") not in old_names:
         return config
     train, opt = dict(train), dict(opt)
     mu = train.pop("proximal_mu", None)
