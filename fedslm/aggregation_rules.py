@@ -174,8 +174,8 @@ class Exact(AggregationRule):
     linear = False
     per_site_ranks = True
     # optimizer state (momentum, Adam moments) lives on the factors, which SVD re-bases every
-    # round: only the stateless server steps make sense
-    server_optimizers = frozenset({"fedavg", "fedprox"})
+    # round: only the stateless server step makes sense (FedProx, at the sites, is fine)
+    server_optimizers = frozenset({"sgd"})
     coordinatewise_robust = False
     refactors = True
 

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -270,6 +271,13 @@ class TrainConfig(_Section):
     )
     max_length: Annotated[int, Field(ge=8)] = 64
     eval_batch_size: PositiveInt = 64
+    proximal_mu: PositiveFloat | None = Field(
+        default=None,
+        description="FedProx (Li et al. 2020): after each LoRA step, a step of its own pulls "
+        "the trained weights toward the round's global adapter, w -= lr * mu * (w - w_global), "
+        "with this mu (0.01 is a common start). It uses no data, so under DP it costs no "
+        "privacy. Works with every server optimizer. null: off.",
+    )
     probe: ProbeConfig = ProbeConfig()
 
     @model_validator(mode="after")
@@ -378,41 +386,39 @@ class PrivacyConfig(_Section):
 
 
 class ServerOptimizerConfig(_Section):
-    """How the coordinator moves the global adapter along the aggregated update
-    (``fedslm.server_opt``). ``fedprox`` is FedAvg at the coordinator plus a proximal step
-    toward the round's global adapter at every site."""
+    """What the coordinator does with the aggregated update (``fedslm.server_opt``; Reddi et
+    al. 2021): the pseudo-gradient ``aggregated - global`` is a gradient step of server SGD,
+    SGD with momentum, Adam or Yogi. ``sgd`` with learning rate 1 (the default) takes the
+    aggregate as the new global adapter: plain FedAvg. FedProx is not a server optimizer: it
+    runs at the sites (``train.proximal_mu``)."""
 
-    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    name: Literal["sgd", "sgdm", "adam", "yogi"] = "sgd"
     learning_rate: PositiveFloat | None = Field(
         default=None,
-        description="Server learning rate; default 1.0 (fedavg, fedprox, fedavgm), 0.1 "
-        "(fedadam), 0.01 (fedyogi), as in Flower.",
+        description="Server learning rate; default 1.0 (sgd, sgdm), 0.1 (adam), 0.01 (yogi), "
+        "as in Flower.",
     )
     # None: the optimizer's default (as Flower's). Set only what applies to the chosen one.
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
-        default=None, description="fedavgm (default 0.9)"
+        default=None, description="sgdm (default 0.9)"
     )
     beta1: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
-        default=None, description="fedadam/fedyogi (default 0.9)"
+        default=None, description="adam/yogi (default 0.9)"
     )
     beta2: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
-        default=None, description="fedadam/fedyogi (default 0.99)"
+        default=None, description="adam/yogi (default 0.99)"
     )
     tau: PositiveFloat | None = Field(
-        default=None, description="fedadam/fedyogi: adaptivity (default 1e-3)"
-    )
-    proximal_mu: PositiveFloat | None = Field(
-        default=None, description="fedprox: proximal strength (default 0.01)"
+        default=None, description="adam/yogi: adaptivity (default 1e-3)"
     )
 
     @model_validator(mode="after")
     def _only_what_applies(self) -> ServerOptimizerConfig:
         applies = {
-            "momentum": {"fedavgm"},
-            "beta1": {"fedadam", "fedyogi"},
-            "beta2": {"fedadam", "fedyogi"},
-            "tau": {"fedadam", "fedyogi"},
-            "proximal_mu": {"fedprox"},
+            "momentum": {"sgdm"},
+            "beta1": {"adam", "yogi"},
+            "beta2": {"adam", "yogi"},
+            "tau": {"adam", "yogi"},
         }
         for key, names in applies.items():
             if getattr(self, key) is not None and self.name not in names:
@@ -422,20 +428,15 @@ class ServerOptimizerConfig(_Section):
                 )
         return self
 
-    @property
-    def mu(self) -> float:
-        """FedProx's proximal strength."""
-        return 0.01 if self.proximal_mu is None else self.proximal_mu
-
     def hyperparameters(self) -> dict[str, float]:
         """Keyword arguments for ``fedslm.server_opt.make_server_optimizer``."""
         lr = self.learning_rate
-        if self.name in ("fedavg", "fedprox"):
+        if self.name == "sgd":
             return {"lr": lr or 1.0}
-        if self.name == "fedavgm":
+        if self.name == "sgdm":
             return {"lr": lr or 1.0, "momentum": 0.9 if self.momentum is None else self.momentum}
         return {
-            "eta": lr or (0.1 if self.name == "fedadam" else 0.01),
+            "eta": lr or (0.1 if self.name == "adam" else 0.01),
             "beta1": 0.9 if self.beta1 is None else self.beta1,
             "beta2": 0.99 if self.beta2 is None else self.beta2,
             "tau": 1e-3 if self.tau is None else self.tau,
@@ -706,9 +707,121 @@ class SimulatedPolicies(_Section):
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Earlier forms of the job config. A config file, job.json or job message written by an earlier
+# fedslm validates (``upgrade_legacy``: the current spelling, and a FutureWarning naming the old
+# key and the new one) and keeps its fingerprint (``legacy_form``, in ``config_fingerprint``),
+# and with it its job id, its sites' noise seeds and its stored releases.
+
 # (section, key) of every key added to the job config after fingerprints were first recorded;
 # see JobConfig.fingerprint
 ADDED_KEYS: tuple[tuple[str, str], ...] = (("task", "classifier"), ("task", "label_prompt"))
+
+# federation.server_optimizer.name was the algorithm's name in Reddi et al. (FedAvg, FedAvgM,
+# FedAdam, FedYogi); it is now what the coordinator does with the aggregated update
+RENAMED_SERVER_OPTIMIZERS: dict[str, str] = {
+    "fedavg": "sgd",
+    "fedavgm": "sgdm",
+    "fedadam": "adam",
+    "fedyogi": "yogi",
+}
+# name 'fedprox' was sgd at the coordinator plus the proximal step at the sites, with
+# federation.server_optimizer.proximal_mu (this when left out); now train.proximal_mu
+LEGACY_FEDPROX_MU = 0.01
+
+
+def upgrade_legacy(raw: Any) -> Any:
+    """A job config mapping in the current spelling (a copy when anything changed).
+
+    ``federation.server_optimizer.name`` fedavg/fedavgm/fedadam/fedyogi become sgd/sgdm/adam/
+    yogi; ``fedprox`` (with its optional ``proximal_mu``) becomes ``sgd`` with
+    ``train.proximal_mu``. Each old spelling warns once (FutureWarning). ``proximal_mu: null``
+    under ``server_optimizer`` is how an earlier fedslm wrote out every job; it is dropped.
+    Raises ValueError when the old and the new spelling of the proximal strength are both set.
+    """
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("federation"), Mapping):
+        return raw
+    fed: Mapping[str, Any] = raw["federation"]
+    old = fed.get("server_optimizer")
+    if not isinstance(old, Mapping) or not (
+        "proximal_mu" in old or old.get("name") in (*RENAMED_SERVER_OPTIMIZERS, "fedprox")
+    ):
+        return raw
+    opt = dict(old)
+    name, mu = opt.get("name"), opt.pop("proximal_mu", None)
+    key = "federation.server_optimizer"
+    train: Any = raw.get("train")
+    if isinstance(train, BaseModel):
+        train = train.model_dump(exclude_unset=True)
+    if name == "fedprox":
+        if isinstance(train, Mapping) and train.get("proximal_mu") is not None:
+            raise ValueError(
+                f"{key}.name 'fedprox' (the old spelling of FedProx) and train.proximal_mu are "
+                f"both set; remove {key}.name 'fedprox'"
+                + (f" and {key}.proximal_mu" if mu is not None else "")
+                + " and keep train.proximal_mu (the server optimizer 'sgd', the default, is "
+                "what fedprox ran at the coordinator)"
+            )
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, int | float) or mu <= 0):
+            raise ValueError(f"{key}.proximal_mu must be a number > 0, got {mu!r}")
+        mu = LEGACY_FEDPROX_MU if mu is None else mu
+        opt["name"] = "sgd"
+        _warn_renamed(
+            f"{key}.name 'fedprox'"
+            + ("" if old.get("proximal_mu") is None else f" with {key}.proximal_mu"),
+            f"{key}.name 'sgd' (the default) and train.proximal_mu: {mu} (FedProx runs at the "
+            "sites)",
+        )
+        train = {**(train if isinstance(train, Mapping) else {}), "proximal_mu": mu}
+        return {**raw, "federation": {**fed, "server_optimizer": opt}, "train": train}
+    if mu is not None:
+        raise ValueError(
+            f"{key}.proximal_mu: FedProx's proximal strength is now train.proximal_mu (the "
+            "proximal step runs at the sites, with any server optimizer); move it there"
+        )
+    if name in RENAMED_SERVER_OPTIMIZERS:
+        opt["name"] = RENAMED_SERVER_OPTIMIZERS[name]
+        _warn_renamed(f"{key}.name {name!r}", f"{key}.name {opt['name']!r}")
+    return {**raw, "federation": {**fed, "server_optimizer": opt}}
+
+
+def _warn_renamed(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} is an old spelling (it still loads); write {new} instead (docs/config.md, "
+        "'Renamed keys')",
+        FutureWarning,
+        stacklevel=2,
+    )
+
+
+def legacy_form(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``config`` (JSON form, as ``model_dump(mode="json")`` gives it) as the fedslm before the
+    server-optimizer rename wrote it, for hashing; ``config`` is not changed.
+
+    Every config that version could express gets exactly its old form (the default job, a
+    fedprox job with or without proximal_mu, each optimizer with its settings), so its
+    fingerprint is what it was; one that spells ``proximal_mu: 0.01`` out hashes as one that
+    left it out, which is the same job. A config it could not express (train.proximal_mu with
+    sgdm, adam or yogi) keeps ``train.proximal_mu``, a key no old config has, so it hashes
+    apart from all of them. A config already in the old form (job.json of an older run) is
+    returned as it is.
+    """
+    fed, train = config.get("federation"), config.get("train")
+    if not isinstance(fed, Mapping) or not isinstance(train, Mapping):
+        return config
+    opt = fed.get("server_optimizer")
+    old_names = {new: old for old, new in RENAMED_SERVER_OPTIMIZERS.items()}
+    if not isinstance(opt, Mapping) or opt.get("name") not in old_names:
+        return config
+    train, opt = dict(train), dict(opt)
+    mu = train.pop("proximal_mu", None)
+    opt["name"], opt["proximal_mu"] = old_names[opt["name"]], None
+    if mu is not None and opt["name"] == "fedavg":
+        opt["name"] = "fedprox"
+        opt["proximal_mu"] = None if mu == LEGACY_FEDPROX_MU else mu
+    elif mu is not None:
+        train["proximal_mu"] = mu
+    return {**config, "train": train, "federation": {**fed, "server_optimizer": opt}}
 
 
 class JobConfig(_Section):
@@ -724,6 +837,11 @@ class JobConfig(_Section):
     data: DataConfig = DataConfig(synthetic=SyntheticConfig())
     policy: SimulatedPolicies = SimulatedPolicies()
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        return upgrade_legacy(data)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobConfig:
@@ -844,6 +962,7 @@ class JobConfig(_Section):
         set to something other than their default: a job that does not use them keeps the
         fingerprint it had, and with it its job id, its sites' noise seeds and its stored
         releases (a retried round replays the same update instead of drawing new noise).
+        Renamed keys are hashed in their old spelling (``legacy_form``) for the same reason.
         """
         return config_fingerprint(self.model_dump(mode="json"))
 
@@ -851,7 +970,7 @@ class JobConfig(_Section):
 def config_fingerprint(config: Mapping[str, Any]) -> str:
     """``JobConfig.fingerprint`` of a config in its JSON form (``model_dump(mode="json")``, as
     job.json keeps it): what the report's checks recompute, so both sides hash alike."""
-    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in legacy_form(config).items()}
     for section, key in ADDED_KEYS:
         default = type(JobConfig.model_fields[section].default).model_fields[key].default
         if isinstance(data.get(section), dict) and data[section].get(key, default) == default:

@@ -92,9 +92,7 @@ class Coordinator:
         # not derived from the job seed. torch's generator is not a CSPRNG (see caveats).
         self._noise = torch.Generator().manual_seed(secrets.randbits(63))
         server = job.federation.server_optimizer
-        # fedprox is FedAvg at the coordinator; its proximal step happens at the sites
-        kind = "fedavg" if server.name == "fedprox" else server.name
-        self.server_optimizer = make_server_optimizer(kind, **server.hyperparameters())
+        self.server_optimizer = make_server_optimizer(server.name, **server.hyperparameters())
         # every site's last ledger head from earlier runs (deployed: one file for all runs)
         self.anchors_file = anchors_file
         self.anchors = read_site_anchors(anchors_file)

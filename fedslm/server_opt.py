@@ -2,13 +2,14 @@
 
 Each round the coordinator aggregates the sites' adapters and calls
 ``step(global_state, aggregated_state)``; the pseudo-gradient is ``delta = aggregated - global``
-and the optimizer moves the global state along it:
+and the optimizer moves the global state along it. Each is named for the step it takes (the
+``federation.server_optimizer.name``), with the paper's name of the whole algorithm:
 
-- ``FedAvg``:  ``global + lr · delta`` (lr 1: the aggregated state itself, bitwise);
-- ``FedAvgM``: ``m = momentum · m + delta``, ``global + lr · m`` (Hsu et al. 2019);
-- ``FedAdam``: ``m = b1 m + (1-b1) delta``, ``v = b2 v + (1-b2) delta²``,
+- ``sgd`` (FedAvg): ``global + lr · delta`` (lr 1: the aggregated state itself, bitwise);
+- ``sgdm`` (FedAvgM): ``m = momentum · m + delta``, ``global + lr · m`` (Hsu et al. 2019);
+- ``adam`` (FedAdam): ``m = b1 m + (1-b1) delta``, ``v = b2 v + (1-b2) delta²``,
   ``global + eta_t · m / (sqrt(v) + tau)``;
-- ``FedYogi``: as FedAdam with ``v = v - (1-b2) delta² sign(v - delta²)``, ``eta_t = eta``.
+- ``yogi`` (FedYogi): as adam with ``v = v - (1-b2) delta² sign(v - delta²)``, ``eta_t = eta``.
 
 The formulas, defaults, zero initial m and v, and where tau enters are Flower 1.41's
 (``flwr.serverapp.strategy``; a test runs both). One difference: FedAdam's bias correction
@@ -25,6 +26,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+
+from fedslm.config import RENAMED_SERVER_OPTIMIZERS
 
 AdapterState = dict[str, torch.Tensor]
 Buffers = dict[str, torch.Tensor]
@@ -70,9 +73,11 @@ class ServerOptimizer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a ``state_dict()``; its kind and settings must be this optimizer's."""
-        if state["kind"] != self.kind:
-            raise ValueError(f"checkpoint is for server optimizer {state['kind']}, not {self.kind}")
+        """Continue from a ``state_dict()``; its kind and settings must be this optimizer's.
+        A checkpoint of an earlier fedslm names the kind in its old spelling (fedadam...)."""
+        kind = RENAMED_SERVER_OPTIMIZERS.get(state["kind"], state["kind"])
+        if kind != self.kind:
+            raise ValueError(f"checkpoint is for server optimizer {kind}, not {self.kind}")
         saved = {k: float(v) for k, v in state["hyperparameters"].items()}
         if saved != self.hyperparameters:
             raise ValueError(
@@ -87,10 +92,11 @@ class ServerOptimizer:
         }
 
 
-class FedAvg(ServerOptimizer):
-    """``global + lr · (aggregated - global)``; lr 1 (default) returns the aggregated state."""
+class ServerSGD(ServerOptimizer):
+    """``global + lr · (aggregated - global)``; lr 1 (default) returns the aggregated state:
+    FedAvg."""
 
-    kind = "fedavg"
+    kind = "sgd"
 
     def __init__(self, lr: float = 1.0) -> None:
         _check_positive(lr=lr)
@@ -110,10 +116,11 @@ class FedAvg(ServerOptimizer):
         return {k: lr * d for k, d in delta.items()}
 
 
-class FedAvgM(ServerOptimizer):
-    """Server SGD with momentum: ``m = momentum · m + delta``, then ``global + lr · m``."""
+class ServerSGDM(ServerOptimizer):
+    """Server SGD with momentum (FedAvgM): ``m = momentum · m + delta``, then
+    ``global + lr · m``."""
 
-    kind = "fedavgm"
+    kind = "sgdm"
     buffer_names = ("momentum",)
 
     def __init__(self, lr: float = 1.0, momentum: float = 0.9) -> None:
@@ -128,10 +135,11 @@ class FedAvgM(ServerOptimizer):
         return {k: lr * v for k, v in self.buffers["momentum"].items()}
 
 
-class FedAdam(ServerOptimizer):
-    """Adam on the pseudo-gradient (Flower's defaults: eta 0.1, b1 0.9, b2 0.99, tau 1e-3)."""
+class ServerAdam(ServerOptimizer):
+    """Adam on the pseudo-gradient, FedAdam (Flower's defaults: eta 0.1, b1 0.9, b2 0.99,
+    tau 1e-3)."""
 
-    kind = "fedadam"
+    kind = "adam"
     buffer_names = ("m", "v")
 
     def __init__(
@@ -170,11 +178,11 @@ class FedAdam(ServerOptimizer):
         return {k: eta * m[k] / (v[k].sqrt() + h["tau"]) for k in delta}
 
 
-class FedYogi(FedAdam):
-    """Yogi on the pseudo-gradient: v moves towards delta² additively (Flower's defaults:
-    eta 0.01, b1 0.9, b2 0.99, tau 1e-3; no bias correction)."""
+class ServerYogi(ServerAdam):
+    """Yogi on the pseudo-gradient, FedYogi: v moves towards delta² additively (Flower's
+    defaults: eta 0.01, b1 0.9, b2 0.99, tau 1e-3; no bias correction)."""
 
-    kind = "fedyogi"
+    kind = "yogi"
 
     def __init__(
         self, eta: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
@@ -187,12 +195,12 @@ class FedYogi(FedAdam):
 
 
 SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
-    c.kind: c for c in (FedAvg, FedAvgM, FedAdam, FedYogi)
+    c.kind: c for c in (ServerSGD, ServerSGDM, ServerAdam, ServerYogi)
 }
 
 
 def make_server_optimizer(kind: str, **hyperparameters: Any) -> ServerOptimizer:
-    """The server optimizer called ``kind`` (fedavg, fedavgm, fedadam, fedyogi)."""
+    """The server optimizer called ``kind`` (sgd, sgdm, adam, yogi)."""
     if kind not in SERVER_OPTIMIZERS:
         raise ValueError(f"unknown server optimizer {kind!r}; use one of {list(SERVER_OPTIMIZERS)}")
     return SERVER_OPTIMIZERS[kind](**hyperparameters)

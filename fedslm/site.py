@@ -391,10 +391,8 @@ class Site:
             params = [p for p in self.loaded.model.parameters() if p.requires_grad]
             lr = t.peak_lr(plan.enabled)
             optimizer = make_optimizer(params, t.optimizer, lr, t.weight_decay)
-            proximal = None
-            server = self.job.federation.server_optimizer
-            if server.name == "fedprox":
-                proximal = Proximal(server.mu, lr, params)
+            mu = t.proximal_mu  # FedProx: a pull toward the round's global adapter
+            proximal = None if mu is None else Proximal(mu, lr, params)
             schedule = Schedule(
                 lr,
                 phase.total_steps,

@@ -102,9 +102,9 @@ def test_each_rule_declares_what_it_allows(
 
 def test_server_optimizers_with_state_are_refused_exactly_where_factors_are_rebased() -> None:
     names = get_args(ServerOptimizerConfig.model_fields["name"].annotation)
-    # fedprox is FedAvg at the coordinator (its proximal term runs at the site)
-    stateful = {n for n in names if n in SERVER_OPTIMIZERS and SERVER_OPTIMIZERS[n].buffer_names}
-    assert stateful == {"fedavgm", "fedadam", "fedyogi"}
+    assert set(names) == set(SERVER_OPTIMIZERS)  # every config name is a server optimizer
+    stateful = {n for n in names if SERVER_OPTIMIZERS[n].buffer_names}
+    assert stateful == {"sgdm", "adam", "yogi"}
     assert Exact.server_optimizers is not None and Exact.server_optimizers <= set(names)
     for name in names:
         assert rule_for("fedavg-factors").allows_server_optimizer(name)
@@ -234,11 +234,9 @@ def test_refusals_name_the_key_the_rule_and_the_fix() -> None:
     text = _refusal({"federation": {"aggregation": "ffa", "site_ranks": {"site-1": 2}}})
     assert "federation.site_ranks needs aggregation 'exact': aggregation 'ffa'" in text
     assert "set federation.aggregation to 'exact'" in text
-    text = _refusal(
-        {"federation": {"aggregation": "exact", "server_optimizer": {"name": "fedyogi"}}}
-    )
-    assert "federation.server_optimizer 'fedyogi'" in text
-    assert "use fedavg or fedprox with exact, or aggregation 'fedavg-factors' or 'ffa'" in text
+    text = _refusal({"federation": {"aggregation": "exact", "server_optimizer": {"name": "yogi"}}})
+    assert "federation.server_optimizer 'yogi'" in text
+    assert "use sgd with exact, or aggregation 'fedavg-factors' or 'ffa'" in text
     text = _refusal({"federation": {"aggregation": "exact", "robust": {"max_update_norm": 1.0}}})
     assert "they work with aggregation 'fedavg-factors' or 'ffa', not with exact" in text
     text = _refusal({"train": {"mode": "lp-lora"}, "federation": {"aggregation": "exact"}})
@@ -260,7 +258,7 @@ def test_validation_follows_the_declarations_not_the_names(
     monkeypatch.setattr(FFA, "per_site_ranks", True)
     validate_config(ranks, source="job.yaml")
 
-    adam = {"federation": {"aggregation": "ffa", "server_optimizer": {"name": "fedadam"}}}
+    adam = {"federation": {"aggregation": "ffa", "server_optimizer": {"name": "adam"}}}
     validate_config(adam, source="job.yaml")
-    monkeypatch.setattr(FFA, "server_optimizers", frozenset({"fedavg"}))
-    assert "use fedavg with ffa, or aggregation 'fedavg-factors'" in _refusal(adam)
+    monkeypatch.setattr(FFA, "server_optimizers", frozenset({"sgd"}))
+    assert "use sgd with ffa, or aggregation 'fedavg-factors'" in _refusal(adam)

@@ -34,7 +34,7 @@ def _job(tmp: Path, tiny_bert: Path, name: str) -> PreparedJob:
         "federation": {
             "sites": 2,
             "rounds": 3,
-            "server_optimizer": {"name": "fedadam", "learning_rate": 0.05},
+            "server_optimizer": {"name": "adam", "learning_rate": 0.05},
         },
         "data": {"synthetic": {"rows_per_site": 120}},
     }
@@ -95,3 +95,43 @@ def test_resume_cuts_a_torn_metrics_line_and_names_a_missing_checkpoint(
     (job.out / "checkpoints" / "round-1" / "coordinator_state.pt").unlink()
     with pytest.raises(FederationError, match=r"round-1.*checkpoint is missing"):
         make_coordinator(job).resume()
+
+
+def test_a_run_folder_written_before_the_server_optimizer_rename_resumes(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    """A run folder of an earlier fedslm spells the server optimizer 'fedadam' in job.json
+    (with proximal_mu under server_optimizer) and in every server_optimizer.pt: it loads as
+    the same job (same fingerprint, so the same job id and noise seeds) and resumes exactly."""
+    job = _job(tmp_path, tiny_bert, "run")
+    sites = [build_site(job, s, with_policy=False) for s in job.sites]
+    original = make_coordinator(job)
+    _rounds(original, sites, 1, 2)
+    original.start_round(3)
+    reports = [to_report(s, s.train_round(3, original.state)) for s in sites]
+    original.aggregate(3, reports, [])
+    uninterrupted = {k: v.clone() for k, v in original.state.items()}
+
+    # what the earlier version wrote
+    manifest = json.loads(job.save().read_text())
+    opt = manifest["config"]["federation"]["server_optimizer"]
+    assert opt["name"] == "adam" and "proximal_mu" not in opt
+    opt |= {"name": "fedadam", "proximal_mu": None}
+    del manifest["config"]["train"]["proximal_mu"]
+    (job.out / "job.json").write_text(json.dumps(manifest))
+    checkpoints = sorted(job.out.glob("checkpoints/round-*/server_optimizer.pt"))
+    assert len(checkpoints) == 2
+    for path in checkpoints:
+        state = torch.load(path, weights_only=True)
+        assert state["kind"] == "adam"
+        torch.save({**state, "kind": "fedadam"}, path)
+
+    with pytest.warns(FutureWarning, match="server_optimizer.name 'fedadam'"):
+        old = PreparedJob.load(job.out / "job.json")
+    assert old.job == job.job and old.job.fingerprint() == job.job.fingerprint()
+    resumed = make_coordinator(old)
+    assert resumed.resume() == 2
+    resumed.start_round(3)
+    assert resumed.aggregate(3, reports, []) is not None
+    resumed.end_round()
+    assert all(torch.equal(resumed.state[k], uninterrupted[k]) for k in uninterrupted)

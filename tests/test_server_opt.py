@@ -1,4 +1,4 @@
-"""Server optimizers: parity with Flower's strategies, checkpoint/resume, FedProx's term."""
+"""Server optimizers: parity with Flower's strategies, checkpoint/resume, input checks."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from fedslm.server_opt import (
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedYogi,
+    ServerAdam,
     ServerOptimizer,
+    ServerSGD,
+    ServerSGDM,
+    ServerYogi,
     make_server_optimizer,
 )
 
@@ -80,22 +80,22 @@ def flower_trajectory(
 
 # (our kind and settings, Flower's class and settings, Flower's server_round for our step t)
 PARITY = {
-    "fedavgm": (
-        ("fedavgm", {"lr": 0.7, "momentum": 0.9}),
+    "sgdm": (
+        ("sgdm", {"lr": 0.7, "momentum": 0.9}),
         ("FedAvgM", {"server_learning_rate": 0.7, "server_momentum": 0.9}),
         lambda t: t,
     ),
-    "fedavg-lr": (("fedavg", {"lr": 0.5}), ("FedAvgM", {"server_learning_rate": 0.5}), lambda t: t),
+    "sgd-lr": (("sgd", {"lr": 0.5}), ("FedAvgM", {"server_learning_rate": 0.5}), lambda t: t),
     # Flower's FedAdam bias-corrects with exponent server_round + 1; ours with the step count t
-    "fedadam": (("fedadam", {}), ("FedAdam", {}), lambda t: t - 1),
-    "fedadam-set": (
-        ("fedadam", {"eta": 0.03, "beta1": 0.5, "beta2": 0.9, "tau": 1e-2}),
+    "adam": (("adam", {}), ("FedAdam", {}), lambda t: t - 1),
+    "adam-set": (
+        ("adam", {"eta": 0.03, "beta1": 0.5, "beta2": 0.9, "tau": 1e-2}),
         ("FedAdam", {"eta": 0.03, "beta_1": 0.5, "beta_2": 0.9, "tau": 1e-2}),
         lambda t: t - 1,
     ),
-    "fedyogi": (("fedyogi", {}), ("FedYogi", {}), lambda t: t),
-    "fedyogi-set": (
-        ("fedyogi", {"eta": 0.05, "beta1": 0.0, "beta2": 0.5, "tau": 1e-4}),
+    "yogi": (("yogi", {}), ("FedYogi", {}), lambda t: t),
+    "yogi-set": (
+        ("yogi", {"eta": 0.05, "beta1": 0.0, "beta2": 0.5, "tau": 1e-4}),
         ("FedYogi", {"eta": 0.05, "beta_1": 0.0, "beta_2": 0.5, "tau": 1e-4}),
         lambda t: t,
     ),
@@ -119,7 +119,7 @@ def test_flower_defaults_are_ours() -> None:
     import flwr.serverapp.strategy as flower
 
     adam, yogi, avgm = flower.FedAdam(), flower.FedYogi(), flower.FedAvgM()
-    for theirs, ours in ((adam, FedAdam()), (yogi, FedYogi())):
+    for theirs, ours in ((adam, ServerAdam()), (yogi, ServerYogi())):
         h = ours.hyperparameters
         assert (theirs.eta, theirs.beta_1, theirs.beta_2, theirs.tau) == (
             h["eta"],
@@ -127,15 +127,15 @@ def test_flower_defaults_are_ours() -> None:
             h["beta2"],
             h["tau"],
         )
-    assert avgm.server_learning_rate == FedAvg().hyperparameters["lr"] == 1.0
+    assert avgm.server_learning_rate == ServerSGD().hyperparameters["lr"] == 1.0
 
 
 # -- checkpoint and resume -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+@pytest.mark.parametrize("kind", ["sgd", "sgdm", "adam", "yogi"])
 def test_resume_from_a_checkpoint_is_bitwise_identical(kind: str) -> None:
-    settings = {"fedavg": {"lr": 0.8}}.get(kind, {})
+    settings = {"sgd": {"lr": 0.8}}.get(kind, {})
     straight = trajectory(make_server_optimizer(kind, **settings), 3)
 
     first = make_server_optimizer(kind, **settings)
@@ -154,23 +154,44 @@ def test_resume_from_a_checkpoint_is_bitwise_identical(kind: str) -> None:
 
 
 def test_a_checkpoint_only_loads_into_the_same_optimizer() -> None:
-    adam = FedAdam()
+    adam = ServerAdam()
     trajectory(adam, 1)
-    with pytest.raises(ValueError, match="fedadam, not fedyogi"):
-        FedYogi().load_state_dict(adam.state_dict())
+    with pytest.raises(ValueError, match="adam, not yogi"):
+        ServerYogi().load_state_dict(adam.state_dict())
     with pytest.raises(ValueError, match="settings"):
-        FedAdam(eta=0.2).load_state_dict(adam.state_dict())
+        ServerAdam(eta=0.2).load_state_dict(adam.state_dict())
 
 
-# -- FedAvg and input checks -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("old", "kind"),
+    [("fedavg", "sgd"), ("fedavgm", "sgdm"), ("fedadam", "adam"), ("fedyogi", "yogi")],
+)
+def test_a_checkpoint_of_an_earlier_version_resumes(old: str, kind: str) -> None:
+    """Run folders written before the rename hold server_optimizer.pt with kind 'fedadam'...:
+    resuming one continues bit for bit, and a different optimizer still refuses it."""
+    straight = trajectory(make_server_optimizer(kind), 3)
+    first = make_server_optimizer(kind)
+    (after_one,) = trajectory(first, 1)
+    saved = {**first.state_dict(), "kind": old}  # as the earlier version wrote it
+    resumed = make_server_optimizer(kind)
+    resumed.load_state_dict(saved)
+    rest = trajectory(resumed, 2, start=1, glob=after_one)
+    for a, b in zip(straight[1:], rest, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    other = "yogi" if kind == "adam" else "adam"
+    with pytest.raises(ValueError, match=f"checkpoint is for server optimizer {kind}, not {other}"):
+        make_server_optimizer(other).load_state_dict(saved)
 
 
-def test_fedavg_with_lr_one_is_the_aggregated_state() -> None:
+# -- plain server SGD (FedAvg) and input checks ---------------------------------------------
+
+
+def test_sgd_with_lr_one_is_the_aggregated_state() -> None:
     glob, agg = random_state(0), random_state(1)
-    out = FedAvg().step(glob, agg)
+    out = ServerSGD().step(glob, agg)
     assert all(torch.equal(out[k], agg[k]) for k in agg)
     assert out["head.bias"] is not agg["head.bias"]
-    half = FedAvg(lr=0.5).step(glob, agg)
+    half = ServerSGD(lr=0.5).step(glob, agg)
     for k in agg:
         torch.testing.assert_close(half[k], (glob[k] + agg[k]) / 2)
 
@@ -178,18 +199,15 @@ def test_fedavg_with_lr_one_is_the_aggregated_state() -> None:
 def test_steps_refuse_mismatched_states() -> None:
     glob = random_state(0)
     with pytest.raises(ValueError, match="names differ"):
-        FedAdam().step(glob, {k: v for k, v in glob.items() if k != "head.bias"})
+        ServerAdam().step(glob, {k: v for k, v in glob.items() if k != "head.bias"})
     with pytest.raises(ValueError, match=re.escape("head.bias: shape (4,) != (3,)")):
-        FedAvg().step(glob, {**glob, "head.bias": torch.zeros(4)})
-    adam = FedAdam()
+        ServerSGD().step(glob, {**glob, "head.bias": torch.zeros(4)})
+    adam = ServerAdam()
     trajectory(adam, 1)
     smaller = {k: v for k, v in glob.items() if k != "head.bias"}
-    with pytest.raises(ValueError, match="fedadam m buffer"):
+    with pytest.raises(ValueError, match="adam m buffer"):
         adam.step(smaller, smaller)
     with pytest.raises(ValueError, match="unknown server optimizer"):
-        make_server_optimizer("sgd")
+        make_server_optimizer("fedadam")  # config names only; the old spellings end at the config
     with pytest.raises(ValueError, match="momentum"):
-        FedAvgM(momentum=1.0)
-
-
-# -- FedProx ---------------------------------------------------------------------------------
+        ServerSGDM(momentum=1.0)

@@ -182,6 +182,24 @@ def test_verify_passes_on_the_untouched_run(run: Path, capsys: pytest.CaptureFix
     assert verify(run / "sites" / "site-3" / "report.json") == 0
 
 
+def test_a_run_written_before_the_server_optimizer_rename_reports_and_verifies(
+    copy: Path,
+) -> None:
+    """job.json of an earlier fedslm holds the old spelling (server_optimizer 'fedavg' with
+    proximal_mu, no train.proximal_mu): it still validates, its config hashes to privacy.json's
+    job_fingerprint, and report and verify pass."""
+    manifest = load(copy / "job.json")
+    config = manifest["config"]
+    assert config["federation"]["server_optimizer"]["name"] == "sgd"
+    config["federation"]["server_optimizer"] |= {"name": "fedavg", "proximal_mu": None}
+    del config["train"]["proximal_mu"]
+    dump(copy / "job.json", manifest)
+    assert report(copy) == 0
+    assert verify(copy) == 0
+    fed = load(copy / "report.json")["fingerprints"]
+    assert fed["job_config_sha256"] == fed["job_config_sha256_recomputed"]
+
+
 def test_verify_fails_on_an_edited_epsilon_in_report_json(
     copy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
