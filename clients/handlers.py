@@ -166,6 +166,14 @@ def _start_secure(
     return payload
 
 
+def _state_int(record: ConfigRecord, key: str) -> int:
+    # written by this site's own train handler; anything else is a damaged session
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FedSLMError(f"secure aggregation session state: {key} is {value!r}, not an integer")
+    return value
+
+
 def _stage_payload(reply: object) -> Payload:
     """What a secure-aggregation stage's reply sends (``site_stage`` answers each stage with
     its own message type)."""
@@ -193,11 +201,12 @@ def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: in
         raise FedSLMError(f"[{site.name}] unknown secure aggregation stage {stage!r}")
     if STATE_KEY not in state:
         raise FedSLMError(f"[{site.name}] secure aggregation {stage}: no session in progress")
-    record = state[STATE_KEY]
-    if int(record["round"]) != round_num:  # type: ignore[arg-type]
+    record = config_of(state, STATE_KEY)
+    session_round, weight = _state_int(record, "round"), _state_int(record, "weight")
+    if session_round != round_num:
         raise FedSLMError(
             f"[{site.name}] secure aggregation {stage} for round {round_num}, but the session "
-            f"in progress is for round {int(record['round'])}"  # type: ignore[arg-type]
+            f"in progress is for round {session_round}"
         )
     params = _params(site, round_num)
     saved = {k: from_wire(v) for k, v in record.items() if k not in ("round", "weight")}
@@ -208,7 +217,6 @@ def handle_query(site: Site, content: RecordDict, state: RecordDict, node_id: in
             raise FedSLMError(f"[{site.name}] secure aggregation {stage}: no update is pending")
         update = np.asarray(arrays_of(state, DELTA_KEY)["update"].numpy(), dtype=np.float32)
         ring = RingSpec(update.size + 1, params.dtype.str)
-    weight = int(record["weight"])  # type: ignore[arg-type]
     reply, saved = site_stage(params, saved, stage, request, update, weight)
     if stage == "masked-input":
         del state[DELTA_KEY]  # the update has left, masked: keep no copy

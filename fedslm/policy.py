@@ -217,15 +217,15 @@ def check_job(
             f"noise multiplier {noise_multiplier:.3g} is below the site's minimum "
             f"{limits.min_noise_multiplier:.3g}"
         )
-    job_eps = epsilon(list(planned), delta, accountant)  # type: ignore[arg-type]
+    job_eps = epsilon(list(planned), delta, accountant)
     if job_eps > limits.max_epsilon_per_job * (1 + 1e-9):
         reasons.append(
             f"the job would spend epsilon {job_eps:.3f} ({accountant}); the site allows "
             f"{limits.max_epsilon_per_job:g} per job"
         )
-    total = epsilon([*spent, *planned], delta, accountant)  # type: ignore[arg-type]
+    total = epsilon([*spent, *planned], delta, accountant)
     if total > limits.lifetime_epsilon * (1 + 1e-9):
-        already = epsilon(list(spent), delta, accountant)  # type: ignore[arg-type]
+        already = epsilon(list(spent), delta, accountant)
         reasons.append(
             f"the data set has spent epsilon {already:.3f} and this job would bring it to "
             f"{total:.3f} ({accountant}); the site's lifetime budget is {limits.lifetime_epsilon:g}"

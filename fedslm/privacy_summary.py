@@ -164,7 +164,7 @@ def run_status(
 def central_epsilon(job: JobConfig, sigma: float, rounds: int, accountant: str) -> float:
     """Site-level epsilon of ``rounds`` releases with central noise multiplier ``sigma``."""
     segment = Segment(1.0, sigma, rounds)
-    return epsilon([segment], job.privacy.central.delta, accountant)  # type: ignore[arg-type]
+    return epsilon([segment], job.privacy.central.delta, accountant)
 
 
 def central_summary(job: JobConfig, sigma: float | None, rounds: int) -> dict[str, Any] | None:

@@ -18,7 +18,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 Accountant = Literal["prv", "rdp", "pld"]
 ACCOUNTANTS: tuple[Accountant, ...] = ("prv", "rdp", "pld")
@@ -71,8 +71,14 @@ def merge(segments: Sequence[Segment]) -> list[Segment]:
     return [Segment(q, sigma, n) for (q, sigma), n in totals.items() if n > 0]
 
 
-def epsilon(segments: Sequence[Segment], delta: float, accountant: Accountant = "prv") -> float:
-    """Epsilon of the composition of ``segments`` at ``delta`` under ``accountant``.
+def is_accountant(name: str) -> TypeGuard[Accountant]:
+    """Whether ``name`` is one of ``ACCOUNTANTS``."""
+    return name in ACCOUNTANTS
+
+
+def epsilon(segments: Sequence[Segment], delta: float, accountant: str = "prv") -> float:
+    """Epsilon of the composition of ``segments`` at ``delta`` under ``accountant``, one of
+    ``ACCOUNTANTS`` (a ValueError otherwise: names read from ledgers and reports reach here).
 
     Returns 0 for no steps and ``inf`` if any step ran without noise. PRV and PLD also return
     ``inf`` when the RDP bound exceeds ``RDP_CEILING``: their grids grow with the privacy-loss
@@ -83,7 +89,7 @@ def epsilon(segments: Sequence[Segment], delta: float, accountant: Accountant = 
     """
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if accountant not in ACCOUNTANTS:
+    if not is_accountant(accountant):
         raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
     segs = merge(segments)
     if not segs:

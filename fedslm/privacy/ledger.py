@@ -59,7 +59,13 @@ from urllib.parse import quote
 
 from fedslm.errors import DataError, FedSLMError
 from fedslm.privacy import accounting
-from fedslm.privacy.accounting import ACCOUNTANTS, EPSILON_TOLERANCE, Accountant, Segment
+from fedslm.privacy.accounting import (
+    ACCOUNTANTS,
+    EPSILON_TOLERANCE,
+    Accountant,
+    Segment,
+    is_accountant,
+)
 
 SCHEMA_VERSION = 1
 GENESIS_HASH = "0" * 64
@@ -321,7 +327,7 @@ def _close(a: float, b: float, rel: float) -> bool:
 
 
 def _check_accountant(accountant: str) -> Accountant:
-    if accountant not in ACCOUNTANTS:
+    if not is_accountant(accountant):
         raise LedgerError(f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
     return accountant
 

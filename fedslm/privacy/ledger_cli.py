@@ -77,7 +77,7 @@ def _show_dataset(ds_entries: list[LedgerEntry], budget: float | None) -> list[s
     )
     readings = sorted({(e.delta, e.accountant) for e in ds_entries}, reverse=True)
     for delta, acc in readings:
-        eps = accounting.epsilon(segs, delta, acc)  # type: ignore[arg-type]
+        eps = accounting.epsilon(segs, delta, acc)
         line = f"  spent epsilon {eps:.4f} at delta {delta:g} ({acc})"
         if budget is not None:
             left = budget - eps

@@ -260,7 +260,7 @@ def _job_row(
         last = entries[-1]
         segs = [e.segment for e in entries]
         eps = figure(
-            epsilon(segs, last.delta, last.accountant),  # type: ignore[arg-type]
+            epsilon(segs, last.delta, last.accountant),
             last.delta,
             last.accountant,
             f"recomputed at the site from the job's {len(entries)} ledger entries",
@@ -303,7 +303,7 @@ def _spend(mine: Sequence[LedgerEntry], policy: SitePolicy) -> SiteSpend:
         # read at the latest entry's delta and accountant: the reading the site's last budget
         # decision used (every entry counts whatever delta it was recorded at)
         spent = figure(
-            epsilon([e.segment for e in mine], last.delta, last.accountant),  # type: ignore[arg-type]
+            epsilon([e.segment for e in mine], last.delta, last.accountant),
             last.delta,
             last.accountant,
             f"recomputed at the site from the data set's {len(mine)} ledger entries",

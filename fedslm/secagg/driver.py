@@ -13,24 +13,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
 
 from fedslm.secagg.coordinator import SecAggCoordinator
 from fedslm.secagg.messages import (
     EncryptedShares,
     KeyAdvert,
+    KeyRoster,
     MaskedInput,
     SecAggError,
     SecAggParams,
     SecAggResult,
+    ShareInbox,
+    UnmaskRequest,
     UnmaskShares,
 )
 
 STAGES = ("share-keys", "masked-input", "unmask")
-_REPLIES: dict[str, type] = {
-    "share-keys": EncryptedShares,
-    "masked-input": MaskedInput,
-    "unmask": UnmaskShares,
-}
+Reply = TypeVar("Reply", EncryptedShares, MaskedInput, UnmaskShares)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def run_secagg_stages(
     coordinator = SecAggCoordinator(params)
     dropouts: list[Dropout] = []
 
-    def ask(stage: str, requests: Mapping[int, object]) -> list[object]:
+    def ask(stage: str, requests: Mapping[int, object], expected: type[Reply]) -> list[Reply]:
         answers = exchange(stage, requests)
         good = []
         for site_id in requests:
@@ -99,7 +101,7 @@ def run_secagg_stages(
             elif isinstance(reply, NoReply):
                 dropouts.append(Dropout(site_id, stage, reply.reason))
             elif (
-                not isinstance(reply, _REPLIES[stage])
+                not isinstance(reply, expected)
                 or _sender(reply) != site_id
                 or (isinstance(reply, MaskedInput) and not _fits(reply, params, vector_length))
             ):
@@ -110,12 +112,12 @@ def run_secagg_stages(
 
     try:
         roster = coordinator.collect_keys(list(adverts))
-        shares = ask("share-keys", {i: roster for i in roster.site_ids})
-        inboxes = coordinator.relay_shares(shares)  # type: ignore[arg-type]
-        masked = ask("masked-input", dict(sorted(inboxes.items())))
-        request = coordinator.collect_masked(masked)  # type: ignore[arg-type]
-        replies = ask("unmask", {i: request for i in request.survivors})
-        result = coordinator.unmask(replies)  # type: ignore[arg-type]
+        shares = ask("share-keys", {i: roster for i in roster.site_ids}, EncryptedShares)
+        inboxes = coordinator.relay_shares(shares)
+        masked = ask("masked-input", dict(sorted(inboxes.items())), MaskedInput)
+        request = coordinator.collect_masked(masked)
+        replies = ask("unmask", {i: request for i in request.survivors}, UnmaskShares)
+        result = coordinator.unmask(replies)
     except SecAggError as e:
         return SessionOutcome(None, str(e), dropouts)
     return SessionOutcome(result, None, dropouts)
@@ -139,13 +141,18 @@ def site_stage(
     ``update`` (the flat float update) and ``weight`` are needed at ``masked-input`` only."""
     from fedslm.secagg.site import SecAggSite
 
-    site = SecAggSite.from_state(params, state)
-    if stage == "share-keys":
-        reply: object = site.share_keys(request)  # type: ignore[arg-type]
-    elif stage == "masked-input":
-        reply = site.masked_input(request, update, weight)  # type: ignore[arg-type]
-    elif stage == "unmask":
-        reply = site.unmask(request)  # type: ignore[arg-type]
-    else:
+    if stage not in STAGES:
         raise SecAggError(f"unknown secure-aggregation stage {stage!r}; expected one of {STAGES}")
+    site = SecAggSite.from_state(params, state)
+    reply: object
+    if stage == "share-keys" and isinstance(request, KeyRoster):
+        reply = site.share_keys(request)
+    elif stage == "masked-input" and isinstance(request, ShareInbox):
+        if not isinstance(update, np.ndarray):
+            raise SecAggError("masked-input needs the site's update as a numpy vector")
+        reply = site.masked_input(request, update, weight)
+    elif stage == "unmask" and isinstance(request, UnmaskRequest):
+        reply = site.unmask(request)
+    else:
+        raise SecAggError(f"a {stage} request cannot be a {type(request).__name__}")
     return reply, site.to_state()

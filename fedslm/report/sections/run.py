@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, Literal
+
 from fedslm.report.model import RunInfo
 from fedslm.report.runfiles import RunContext, RunFiles
 
 POOLED = "pooled"  # the single site of a `fedslm centralized` run
 
 
-def run_kind(run: RunFiles) -> str:
-    """``centralized`` for a ``fedslm centralized`` run (one pooled site), else ``federated``."""
-    return "centralized" if list(run.privacy["sites"]) == [POOLED] else "federated"
+RunKind = Literal["centralized", "federated"]
+
+
+def kind_of(sites: Mapping[str, Any]) -> RunKind:
+    """``centralized`` for the sites of a ``fedslm centralized`` run (one pooled site), else
+    ``federated``."""
+    return "centralized" if list(sites) == [POOLED] else "federated"
+
+
+def run_kind(run: RunFiles) -> RunKind:
+    """The kind of ``run`` (``kind_of`` its privacy.json's sites)."""
+    return kind_of(run.privacy["sites"])
 
 
 def run_info(ctx: RunContext) -> RunInfo:
@@ -18,7 +30,7 @@ def run_info(ctx: RunContext) -> RunInfo:
     run, config = ctx.run, ctx.run.config or {}
     return RunInfo(
         run_dir=str(run.root.resolve()),
-        kind=run_kind(run),  # type: ignore[arg-type]
+        kind=run_kind(run),
         job_id=run.job_id,
         config_source=(run.manifest or {}).get("source"),
         manifest_present=run.manifest is not None,

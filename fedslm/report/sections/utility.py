@@ -17,7 +17,7 @@ from fedslm.report.runfiles import (
     read_metrics,
 )
 from fedslm.report.sections.privacy import figure
-from fedslm.report.sections.run import POOLED
+from fedslm.report.sections.run import POOLED, RunKind, kind_of
 
 
 def round_utility(rec: dict[str, Any], sites: Sequence[str]) -> RoundUtility:
@@ -60,10 +60,10 @@ def load_baseline(name: str, path: Path, run: RunFiles, sites: Sequence[str]) ->
     privacy = read_json(where / PRIVACY_FILE) if (where / PRIVACY_FILE).is_file() else None
     eps: dict[str, EpsilonFigure] = {}
     dp = None
-    kind = "federated"
+    kind: RunKind = "federated"
     if privacy is not None:
         bsites = privacy.get("sites") or {}
-        kind = "centralized" if list(bsites) == [POOLED] else "federated"
+        kind = kind_of(bsites)
         dp = any(p.get("dp_enabled") for p in bsites.values())
         for s, p in bsites.items():
             if p.get("dp_enabled"):
@@ -77,7 +77,7 @@ def load_baseline(name: str, path: Path, run: RunFiles, sites: Sequence[str]) ->
     return Baseline(
         name=name,
         path=run.rel(where),
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         dp_enabled=dp,
         epsilons=eps,
         rounds=[round_utility(r, shown) for r in metrics],
