@@ -16,6 +16,7 @@ from fedslm.coordinator import Coordinator
 from fedslm.errors import FederationError
 from fedslm.inprocess import build_site, to_report
 from fedslm.job import PreparedJob, make_coordinator, prepare_job
+from fedslm.messages import SiteReport
 from fedslm.site import Site
 
 pytestmark = pytest.mark.integration
@@ -49,16 +50,24 @@ def _rounds(c: Coordinator, sites: list[Site], first: int, last: int) -> None:
         c.end_round()
 
 
-def test_resume_continues_exactly(tmp_path: Path, tiny_bert: Path) -> None:
+def _killed_in_round_3(
+    tmp_path: Path, tiny_bert: Path
+) -> tuple[PreparedJob, list[Site], Coordinator, list[SiteReport], dict[str, torch.Tensor]]:
+    """A run whose coordinator recorded rounds 1 and 2, then aggregated round 3 and died before
+    recording it: the job, its sites, that coordinator, round 3's reports and the state it
+    reached (what a resumed run must reach too)."""
     job = _job(tmp_path, tiny_bert, "run")
     sites = [build_site(job, s, with_policy=False) for s in job.sites]
     original = make_coordinator(job)
     _rounds(original, sites, 1, 2)
-    # round 3: the sites train and the coordinator aggregates, then dies before recording it
     original.start_round(3)
     reports = [to_report(s, s.train_round(3, original.state)) for s in sites]
     original.aggregate(3, reports, [])
-    uninterrupted = {k: v.clone() for k, v in original.state.items()}
+    return job, sites, original, reports, {k: v.clone() for k, v in original.state.items()}
+
+
+def test_resume_continues_exactly(tmp_path: Path, tiny_bert: Path) -> None:
+    job, sites, original, reports, uninterrupted = _killed_in_round_3(tmp_path, tiny_bert)
 
     resumed = make_coordinator(job)  # a new process: fresh central noise generator
     assert resumed.resume() == 2
@@ -103,14 +112,7 @@ def test_a_run_folder_written_before_the_server_optimizer_rename_resumes(
     """A run folder of an earlier fedslm spells the server optimizer 'fedadam' in job.json
     (with proximal_mu under server_optimizer) and in every server_optimizer.pt: it loads as
     the same job (same fingerprint, so the same job id and noise seeds) and resumes exactly."""
-    job = _job(tmp_path, tiny_bert, "run")
-    sites = [build_site(job, s, with_policy=False) for s in job.sites]
-    original = make_coordinator(job)
-    _rounds(original, sites, 1, 2)
-    original.start_round(3)
-    reports = [to_report(s, s.train_round(3, original.state)) for s in sites]
-    original.aggregate(3, reports, [])
-    uninterrupted = {k: v.clone() for k, v in original.state.items()}
+    job, _, _, reports, uninterrupted = _killed_in_round_3(tmp_path, tiny_bert)
 
     # what the earlier version wrote
     manifest = json.loads(job.save().read_text())
