@@ -565,3 +565,27 @@ def test_chromium_renders_the_report(run: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 50_000
+
+
+def test_a_two_phase_runs_noise_figure_is_its_least_noisy_round(
+    tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lp-lora's probe and LoRA rounds run with different noise. Attack: the coordinator writes
+    the larger noise multiplier into privacy.json, where the report checks it against the
+    sites' min_noise_multiplier; verify recomputes the least noise of the ledger's rounds."""
+    out = simulate(
+        tmp_path / "run",
+        *("--set", "federation.rounds=2", "--set", "train.mode=lp-lora"),
+        *("--set", "train.probe.rounds=1"),
+    )
+    data = load(out / "privacy.json")
+    site = data["sites"]["site-1"]
+    sigmas = sorted({s["sigma"] for s in site["segments"]})
+    assert len(sigmas) == 2 and site["noise_multiplier"] == sigmas[0]
+    assert report(out) == 0 and verify(out) == 0
+    site["noise_multiplier"] = sigmas[1]
+    dump(out / "privacy.json", data)
+    capsys.readouterr()
+    assert verify(out) == 1
+    err = capsys.readouterr().err
+    assert "field sites.site-1.noise_multiplier" in err and f"ledger has {sigmas[0]!r}" in err
