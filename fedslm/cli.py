@@ -10,8 +10,9 @@ import argparse
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from fedslm.errors import FedSLMError
 
@@ -125,8 +126,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    # fedslm's own warnings (an old config spelling) read like the CLI's other warnings; the
+    # file and line of the library code that raised them tell an operator nothing
+    if filename.startswith(_PACKAGE_DIR):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_default_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedslm`` command."""
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = shown
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("simulate", "centralized"):

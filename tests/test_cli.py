@@ -118,3 +118,24 @@ def test_synth_writes_a_data_set(tmp_path: Path) -> None:
     from fedslm.data import read_rows
 
     assert len(read_rows(out, ["site", "text", "label"])) == 40
+
+
+def test_an_old_config_spelling_is_a_plain_warning_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The operator sees what to write instead, as the CLI's other warnings read, not the
+    library's file and line."""
+    old = "  server_optimizer:\n    name: fedadam\n"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        "model:\n  name: tiny-bert\nfederation:\n  sites: 2\n  rounds: 1\n"
+        f"{old}data:\n  path: {tmp_path / 'missing.csv'}\n"
+    )
+    err = run_bad(cfg, tmp_path / "out", capsys)
+    first = err.splitlines()[0]
+    assert first == (
+        "warning: federation.server_optimizer.name 'fedadam' is an old spelling (it still "
+        "loads); write federation.server_optimizer.name 'adam' instead (docs/config.md, "
+        "'Renamed keys')"
+    )
+    assert "FutureWarning" not in err and "config.py" not in err
